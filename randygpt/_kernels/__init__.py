@@ -1,0 +1,87 @@
+"""randygpt's compute kernels (Cython + OpenMP) and the one place that decides thread counts.
+
+Every kernel takes ``n_threads`` as its last argument; callers get it from
+:func:`effective_n_threads`, never from OpenMP's own defaults.
+"""
+import os
+
+from ._openmp import omp_max_threads, openmp_enabled
+
+__all__ = ["openmp_enabled", "effective_n_threads", "set_num_threads", "get_num_threads",
+           "usable_cpus", "omp_max_threads"]
+
+# The value given to set_num_threads(); None means "decide from the environment".
+_requested_threads = None
+
+
+def usable_cpus():
+    """CPUs this process may run on (honours affinity masks and container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _parse_env_threads(name):
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _check_request(n, source):
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{source}: number of threads must be an int, got {type(n).__name__}")
+    if n == 0:
+        raise ValueError(f"{source}: number of threads must not be 0")
+    return n
+
+
+def set_num_threads(n):
+    """Set the thread count every kernel uses from now on.
+
+    ``n`` > 0 asks for n threads (capped at the usable CPUs); ``n`` < 0 counts back
+    from the usable CPUs (-1 = all of them); ``None`` returns to the default
+    (``RANDYGPT_NUM_THREADS``, then ``OMP_NUM_THREADS``, then all usable CPUs).
+    """
+    global _requested_threads
+    if n is not None:
+        _check_request(n, "set_num_threads")
+    _requested_threads = n
+
+
+def effective_n_threads(requested=None):
+    """Turn a request into the number of threads a kernel call will use.
+
+    Order: ``requested`` argument, then :func:`set_num_threads`, then the
+    environment variables ``RANDYGPT_NUM_THREADS`` and ``OMP_NUM_THREADS``, then
+    the usable CPUs. Negative values count back from the usable CPUs; the result
+    is clamped to [1, usable CPUs], and is always 1 in a build without OpenMP.
+    """
+    if requested is not None:
+        n = _check_request(requested, "effective_n_threads")
+    elif _requested_threads is not None:
+        n = _requested_threads
+    else:
+        n = None
+        for var in ("RANDYGPT_NUM_THREADS", "OMP_NUM_THREADS"):
+            n = _parse_env_threads(var)
+            if n is not None:
+                _check_request(n, var)
+                break
+    if not openmp_enabled():
+        return 1
+    cpus = usable_cpus()
+    if n is None:
+        return cpus
+    if n < 0:
+        return max(1, cpus + 1 + n)
+    return min(n, cpus)
+
+
+def get_num_threads():
+    """The thread count kernels use right now (same as ``effective_n_threads()``)."""
+    return effective_n_threads()

@@ -1,0 +1,20 @@
+# The only way into OpenMP for randygpt's kernels.
+#
+# When the compiler did not define _OPENMP (a serial build), the stand-ins below
+# report one thread and thread id 0, so every kernel compiles and runs either way;
+# Cython itself drops its prange pragmas in that case.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define RANDYGPT_OPENMP_ENABLED 1
+    #else
+    #define RANDYGPT_OPENMP_ENABLED 0
+    static inline int omp_get_thread_num(void) { return 0; }
+    static inline int omp_get_max_threads(void) { return 1; }
+    #endif
+    """
+    bint OPENMP_ENABLED "RANDYGPT_OPENMP_ENABLED"
+    int omp_get_thread_num() noexcept nogil
+    int omp_get_max_threads() noexcept nogil

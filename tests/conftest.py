@@ -1,0 +1,88 @@
+"""Shared test helpers: seeded RNGs, close-comparisons that report where they fail,
+central finite differences, and the path to the Tiny Shakespeare corpus."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import randygpt
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def shakespeare_path():
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
+    return SHAKESPEARE
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, name="array"):
+    """np.testing-style check that reports the worst element and its index."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    err = np.abs(a - e)
+    tol = atol + rtol * np.abs(e)
+    bad = ~(err <= tol)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err - tol, -np.inf)), err.shape)
+        raise AssertionError(
+            f"{name}: {bad.sum()} of {err.size} elements differ; max abs diff {err.max():.3e}; "
+            f"worst at {i}: got {a[i]!r}, expected {e[i]!r} (rtol={rtol}, atol={atol})"
+        )
+
+
+def assert_bitwise_equal(actual, expected, name="array"):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if not np.array_equal(actual.view(np.uint8), expected.view(np.uint8)):
+        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+        i = np.unravel_index(np.nanargmax(diff), diff.shape)
+        raise AssertionError(f"{name}: not bit-identical; max abs diff {np.nanmax(diff):.3e} at {i}")
+
+
+def numerical_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar function f() with respect to x (float64, in place)."""
+    assert x.dtype == np.float64, "finite differences must run in float64"
+    g = np.zeros_like(x)
+    flat = x.reshape(-1)
+    gflat = g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def assert_grad_close(analytic, numeric, rel=1e-6, name="grad"):
+    """Relative error |a - n| / max(|a| + |n|, tiny) below rel, elementwise scale-aware."""
+    a = np.asarray(analytic, dtype=np.float64)
+    n = np.asarray(numeric, dtype=np.float64)
+    scale = max(np.abs(a).max(), np.abs(n).max(), 1e-12)
+    err = np.abs(a - n).max() / scale
+    assert err < rel, f"{name}: relative error {err:.3e} >= {rel} (max |grad| {scale:.3e})"
+
+
+def thread_counts():
+    """1, 2 and 3 threads: bit-identity must hold for any of them (3 > cores on purpose)."""
+    return [1, 2, 3]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _require_openmp():
+    if os.environ.get("RANDYGPT_REQUIRE_OPENMP") == "1" and not randygpt.openmp_enabled():
+        pytest.exit("RANDYGPT_REQUIRE_OPENMP=1 but randygpt was built without OpenMP", returncode=1)

@@ -1,0 +1,249 @@
+"""Training text: where it comes from, the train/validation split, and random batches.
+
+The text is, in order of preference: the file the user named, ``./train.txt``, the cached Tiny
+Shakespeare corpus (downloaded once, checksum verified), and last a small built-in sample that
+is only good enough to show the program runs. This module never prints: the caller reports the
+source and any warning. It owns no RNG either: ``get_batch`` takes the caller's generator.
+"""
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "load_text", "default_cache_dir", "download_shakespeare", "resolve_source",
+           "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
+           "BUILTIN_TEXT"]
+
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILENAME = "tinyshakespeare.txt"
+# The corpus is about 1.1 MB; anything much larger is not the file we asked for.
+_MAX_DOWNLOAD_BYTES = 4 * 1024 * 1024
+
+# The last resort when there is no data and no network. It is tiny on purpose: training on it
+# proves the program runs, not that the model learns English. It holds every character of the
+# three sampling prompts so the end-of-run samples still work.
+BUILTIN_TEXT = """\
+ROMEO:
+To be or not to be, that is what the small machine asked of its own weights.
+Once upon a time a little model read the same few lines again and again,
+and every time it read them it guessed the next letter a little better.
+
+JULIET:
+Once upon a time there was a garden, and in the garden grew a tree,
+and under the tree sat a student counting the letters of every word.
+To be or not to be, said the student, is a question of many letters.
+
+ROMEO:
+What light through yonder window breaks? It is the morning, and the lamp is out.
+Come, let us read again, for the night is long and the text is short.
+A few sentences are not a library, but they will do to show the wheels turn.
+
+JULIET:
+Give the model a real book and it will learn the shape of a real language.
+Give it these lines and it will learn these lines, and little more.
+Once upon a time, to be or not to be: the small machine keeps asking.
+"""
+
+TextSource = namedtuple("TextSource", ["text", "description", "warning"])
+TextSource.__doc__ = """The chosen training text, a one-line description of where it came from,
+and a warning for the user (None when there is nothing to warn about)."""
+
+
+class DataError(ValueError):
+    """The training text is missing, unreadable or unusable; the message is one clear line."""
+
+
+def load_text(path):
+    """Read a UTF-8 text file. Raises DataError for a missing file, a directory, an unreadable
+    file, bytes that are not UTF-8, or a file with no characters."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise DataError(f"data path {str(p)!r} is a directory, not a text file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {str(p)!r}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(p)!r} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    # A UTF-8 byte-order mark is an encoding artefact, not a character to learn.
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text:
+        raise DataError(f"data file {str(p)!r} is empty")
+    return text
+
+
+def default_cache_dir(env=None):
+    """Per-user cache: $RANDYGPT_CACHE_DIR, else $XDG_CACHE_HOME/randygpt, else ~/.cache/randygpt."""
+    env = os.environ if env is None else env
+    if env.get("RANDYGPT_CACHE_DIR"):
+        return Path(env["RANDYGPT_CACHE_DIR"])
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "randygpt"
+    return Path.home() / ".cache" / "randygpt"
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path, data):
+    """Write bytes so that ``path`` is either absent or complete: a crash mid-write leaves only
+    a stray temporary file, never a truncated corpus that a later run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
+                         sha256=SHAKESPEARE_SHA256):
+    """Return the path of the cached Tiny Shakespeare corpus, downloading it first if needed.
+
+    A cached file is trusted only if its checksum matches; otherwise it is fetched again.
+    Raises DataError (one line, with the reason) if the download fails or does not match.
+    """
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    path = cache_dir / SHAKESPEARE_FILENAME
+    if path.is_file():
+        try:
+            if _sha256(path.read_bytes()) == sha256:
+                return path
+        except OSError:
+            pass
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = resp.read(_MAX_DOWNLOAD_BYTES + 1)
+    except Exception as e:  # URLError, timeouts, HTTP errors, bad URLs: all mean "no corpus"
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"could not download Tiny Shakespeare from {url}: {reason}") from None
+    if len(data) > _MAX_DOWNLOAD_BYTES:
+        raise DataError(f"download from {url} is larger than expected; not using it")
+    got = _sha256(data)
+    if got != sha256:
+        raise DataError(f"download from {url} has sha256 {got[:12]}..., expected {sha256[:12]}...")
+    try:
+        _write_atomic(path, data)
+    except OSError as e:
+        raise DataError(f"cannot write the corpus cache {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+def resolve_source(data_path=None, cache_dir=None, *, cwd=None, url=SHAKESPEARE_URL, timeout=10.0):
+    """Choose the training text. Returns TextSource(text, description, warning).
+
+    An explicit ``data_path`` or an existing ``./train.txt`` must be valid (DataError otherwise):
+    the user asked for it, so silently training on something else would be wrong. Only the
+    download may fail, and then the built-in sample is used with a warning.
+    """
+    if data_path is not None:
+        text = load_text(data_path)
+        return TextSource(text, f"{data_path} ({len(text):,} characters)", None)
+    local = Path.cwd() / "train.txt" if cwd is None else Path(cwd) / "train.txt"
+    if local.exists():
+        text = load_text(local)
+        return TextSource(text, f"./train.txt ({len(text):,} characters)", None)
+    try:
+        path = download_shakespeare(cache_dir, url=url, timeout=timeout)
+        text = load_text(path)
+        return TextSource(text, f"Tiny Shakespeare, cached at {path} ({len(text):,} characters)", None)
+    except DataError as e:
+        warning = (f"{e}. Falling back to a tiny built-in sample ({len(BUILTIN_TEXT):,} characters): "
+                   "the model will only memorise it and results will be poor. "
+                   "Pass your own text with --data PATH (or put it in ./train.txt).")
+        return TextSource(BUILTIN_TEXT, f"built-in sample ({len(BUILTIN_TEXT):,} characters)", warning)
+
+
+def resolve_text(data_path=None, cache_dir=None, **kw):
+    """Like resolve_source, but returns only (text, description)."""
+    src = resolve_source(data_path, cache_dir, **kw)
+    return src.text, src.description
+
+
+class Dataset:
+    """A text encoded once, split into train (first 90%) and validation (last 10%) ids.
+
+    ``block_size`` is T: a batch row is a window of T+1 consecutive ids, x its first T, y its
+    last T (the targets are the inputs shifted by one).
+    """
+
+    def __init__(self, text, tokenizer, block_size, val_fraction=0.1):
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        missing = tokenizer.unknown_chars(text)
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:10])
+            raise DataError(f"the text has characters the tokenizer does not know: {shown}")
+        self.tokenizer = tokenizer
+        self.block_size = int(block_size)
+        ids = tokenizer.encode(text)
+        n_train = int(len(ids) * (1.0 - val_fraction))
+        self.train = ids[:n_train]
+        self.val = ids[n_train:]
+        need = self.block_size + 1
+        for name, split in (("training", self.train), ("validation", self.val)):
+            if len(split) < need:
+                raise DataError(
+                    f"the text is too short: its {name} split has {len(split)} characters but one "
+                    f"window needs block_size+1 = {need} (the text has {len(ids)} characters; "
+                    f"use a longer text or a smaller --block-size)")
+        self._offsets = np.arange(self.block_size + 1, dtype=np.int64)
+
+    def split(self, split):
+        if split == "train":
+            return self.train
+        if split == "val":
+            return self.val
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+    def get_batch(self, split, batch_size, rng):
+        """B windows of T+1 ids at positions drawn from ``rng``: x, y int32 (B, T), y = x shifted by one.
+
+        One ``rng.integers`` call per batch, so the stream of positions depends only on the
+        generator's state: restoring that state (resume) reproduces the same batches.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        data = self.split(split)
+        T = self.block_size
+        starts = rng.integers(0, len(data) - T, size=int(batch_size))
+        windows = data[starts[:, None] + self._offsets]  # (B, T+1)
+        x = np.ascontiguousarray(windows[:, :T])
+        y = np.ascontiguousarray(windows[:, 1:])
+        return x, y
+
+    def val_windows(self, max_windows=None):
+        """Non-overlapping windows over the validation split, in order: x, y int32 (N, T).
+
+        Deterministic (no RNG), for an evaluation that is comparable between runs. The tail
+        shorter than a whole window is left out.
+        """
+        T = self.block_size
+        n = (len(self.val) - 1) // T
+        if max_windows is not None:
+            n = min(n, int(max_windows))
+        starts = np.arange(n, dtype=np.int64) * T
+        windows = self.val[starts[:, None] + self._offsets]
+        return np.ascontiguousarray(windows[:, :T]), np.ascontiguousarray(windows[:, 1:])

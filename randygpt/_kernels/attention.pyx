@@ -1,0 +1,176 @@
+"""Causal multi-head self-attention, forward and backward, fused per (batch, head).
+
+Contains attention_forward and attention_backward (NumPy twins: _ref_attention.py).
+
+Dimensions: B batch, T time, C channels, NH heads, HS head size = C // NH.
+qkv (B, T, 3C) packs q, k, v on its last axis: columns [0, C) are q, [C, 2C) k and
+[2C, 3C) v; head h owns columns h*HS .. (h+1)*HS of each third, and writes its output
+at columns h*HS .. of out (B, T, C). Heads are read by stride in place: no transposes.
+
+Parallel axis: the B*NH (batch, head) pairs, in a static prange. A pair's work is
+independent of every other pair's and writes disjoint slices of out, att and dqkv,
+so there are no atomics and no shared reductions: every element is computed by one
+thread in an order set by the shapes alone, and results are bit-identical for any
+thread count. Each thread mallocs its scratch once per call (the pair's q, k, v and
+dy rows packed contiguously, plus dS in the backward); the loops themselves live in
+attention_impl.h.
+"""
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport abort, free, malloc
+
+import numpy as np
+
+cdef extern from "attention_impl.h" nogil:
+    size_t attention_forward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
+    size_t attention_backward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
+    void attention_forward_task(float* out, float* att, const float* qkv, float* scratch,
+                                Py_ssize_t task, Py_ssize_t T, Py_ssize_t C,
+                                Py_ssize_t NH) noexcept
+    void attention_backward_task(float* dqkv, const float* dout, const float* qkv,
+                                 const float* att, float* scratch, Py_ssize_t task,
+                                 Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH) noexcept
+
+__all__ = ["attention_forward", "attention_backward"]
+
+
+cdef void _forward_body(float* out,             # OUT (B*T, C)
+                        float* att,             # OUT (B, NH, T, T)
+                        const float* qkv,       # IN  (B*T, 3C)
+                        Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
+                        int n_threads) noexcept nogil:
+    cdef Py_ssize_t task
+    cdef float* scratch = NULL
+    cdef size_t nbytes = attention_forward_scratch(T, C // NH) * sizeof(float)
+    with parallel(num_threads=n_threads):
+        scratch = <float*> malloc(nbytes)
+        if scratch == NULL:
+            abort()
+        for task in prange(B * NH, schedule="static"):
+            attention_forward_task(out, att, qkv, scratch, task, T, C, NH)
+        free(scratch)
+
+
+cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated
+                         const float* dout,     # IN    (B*T, C)
+                         const float* qkv,      # IN    (B*T, 3C)
+                         const float* att,      # IN    (B, NH, T, T)
+                         Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t task
+    cdef float* scratch = NULL
+    cdef size_t nbytes = attention_backward_scratch(T, C // NH) * sizeof(float)
+    with parallel(num_threads=n_threads):
+        scratch = <float*> malloc(nbytes)
+        if scratch == NULL:
+            abort()
+        for task in prange(B * NH, schedule="static"):
+            attention_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH)
+        free(scratch)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_array(name, a, ndim, writable=False):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {a.dtype} (shape {a.shape})")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only (shape {a.shape})")
+
+
+def _check_shape(name, a, expected, why):
+    if a.shape != expected:
+        raise ValueError(f"{name} has shape {a.shape}, expected {expected} ({why})")
+
+
+def _check_no_alias(out_name, out, others):
+    for name, a in others:
+        if np.shares_memory(out, a):
+            raise ValueError(f"{out_name} (shape {out.shape}) shares memory with {name} "
+                             f"(shape {a.shape}); it must be a separate buffer")
+
+
+def _check_qkv(qkv, n_head):
+    """Validates qkv and n_head; returns (B, T, C, NH)."""
+    _check_array("qkv", qkv, 3)
+    NH = _check_int("n_head", n_head, 1)
+    B, T, C3 = qkv.shape
+    if C3 % 3 != 0 or C3 == 0:
+        raise ValueError(f"qkv's last axis must be 3*C with C >= 1, got shape {qkv.shape}")
+    C = C3 // 3
+    if C % NH != 0:
+        raise ValueError(f"C = {C} (qkv shape {qkv.shape}) is not divisible by n_head = {NH}")
+    return B, T, C, NH
+
+
+def attention_forward(out, att, qkv, n_head, n_threads):
+    """Causal multi-head self-attention: out = softmax(q k^T / sqrt(HS), causal) v per head.
+
+    out       : (B, T, C)       float32  written, head h at columns h*HS .. (h+1)*HS
+    att       : (B, NH, T, T)   float32  written, the probabilities (entries j > i are
+                                          exactly 0), saved for attention_backward
+    qkv       : (B, T, 3C)      float32  read: q = [:, :, :C], k = [:, :, C:2C], v = [:, :, 2C:]
+    n_head    : int, NH >= 1, dividing C
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t B, T, C, NH
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    threads = _check_int("n_threads", n_threads, 1)
+    _check_array("out", out, 3, writable=True)
+    _check_array("att", att, 4, writable=True)
+    _check_shape("out", out, (B, T, C), f"qkv is {qkv.shape}")
+    _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+    _check_no_alias("out", out, [("qkv", qkv), ("att", att)])
+    _check_no_alias("att", att, [("qkv", qkv)])
+    if B * T == 0:
+        return
+    cdef float[:, :, ::1] out_v = out
+    cdef float[:, :, :, ::1] att_v = att
+    cdef const float[:, :, ::1] qkv_v = qkv
+    cdef int team = <int> min(threads, B * NH)
+    with nogil:
+        _forward_body(&out_v[0, 0, 0], &att_v[0, 0, 0, 0], &qkv_v[0, 0, 0], B, T, C, NH, team)
+
+
+def attention_backward(dqkv, dout, qkv, att, n_head, n_threads):
+    """Gradient of attention_forward with respect to qkv.
+
+    dqkv      : (B, T, 3C)      float32  accumulated (+=), laid out like qkv
+    dout      : (B, T, C)       float32  read, gradient of out
+    qkv       : (B, T, 3C)      float32  read, the forward's input
+    att       : (B, NH, T, T)   float32  read, as written by attention_forward (entries
+                                          above the diagonal are not read)
+    n_head    : int, NH >= 1, dividing C
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t B, T, C, NH
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    threads = _check_int("n_threads", n_threads, 1)
+    _check_array("dqkv", dqkv, 3, writable=True)
+    _check_array("dout", dout, 3)
+    _check_array("att", att, 4)
+    _check_shape("dqkv", dqkv, qkv.shape, f"qkv is {qkv.shape}")
+    _check_shape("dout", dout, (B, T, C), f"qkv is {qkv.shape}")
+    _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+    _check_no_alias("dqkv", dqkv, [("dout", dout), ("qkv", qkv), ("att", att)])
+    if B * T == 0:
+        return
+    cdef float[:, :, ::1] dqkv_v = dqkv
+    cdef const float[:, :, ::1] dout_v = dout
+    cdef const float[:, :, ::1] qkv_v = qkv
+    cdef const float[:, :, :, ::1] att_v = att
+    cdef int team = <int> min(threads, B * NH)
+    with nogil:
+        _backward_body(&dqkv_v[0, 0, 0], &dout_v[0, 0, 0], &qkv_v[0, 0, 0],
+                       &att_v[0, 0, 0, 0], B, T, C, NH, team)

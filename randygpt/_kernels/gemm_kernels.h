@@ -1,0 +1,127 @@
+/* SIMD pieces of randygpt's GEMM: one register-tile microkernel and two packers per ISA,
+ * compiled side by side under function target attributes, chosen at run time.
+ *
+ * The blocking loops and the threading live in matmul.pyx; this header only holds what
+ * needs SIMD types, which Cython lacks. The rest of the extension stays baseline code,
+ * so one binary runs on any x86-64 and uses AVX2/AVX-512 where the CPU has them.
+ *
+ *   avx512  12 x 32 tile (24 zmm accumulators + 2 B vectors + 1 broadcast of 32 zmm)
+ *   avx2     6 x 16 tile (12 ymm accumulators + 2 B vectors + 1 broadcast of 16 ymm)
+ *   sse2     6 x  8 tile on 16-byte vectors (baseline x86-64, no FMA)
+ *   generic  the same 6 x 8 tile with no target attribute, for machines that are not x86
+ */
+#ifndef RANDYGPT_GEMM_KERNELS_H
+#define RANDYGPT_GEMM_KERNELS_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__GNUC__)
+#error "randygpt's GEMM needs GCC or clang (vector extensions and target attributes)"
+#endif
+
+typedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
+                             const float *init, Py_ssize_t ld_init,
+                             float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
+                             int mr, int nr);
+typedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
+                           Py_ssize_t rows, Py_ssize_t cols);
+
+typedef struct {
+    const char *name;
+    int mr, nr;          /* register tile */
+    int mc;              /* rows of A packed per block (a multiple of mr) */
+    rg_kernel_fn kernel;
+    rg_pack_fn pack_a;   /* (dst, a, rs, cs, mc, kc) */
+    rg_pack_fn pack_b;   /* (dst, b, rs, cs, kc, nc) */
+} rg_isa_t;
+
+/* K block: the same on every path, so a path's results never depend on it (the kernel
+ * continues one FMA chain across blocks anyway) and a 16-32 KiB B strip sits in L1. */
+#define RG_KC 256
+
+#if defined(__x86_64__) || defined(__i386__)
+#define RG_X86 1
+
+#define RG_NAME(x) rg_avx512_##x
+#define RG_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
+#define RG_VW 16
+#define RG_MR 12
+#define RG_NV 2
+#include "gemm_microkernel.h"
+#undef RG_NAME
+#undef RG_TARGET
+#undef RG_VW
+#undef RG_MR
+#undef RG_NV
+
+/* "avx2" alone would not allow FMA; name both. */
+#define RG_NAME(x) rg_avx2_##x
+#define RG_TARGET __attribute__((target("avx2,fma")))
+#define RG_VW 8
+#define RG_MR 6
+#define RG_NV 2
+#include "gemm_microkernel.h"
+#undef RG_NAME
+#undef RG_TARGET
+#undef RG_VW
+#undef RG_MR
+#undef RG_NV
+#endif
+
+#define RG_NAME(x) rg_base_##x
+#define RG_TARGET
+#define RG_VW 4
+#define RG_MR 6
+#define RG_NV 2
+#include "gemm_microkernel.h"
+#undef RG_NAME
+#undef RG_TARGET
+#undef RG_VW
+#undef RG_MR
+#undef RG_NV
+
+/* Fastest first; rg_isa_supported() says which ones this CPU runs. */
+static const rg_isa_t rg_isas[] = {
+#ifdef RG_X86
+    {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_pack_a, rg_avx512_pack_b},
+    {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_pack_a, rg_avx2_pack_b},
+    {"sse2", 6, 8, 144, rg_base_kernel, rg_base_pack_a, rg_base_pack_b},
+#else
+    {"generic", 6, 8, 144, rg_base_kernel, rg_base_pack_a, rg_base_pack_b},
+#endif
+};
+
+static int rg_isa_count(void) { return (int)(sizeof rg_isas / sizeof rg_isas[0]); }
+
+static const rg_isa_t *rg_isa_at(int i) { return &rg_isas[i]; }
+
+static int rg_isa_supported(int i)
+{
+#ifdef RG_X86
+    /* libgcc's checks include the OS having enabled the wider registers (XCR0). */
+    __builtin_cpu_init();
+    const char *name = rg_isas[i].name;
+    if (strcmp(name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (strcmp(name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    (void)i;
+    return 1;
+}
+
+/* n floats starting on a 64-byte boundary; *base is what to free(). NULL on failure. */
+static float *rg_alloc_floats(size_t n, void **base)
+{
+    void *p = malloc(n * sizeof(float) + 64);
+    *base = p;
+    if (p == NULL)
+        return NULL;
+    return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
+#endif /* RANDYGPT_GEMM_KERNELS_H */

@@ -1,0 +1,201 @@
+/* One ISA's GEMM register-tile microkernel and its two packers.
+ *
+ * Included several times by gemm_kernels.h, each time with these macros defined:
+ *   RG_NAME(x)  prefixes every symbol with the ISA name (rg_avx2_kernel, ...)
+ *   RG_TARGET   __attribute__((target(...))), or nothing for the baseline build
+ *   RG_VW       floats per SIMD vector (16, 8 or 4)
+ *   RG_MR       rows of the register tile
+ *   RG_NV       vectors per tile row, so the tile is RG_MR x (RG_NV * RG_VW)
+ * The vector type's width must match the target ISA: a 32-byte vector compiled for
+ * plain SSE2 is split through memory by the compiler and runs several times slower.
+ *
+ * Packed layouts (in buffers of our own, 64-byte aligned):
+ *   A strip: RG_MR rows of op(A), stored k-major (RG_MR floats per k), rows past the
+ *            edge zero-filled, so the kernel never needs a row count inside its loop;
+ *   B strip: NR columns of op(B), stored k-major (NR floats per k), likewise zero-padded.
+ */
+
+#define RG_NR (RG_NV * RG_VW)
+
+typedef float RG_NAME(vec) __attribute__((vector_size(RG_VW * 4)));
+typedef int32_t RG_NAME(ivec) __attribute__((vector_size(RG_VW * 4)));
+
+static inline RG_TARGET RG_NAME(vec) RG_NAME(loadu)(const float *p)
+{
+    /* numpy rows are only 4-byte aligned; memcpy compiles to one unaligned load. */
+    RG_NAME(vec) v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline RG_TARGET void RG_NAME(storeu)(float *p, RG_NAME(vec) v)
+{
+    __builtin_memcpy(p, &v, sizeof v);
+}
+
+/* Squared ReLU written as "v < 0 ? 0 : v*v" so NaN propagates like max(v, 0)**2. */
+static inline RG_TARGET RG_NAME(vec) RG_NAME(sqrelu)(RG_NAME(vec) v)
+{
+    const RG_NAME(vec) zero = {0};
+    const RG_NAME(ivec) negative = v < zero; /* all-ones lanes where v < 0 */
+    return (RG_NAME(vec))(~negative & (RG_NAME(ivec))(v * v));
+}
+
+/* One MR x NR tile: acc = init (or 0); acc += sum_k a[:, k] b[k, :] as one FMA chain per
+ * element in k order; then dst = acc (or dst + acc when add_dst), and c2 = relu(acc)^2
+ * if c2 is given (same leading dimension as dst).
+ *
+ * Continuing the chain from a stored partial (init) makes the result independent of how
+ * K is cut into blocks, and the final "+ dst" makes repeated accumulation exact: adding
+ * the same product twice to zero gives exactly twice the product.
+ * mr < RG_MR or nr < RG_NR marks an edge tile: it goes through a stack tile so nothing
+ * outside the valid mr x nr corner of dst/init/c2 is read or written. */
+static RG_TARGET void RG_NAME(kernel)(
+    Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
+    const float *init, Py_ssize_t ld_init,
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
+    int mr, int nr)
+{
+    RG_NAME(vec) acc[RG_MR][RG_NV];
+    float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
+    const int full = (mr == RG_MR && nr == RG_NR);
+
+    if (init == NULL) {
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++)
+                acc[i][j] = (RG_NAME(vec)){0};
+    } else if (full) {
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++)
+                acc[i][j] = RG_NAME(loadu)(init + i * ld_init + j * RG_VW);
+    } else {
+        for (int i = 0; i < RG_MR * RG_NR; i++)
+            tile[i] = 0.0f;
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                tile[i * RG_NR + j] = init[i * ld_init + j];
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++)
+                acc[i][j] = RG_NAME(loadu)(tile + i * RG_NR + j * RG_VW);
+    }
+
+    for (Py_ssize_t k = 0; k < kc; k++) {
+        RG_NAME(vec) b[RG_NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < RG_NV; j++)
+            b[j] = *(const RG_NAME(vec) *)(bp + k * RG_NR + j * RG_VW);
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++) {
+            const float a = ap[k * RG_MR + i];
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++)
+                acc[i][j] += a * b[j]; /* contracted to one FMA where the target has it */
+        }
+    }
+
+    if (full) {
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++) {
+                float *d = dst + i * ld_dst + j * RG_VW;
+                RG_NAME(vec) v = acc[i][j];
+                if (add_dst)
+                    v = RG_NAME(loadu)(d) + v;
+                RG_NAME(storeu)(d, v);
+                if (c2 != NULL)
+                    RG_NAME(storeu)(c2 + i * ld_dst + j * RG_VW, RG_NAME(sqrelu)(v));
+            }
+    } else {
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RG_NV; j++)
+                RG_NAME(storeu)(tile + i * RG_NR + j * RG_VW, acc[i][j]);
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) {
+                float v = tile[i * RG_NR + j];
+                if (add_dst)
+                    v = dst[i * ld_dst + j] + v;
+                dst[i * ld_dst + j] = v;
+                if (c2 != NULL)
+                    c2[i * ld_dst + j] = v < 0.0f ? 0.0f : v * v;
+            }
+    }
+}
+
+/* Pack an mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/MR)
+ * k-major strips of RG_MR rows, zero-filling rows past mc. */
+static RG_TARGET void RG_NAME(pack_a)(
+    float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
+    Py_ssize_t mc, Py_ssize_t kc)
+{
+    for (Py_ssize_t i0 = 0; i0 < mc; i0 += RG_MR) {
+        float *restrict d = dst + i0 * kc;
+        const Py_ssize_t mr = mc - i0 < RG_MR ? mc - i0 : RG_MR;
+        if (mr == RG_MR && rs == 1) {
+            /* op(A) columns are contiguous (a transposed operand): MR floats per k. */
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                const float *s = a + i0 + k * cs;
+#pragma GCC unroll 16
+                for (int r = 0; r < RG_MR; r++)
+                    d[k * RG_MR + r] = s[r];
+            }
+        } else if (mr == RG_MR && cs == 1) {
+            /* Rows contiguous along k: read MR rows side by side. */
+            for (Py_ssize_t k = 0; k < kc; k++)
+#pragma GCC unroll 16
+                for (int r = 0; r < RG_MR; r++)
+                    d[k * RG_MR + r] = a[(i0 + r) * rs + k];
+        } else {
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                for (Py_ssize_t r = 0; r < mr; r++)
+                    d[k * RG_MR + r] = a[(i0 + r) * rs + k * cs];
+                for (Py_ssize_t r = mr; r < RG_MR; r++)
+                    d[k * RG_MR + r] = 0.0f;
+            }
+        }
+    }
+}
+
+/* Pack a kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/NR)
+ * k-major strips of RG_NR columns, zero-filling columns past nc. */
+static RG_TARGET void RG_NAME(pack_b)(
+    float *restrict dst, const float *restrict b, Py_ssize_t rs, Py_ssize_t cs,
+    Py_ssize_t kc, Py_ssize_t nc)
+{
+    for (Py_ssize_t j0 = 0; j0 < nc; j0 += RG_NR) {
+        float *restrict d = dst + j0 * kc;
+        const Py_ssize_t nr = nc - j0 < RG_NR ? nc - j0 : RG_NR;
+        if (nr == RG_NR && cs == 1) {
+            /* Rows of op(B) contiguous (NN, TN): one vector copy per k. */
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                const float *s = b + k * rs + j0;
+#pragma GCC unroll 4
+                for (int j = 0; j < RG_NV; j++)
+                    *(RG_NAME(vec) *)(d + k * RG_NR + j * RG_VW) = RG_NAME(loadu)(s + j * RG_VW);
+            }
+        } else if (nr == RG_NR && rs == 1) {
+            /* op(B) = W^T with W stored (out, in) (the NT forward): NR weight rows side by side. */
+            for (Py_ssize_t k = 0; k < kc; k++)
+#pragma GCC unroll 32
+                for (int j = 0; j < RG_NR; j++)
+                    d[k * RG_NR + j] = b[k + (j0 + j) * cs];
+        } else {
+            for (Py_ssize_t k = 0; k < kc; k++) {
+                for (Py_ssize_t j = 0; j < nr; j++)
+                    d[k * RG_NR + j] = b[k * rs + (j0 + j) * cs];
+                for (Py_ssize_t j = nr; j < RG_NR; j++)
+                    d[k * RG_NR + j] = 0.0f;
+            }
+        }
+    }
+}
+
+#undef RG_NR

@@ -1,0 +1,378 @@
+"""The GPT: one flat parameter buffer with named views, one activation arena, and a forward and
+backward pass that are nothing but kernel calls and offsets.
+
+Dimension letters: B batch, T time, C channels (n_embd), NH heads, HS = C/NH, H = 4C (MLP
+hidden), V vocab, L layers, N = B*T rows, P parameters.
+
+Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and bias):
+    resid[2l+1] = resid[2l]   + dropout(attn(norm(resid[2l])) wo^T)          site 0
+    resid[2l+2] = resid[2l+1] + dropout(relu(norm(resid[2l+1]) fc1^T)^2 fc2^T)  site 1
+with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
+Every residual stream is kept because it is the input of a norm (or of lm_head) in backward.
+Backward reads the forward in reverse, one kernel per forward kernel; backward kernels accumulate,
+so the residual fan-out needs no special case and flat_grads is zeroed once per step.
+"""
+import types
+
+import numpy as np
+
+from ._kernels import effective_n_threads
+from ._kernels import activation, attention, embedding, matmul, norm, xent
+from .config import Config
+
+__all__ = ["GPT", "ParamTable", "ActivationArena"]
+
+# fc1 fuses the squared ReLU into its GEMM write-back when the matmul family provides it.
+_FUSED_SQRELU = hasattr(matmul, "matmul_sqrelu_forward")
+
+_LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc1", "fc2")
+_LAYER_NORM_PARAMS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
+
+
+class ParamTable:
+    """Names, shapes and offsets of every parameter in the flat buffer, in SPEC order:
+    wte, wpe, then per layer wq, wk, wv, wo, fc1, fc2 (and the LayerNorm gains and biases),
+    then lm_head. wq, wk and wv are adjacent, so one (3C, C) view covers all three."""
+
+    def __init__(self, config):
+        C, V, H = config.n_embd, config.vocab_size, config.mlp_hidden
+        entries = [("wte", (V, C)), ("wpe", (config.block_size, C))]
+        for i in range(config.n_layer):
+            shapes = {"wq": (C, C), "wk": (C, C), "wv": (C, C), "wo": (C, C),
+                      "fc1": (H, C), "fc2": (C, H)}
+            entries += [(f"h.{i}.{k}", shapes[k]) for k in _LAYER_MATRICES]
+            if config.norm == "layernorm":
+                entries += [(f"h.{i}.{k}", (C,)) for k in _LAYER_NORM_PARAMS]
+        entries.append(("lm_head", (V, C)))
+        self.names = [name for name, _ in entries]
+        self.shapes = [shape for _, shape in entries]
+        self.sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.offsets = [int(o) for o in np.cumsum([0] + self.sizes[:-1])]
+        self.total = int(sum(self.sizes))
+        self._index = {name: k for k, name in enumerate(self.names)}
+
+    def __len__(self):
+        return len(self.names)
+
+    def span(self, name):
+        """(offset, size) of one parameter in the flat buffer."""
+        k = self._index[name]
+        return self.offsets[k], self.sizes[k]
+
+    def views(self, flat):
+        """{name: view of flat with the parameter's shape}; views share flat's memory."""
+        return {name: flat[o:o + n].reshape(shape)
+                for name, shape, o, n in zip(self.names, self.shapes, self.offsets, self.sizes)}
+
+
+def init_std(name, config):
+    """The init policy in one place: normal(0, 0.02) for every matrix, smaller for the
+    residual output projections (wo, fc2) so the residual stream's variance does not grow
+    with depth, 0.01 for the positions; None for LayerNorm gains and biases (1 and 0)."""
+    if name.endswith(".weight") or name.endswith(".bias"):
+        return None
+    if name == "wpe":
+        return 0.01
+    if name.endswith(".wo") or name.endswith(".fc2"):
+        return 0.02 / np.sqrt(2 * config.n_layer)
+    return 0.02
+
+
+class ActivationArena:
+    """Every activation forward saves for backward, plus backward's scratch gradients, in one
+    float32 allocation sized from (config, B, T). Made once per (B, T); never resized."""
+
+    def __init__(self, config, B, T):
+        L, C, NH, H, V = (config.n_layer, config.n_embd, config.n_head,
+                          config.mlp_hidden, config.vocab_size)
+        N = B * T
+        layernorm = config.norm == "layernorm"
+        table = [
+            ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
+            ("ln1", (L, N, C)),             # norm outputs: the inputs of the qkv and fc1 matmuls
+            ("ln2", (L, N, C)),
+            ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
+            ("ln2_rstd", (L, N)),
+            ("ln1_mean", (L, N if layernorm else 0)),  # LayerNorm only
+            ("ln2_mean", (L, N if layernorm else 0)),
+            ("qkv", (L, B, T, 3 * C)),      # q | k | v, the attention kernel's input
+            ("att", (L, B, NH, T, T)),      # softmax probabilities, saved for attention backward
+            ("atty", (L, B, T, C)),         # attention output, the input of wo
+            ("fc1_pre", (L, N, H)),         # fc1 output before relu^2, for its backward
+            ("fc1_act", (L, N, H)),         # relu(fc1_pre)^2, the input of fc2
+            ("proj", (N, C)),               # wo / fc2 output before dropout (not needed later)
+            ("logits", (N, V)),
+            ("losses", (N,)),
+            ("dlogits", (N, V)),
+            # backward scratch, reused by every layer
+            ("dresid", (B, T, C)),          # gradient of the residual stream
+            ("dbranch", (N, C)),            # gradient of a branch's output through dropout
+            ("dln", (N, C)),                # gradient of a norm output
+            ("datty", (B, T, C)),
+            ("dqkv", (B, T, 3 * C)),
+            ("dact", (N, H)),
+            ("dpre", (N, H)),
+        ]
+        sizes = [int(np.prod(shape)) for _, shape in table]
+        self.B, self.T, self.N = B, T, N
+        self.total = int(sum(sizes))
+        self.buffer = np.zeros(self.total, dtype=np.float32)
+        offset = 0
+        for (name, shape), size in zip(table, sizes):
+            setattr(self, name, self.buffer[offset:offset + size].reshape(shape))
+            offset += size
+        self.idx = np.zeros((B, T), dtype=np.int32)
+        self.targets = np.zeros(N, dtype=np.int32)
+        # 2-D views of the (B, T, X) buffers for the row-wise kernels (matmul, norm, dropout).
+        self.atty2 = self.atty.reshape(L, N, C)
+        self.qkv2 = self.qkv.reshape(L, N, 3 * C)
+        self.dresid2 = self.dresid.reshape(N, C)
+        self.datty2 = self.datty.reshape(N, C)
+        self.dqkv2 = self.dqkv.reshape(N, 3 * C)
+        self.resid3 = self.resid.reshape(2 * L + 1, B, T, C)
+
+    @property
+    def nbytes(self):
+        return self.buffer.nbytes + self.idx.nbytes + self.targets.nbytes
+
+
+class GPT:
+    """The character-level GPT of SPEC.md on our kernels. See the module docstring."""
+
+    def __init__(self, config, seed=1337, n_threads=None):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a randygpt.Config, got {type(config).__name__}")
+        if n_threads is not None:
+            effective_n_threads(n_threads)  # reject 0 / non-int now rather than at forward
+        self.config = config
+        self._n_threads = n_threads
+        self.table = ParamTable(config)
+        self.num_params = self.table.total
+        self.flat_params = np.zeros(self.table.total, dtype=np.float32)
+        self.flat_grads = np.zeros(self.table.total, dtype=np.float32)
+        self.params = self.table.views(self.flat_params)
+        self.grads = self.table.views(self.flat_grads)
+        # Weight decay follows one rule: matrices decay, vectors (LayerNorm gains, biases) don't.
+        self.decay_mask = np.zeros(self.table.total, dtype=np.uint8)
+        for name, shape in zip(self.table.names, self.table.shapes):
+            o, n = self.table.span(name)
+            self.decay_mask[o:o + n] = 1 if len(shape) == 2 else 0
+        self._layers_p = self._layer_views(self.flat_params, self.params)
+        self._layers_g = self._layer_views(self.flat_grads, self.grads)
+        self.training = True
+        self._arena = None
+        self._pending = None  # what backward needs from the last forward with targets
+        self.init_params(np.random.default_rng(seed))
+
+    def _layer_views(self, flat, views):
+        """Per layer: the (3C, C) wq|wk|wv view and the other weights, for the kernels."""
+        C = self.config.n_embd
+        layers = []
+        for i in range(self.config.n_layer):
+            o, _ = self.table.span(f"h.{i}.wq")
+            ns = types.SimpleNamespace(wqkv=flat[o:o + 3 * C * C].reshape(3 * C, C))
+            for k in ("wo", "fc1", "fc2"):
+                setattr(ns, k, views[f"h.{i}.{k}"])
+            ns.ln1_w = ns.ln1_b = ns.ln2_w = ns.ln2_b = None  # RMSNorm has no parameters
+            if self.config.norm == "layernorm":
+                ns.ln1_w, ns.ln1_b = views[f"h.{i}.ln1.weight"], views[f"h.{i}.ln1.bias"]
+                ns.ln2_w, ns.ln2_b = views[f"h.{i}.ln2.weight"], views[f"h.{i}.ln2.bias"]
+            layers.append(ns)
+        return layers
+
+    def init_params(self, rng):
+        """Draw every parameter in table order from rng (see init_std)."""
+        for name, shape in zip(self.table.names, self.table.shapes):
+            std = init_std(name, self.config)
+            if std is None:
+                self.params[name][...] = 1.0 if name.endswith(".weight") else 0.0
+            else:
+                self.params[name][...] = rng.normal(0.0, std, size=shape)
+
+    def load_flat_params(self, array):
+        """Copy a (P,) array of parameters into flat_params (the views stay valid)."""
+        array = np.asarray(array)
+        if array.shape != (self.table.total,):
+            raise ValueError(f"params must have shape ({self.table.total},), got {array.shape}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"params must be a float array, got {array.dtype}")
+        np.copyto(self.flat_params, array, casting="same_kind")
+
+    @property
+    def n_threads(self):
+        return effective_n_threads(self._n_threads)
+
+    @n_threads.setter
+    def n_threads(self, value):
+        if value is not None:
+            effective_n_threads(value)
+        self._n_threads = value
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_tokens(self, a, name):
+        a = np.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (B, T), got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array, got {a.dtype}")
+        B, T = a.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+        if T > self.config.block_size:
+            raise ValueError(f"{name} has T={T} > block_size={self.config.block_size}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside "
+                             f"[0, vocab_size={self.config.vocab_size})")
+        return a
+
+    def _arena_for(self, B, T):
+        if self._arena is None or (self._arena.B, self._arena.T) != (B, T):
+            self._arena = None  # free the old arena before allocating the new one
+            self._arena = ActivationArena(self.config, B, T)
+        return self._arena
+
+    # ------------------------------------------------------------------ forward
+
+    def _norm_forward(self, out, mean, rstd, x, w, b, nt):
+        if self.config.norm == "rmsnorm":
+            norm.rmsnorm_forward(out, rstd, x, self.config.norm_eps, nt)
+        else:
+            norm.layernorm_forward(out, mean, rstd, x, w, b, self.config.norm_eps, nt)
+
+    def forward(self, idx, targets=None, *, step=0):
+        """Mean cross-entropy (float) when targets are given, else logits (B, T, V) float32.
+
+        step keys the dropout masks (with config.seed, layer and site); pass the iteration.
+        """
+        idx = self._check_tokens(idx, "idx")
+        if targets is not None:
+            targets = self._check_tokens(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = int(step)
+        cfg = self.config
+        B, T = idx.shape
+        a = self._arena_for(B, T)
+        np.copyto(a.idx, idx, casting="unsafe")  # ids already range-checked
+        nt = self.n_threads
+        p = self.params
+        L, NH, seed = cfg.n_layer, cfg.n_head, cfg.seed
+        drop = cfg.dropout if self.training else 0.0  # p == 0 makes dropout the identity
+        self._pending = None
+
+        embedding.embedding_forward(a.resid3[0], a.idx, p["wte"], p["wpe"], nt)
+        for l in range(L):
+            w = self._layers_p[l]
+            x, x_mid, x_out = a.resid[2 * l], a.resid[2 * l + 1], a.resid[2 * l + 2]
+            # x_mid = x + dropout(attn(norm(x)) wo^T)
+            self._norm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
+            matmul.matmul_forward(a.qkv2[l], a.ln1[l], w.wqkv, nt)
+            attention.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, nt)
+            matmul.matmul_forward(a.proj, a.atty2[l], w.wo, nt)
+            np.copyto(x_mid, x)
+            activation.dropout_add_forward(x_mid, a.proj, drop, seed, step, l, 0, nt)
+            # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
+            self._norm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b,
+                               nt)
+            if _FUSED_SQRELU:
+                matmul.matmul_sqrelu_forward(a.fc1_act[l], a.fc1_pre[l], a.ln2[l], w.fc1, nt)
+            else:
+                matmul.matmul_forward(a.fc1_pre[l], a.ln2[l], w.fc1, nt)
+                activation.squared_relu_forward(a.fc1_act[l], a.fc1_pre[l], nt)
+            matmul.matmul_forward(a.proj, a.fc1_act[l], w.fc2, nt)
+            np.copyto(x_out, x_mid)
+            activation.dropout_add_forward(x_out, a.proj, drop, seed, step, l, 1, nt)
+        matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)
+
+        if targets is None:
+            return a.logits.reshape(B, T, cfg.vocab_size).copy()
+        np.copyto(a.targets, targets.reshape(-1), casting="unsafe")
+        if self.training:
+            loss = xent.cross_entropy_forward_backward(a.dlogits, a.logits, a.targets, nt)
+        else:
+            loss = xent.cross_entropy_forward(a.losses, a.logits, a.targets, nt)
+        self._pending = types.SimpleNamespace(arena=a, drop=drop, step=step,
+                                              have_dlogits=self.training)
+        return float(loss)
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ backward
+
+    def _norm_backward(self, dx, dout, x, mean, rstd, l, which, nt):
+        """dx += d norm(x) given dout; LayerNorm also accumulates its gain and bias grads."""
+        if self.config.norm == "rmsnorm":
+            norm.rmsnorm_backward(dx, dout, x, rstd, nt)
+        else:
+            p, g = self._layers_p[l], self._layers_g[l]
+            norm.layernorm_backward(dx, getattr(g, which + "_w"), getattr(g, which + "_b"),
+                                    dout, x, mean, rstd, getattr(p, which + "_w"), nt)
+
+    def backward(self):
+        """Zero flat_grads, then fill it with the exact gradient of the last forward's mean
+        loss (that forward must have had targets)."""
+        if self._pending is None:
+            raise RuntimeError("backward() needs a preceding forward(idx, targets)")
+        st = self._pending
+        a, drop, step = st.arena, st.drop, st.step
+        cfg = self.config
+        L, NH, seed = cfg.n_layer, cfg.n_head, cfg.seed
+        nt = self.n_threads
+        self.flat_grads.fill(0.0)
+        g = self.grads
+        if not st.have_dlogits:
+            # An eval-mode forward only computed the loss: dlogits = (softmax - onehot) / N.
+            a.dlogits.fill(0.0)
+            xent.cross_entropy_backward(a.dlogits, a.logits, a.targets, 1.0, nt)
+            st.have_dlogits = True
+        dresid = a.dresid2
+        dresid.fill(0.0)
+        # logits = resid[2L] lm_head^T
+        matmul.matmul_backward(dresid, g["lm_head"], a.dlogits, a.resid[2 * L],
+                               self.params["lm_head"], nt)
+        for l in reversed(range(L)):
+            w, gw = self._layers_p[l], self._layers_g[l]
+            # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
+            dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 1, nt)
+            a.dact.fill(0.0)
+            matmul.matmul_backward(a.dact, gw.fc2, dproj, a.fc1_act[l], w.fc2, nt)
+            a.dpre.fill(0.0)
+            activation.squared_relu_backward(a.dpre, a.dact, a.fc1_pre[l], nt)
+            a.dln.fill(0.0)
+            matmul.matmul_backward(a.dln, gw.fc1, a.dpre, a.ln2[l], w.fc1, nt)
+            self._norm_backward(dresid, a.dln, a.resid[2 * l + 1], a.ln2_mean[l],
+                                a.ln2_rstd[l], l, "ln2", nt)
+            # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
+            dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 0, nt)
+            a.datty.fill(0.0)
+            matmul.matmul_backward(a.datty2, gw.wo, dproj, a.atty2[l], w.wo, nt)
+            a.dqkv.fill(0.0)
+            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, nt)
+            a.dln.fill(0.0)
+            matmul.matmul_backward(a.dln, gw.wqkv, a.dqkv2, a.ln1[l], w.wqkv, nt)
+            self._norm_backward(dresid, a.dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
+                                l, "ln1", nt)
+        # resid[0] = wte[idx] + wpe[:T]
+        embedding.embedding_backward(g["wte"], g["wpe"], a.dresid, a.idx, nt)
+
+    @staticmethod
+    def _dropout_backward(a, dresid, drop, seed, step, layer, site, nt):
+        """Gradient of a branch's output: the residual gradient through the dropout mask
+        (recomputed from its key), or the residual gradient itself when dropout is off."""
+        if drop == 0.0:
+            return dresid
+        a.dbranch.fill(0.0)
+        activation.dropout_backward(a.dbranch, dresid, drop, seed, step, layer, site, nt)
+        return a.dbranch

@@ -1,0 +1,312 @@
+# Softmax cross-entropy, mean over rows: forward, backward, and the fused forward+backward
+# that training uses (one pass per row, no probability buffer).
+#
+# Dimensions: N rows (= B*T), V vocabulary (logits per row).
+#
+# Parallel over rows: each row's max, log-sum-exp, loss and gradient row depend on that row
+# only, so threads write disjoint memory. The mean loss is summed afterwards, serially in row
+# order, which makes it independent of the thread count.
+import numpy as np
+
+from cython.parallel cimport prange
+from libc.math cimport log
+
+
+cdef extern from *:
+    """
+    /* The exponential loops are the whole cost of this file, so they are written in C:
+       - exp() is our own (libm's expf is an opaque call that gcc will not vectorize without
+         -ffast-math, which we refuse);
+       - on x86-64 Linux with gcc >= 12 each loop is also compiled for x86-64-v3 (AVX2 + FMA)
+         and picked at load time, doubling the vector width on CPUs that have it while the
+         module itself stays baseline x86-64.
+       Row sums run on eight double accumulators: one running double sum is a chain of dependent
+       adds that gcc will not reorder (and so not vectorize) without -ffast-math. The lanes are
+       combined in a fixed tree, so a row's sum depends on the row alone, never on threads. */
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+    #define RANDYGPT_XENT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+    #else
+    #define RANDYGPT_XENT_CLONES
+    #endif
+
+    /* exp(x) for x <= 0, Cephes-style: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
+       polynomial, 2^n built in the exponent bits. Relative error about 2 ulp. Inputs below -87
+       (including -inf) give 0, where the true value is at most 1.7e-38 and would be a denormal
+       or below. NaN stays NaN. */
+    static inline float randygpt_exp_nonpos(float x) {
+        const float magic = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+        float xc = x < -87.0f ? -87.0f : x;
+        float n = (xc * 1.44269504088896341f + magic) - magic;
+        float r = xc - n * 0.693359375f;
+        r = r - n * -2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        union { int i; float f; } scale;
+        scale.i = ((int)n + 127) << 23;
+        float y = p * scale.f;
+        return x < -87.0f ? 0.0f : y;
+    }
+
+    static inline double randygpt_lanes_total(const double *acc) {
+        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+
+    /* max_j z[j] over V >= 1 values, on eight lanes so that the compare chain vectorizes. */
+    RANDYGPT_XENT_CLONES
+    static float randygpt_row_max(const float *z, Py_ssize_t V) {
+        float acc[8], mx;
+        Py_ssize_t j;
+        int k;
+        for (k = 0; k < 8; k++) acc[k] = z[0];
+        for (j = 0; j + 8 <= V; j += 8)
+            for (k = 0; k < 8; k++) acc[k] = z[j + k] > acc[k] ? z[j + k] : acc[k];
+        for (; j < V; j++) acc[0] = z[j] > acc[0] ? z[j] : acc[0];
+        mx = acc[0];
+        for (k = 1; k < 8; k++) mx = acc[k] > mx ? acc[k] : mx;
+        return mx;
+    }
+
+    /* sum_j exp(z[j] - mx) in double; also stores the exponentials in e unless e is NULL. */
+    RANDYGPT_XENT_CLONES
+    static double randygpt_sum_exp(float *e, const float *z, float mx, Py_ssize_t V) {
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        Py_ssize_t j;
+        int k;
+        if (e != NULL) {
+            for (j = 0; j < V; j++) e[j] = randygpt_exp_nonpos(z[j] - mx);
+            for (j = 0; j + 8 <= V; j += 8)
+                for (k = 0; k < 8; k++) acc[k] += (double)e[j + k];
+            for (k = 0; j < V; j++, k++) acc[k] += (double)e[j];
+        } else {
+            for (j = 0; j + 8 <= V; j += 8)
+                for (k = 0; k < 8; k++) acc[k] += (double)randygpt_exp_nonpos(z[j + k] - mx);
+            for (k = 0; j < V; j++, k++) acc[k] += (double)randygpt_exp_nonpos(z[j] - mx);
+        }
+        return randygpt_lanes_total(acc);
+    }
+
+    /* dz[j] += exp(z[j] - mx) * scale */
+    RANDYGPT_XENT_CLONES
+    static void randygpt_add_scaled_exp(float *dz, const float *z, float mx, float scale,
+                                        Py_ssize_t V) {
+        Py_ssize_t j;
+        for (j = 0; j < V; j++) dz[j] += randygpt_exp_nonpos(z[j] - mx) * scale;
+    }
+    """
+    float row_max "randygpt_row_max"(const float* z, Py_ssize_t V) noexcept nogil
+    double sum_exp "randygpt_sum_exp"(float* e, const float* z, float mx, Py_ssize_t V) noexcept nogil
+    void add_scaled_exp "randygpt_add_scaled_exp"(float* dz, const float* z, float mx, float scale,
+                                                  Py_ssize_t V) noexcept nogil
+
+
+cdef inline float row_loss(const float* z, int y, float* dz, double inv_n, bint write_grad,
+                           Py_ssize_t V) noexcept nogil:
+    """Loss of one row, lse(z) - z[y]; with write_grad, dz = (softmax(z) - onehot(y)) * inv_n.
+
+    The row max is subtracted before exp so that large logits cannot overflow, and the sum of
+    exponentials is kept in double so that the log-sum-exp keeps float32 precision.
+    """
+    cdef float mx = row_max(z, V)
+    cdef double s
+    cdef float scale
+    cdef Py_ssize_t j
+    if write_grad:
+        # dz holds exp(z - max) for a moment, then becomes the gradient in place.
+        s = sum_exp(dz, z, mx, V)
+        scale = <float>(inv_n / s)
+        for j in range(V):
+            dz[j] = dz[j] * scale
+        dz[y] -= <float>inv_n
+    else:
+        s = sum_exp(NULL, z, mx, V)
+    return <float>(<double>mx + log(s) - <double>z[y])
+
+
+cdef void xent_rows(float* losses, float* dlogits, const float* logits, const int* targets,
+                    bint write_grad, Py_ssize_t N, Py_ssize_t V, int n_threads) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float* dz
+    cdef double inv_n = 1.0 / <double>N
+    for i in prange(N, schedule="static", num_threads=n_threads):
+        dz = dlogits + i * V if write_grad else NULL
+        losses[i] = row_loss(logits + i * V, targets[i], dz, inv_n, write_grad, V)
+
+
+cdef void xent_backward_rows(float* dlogits, const float* logits, const int* targets,
+                             double dloss, Py_ssize_t N, Py_ssize_t V,
+                             int n_threads) noexcept nogil:
+    # Differentiates loss = mean_i (lse(z_i) - z_i[y_i]):
+    # d/dz_ij = dloss * (exp(z_ij - lse_i) - [j == y_i]) / N.
+    cdef Py_ssize_t i
+    cdef const float* z
+    cdef float* dz
+    cdef float mx
+    cdef double s
+    cdef double g = dloss / <double>N
+    for i in prange(N, schedule="static", num_threads=n_threads):
+        z = logits + i * V
+        dz = dlogits + i * V
+        mx = row_max(z, V)
+        s = sum_exp(NULL, z, mx, V)
+        add_scaled_exp(dz, z, mx, <float>(g / s), V)
+        dz[targets[i]] -= <float>g
+
+
+cdef double mean_in_row_order(const float* losses, Py_ssize_t N) noexcept nogil:
+    # Serial and in row order on purpose: the mean must not depend on the thread count.
+    cdef double total = 0.0
+    cdef Py_ssize_t i
+    for i in range(N):
+        total += <double>losses[i]
+    return total / <double>N
+
+
+cdef Py_ssize_t first_bad_target(const int* targets, Py_ssize_t N, int V) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(N):
+        if targets[i] < 0 or targets[i] >= V:
+            return i
+    return -1
+
+
+# ---- checks done once per call, before any kernel runs --------------------------------------
+
+def _check_array(name, a, dtype, ndim):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def _check_threads(n_threads):
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return int(n_threads)
+
+
+def _check_writable(name, a):
+    if not a.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+
+
+def _check_no_alias(out_name, out, **inputs):
+    for name, a in inputs.items():
+        if np.shares_memory(out, a):
+            raise ValueError(f"{out_name} must not share memory with {name}")
+
+
+def _check_inputs(logits, targets):
+    _check_array("logits", logits, np.float32, 2)
+    _check_array("targets", targets, np.int32, 1)
+    cdef Py_ssize_t N = logits.shape[0]
+    cdef Py_ssize_t V = logits.shape[1]
+    if N < 1 or V < 1:
+        raise ValueError(f"logits must have at least one row and one column, got shape {logits.shape}")
+    if targets.shape[0] != N:
+        raise ValueError(f"targets shape {targets.shape} does not match logits shape {logits.shape}: "
+                         f"expected ({N},)")
+    cdef const int[::1] t = targets
+    cdef Py_ssize_t bad
+    with nogil:
+        bad = first_bad_target(&t[0], N, <int>V)
+    if bad >= 0:
+        raise ValueError(f"targets[{bad}] = {targets[bad]} is out of range [0, {V}) "
+                         f"(logits shape {logits.shape})")
+    return N, V
+
+
+def _check_grad(name, dlogits, logits, targets):
+    _check_array(name, dlogits, np.float32, 2)
+    _check_writable(name, dlogits)
+    if dlogits.shape != logits.shape:
+        raise ValueError(f"{name} shape {dlogits.shape} does not match logits shape {logits.shape}")
+    _check_no_alias(name, dlogits, logits=logits, targets=targets)
+
+
+# ---- public kernels ---------------------------------------------------------------------------
+
+def cross_entropy_forward(losses, logits, targets, n_threads):
+    """Softmax cross-entropy per row and its mean.
+
+    losses  : (N,)   float32  written, -log softmax(logits)[i, targets[i]]
+    logits  : (N, V) float32  read
+    targets : (N,)   int32    read, each in [0, V)
+    Returns the mean of ``losses``, summed in float64 in row order.
+    """
+    cdef Py_ssize_t N, V
+    cdef int nt = _check_threads(n_threads)
+    N, V = _check_inputs(logits, targets)
+    _check_array("losses", losses, np.float32, 1)
+    _check_writable("losses", losses)
+    if losses.shape[0] != N:
+        raise ValueError(f"losses shape {losses.shape} does not match logits shape {logits.shape}: "
+                         f"expected ({N},)")
+    _check_no_alias("losses", losses, logits=logits, targets=targets)
+    cdef float[::1] l = losses
+    cdef const float[:, ::1] z = logits
+    cdef const int[::1] t = targets
+    cdef double mean
+    with nogil:
+        # dlogits is unused when write_grad is false.
+        xent_rows(&l[0], NULL, &z[0, 0], &t[0], False, N, V, nt)
+        mean = mean_in_row_order(&l[0], N)
+    return mean
+
+
+def cross_entropy_backward(dlogits, logits, targets, dloss, n_threads):
+    """Gradient of the mean cross-entropy with respect to the logits.
+
+    dlogits : (N, V) float32  accumulated, += dloss * (softmax(logits) - onehot(targets)) / N
+    logits  : (N, V) float32  read
+    targets : (N,)   int32    read, each in [0, V)
+    dloss   : float, the upstream gradient of the mean loss (1.0 for the training loss)
+    """
+    cdef Py_ssize_t N, V
+    cdef int nt = _check_threads(n_threads)
+    N, V = _check_inputs(logits, targets)
+    _check_grad("dlogits", dlogits, logits, targets)
+    dloss = float(dloss)
+    if not np.isfinite(dloss):
+        raise ValueError(f"dloss must be finite, got {dloss}")
+    cdef float[:, ::1] dz = dlogits
+    cdef const float[:, ::1] z = logits
+    cdef const int[::1] t = targets
+    cdef double g = dloss
+    with nogil:
+        xent_backward_rows(&dz[0, 0], &z[0, 0], &t[0], g, N, V, nt)
+
+
+def cross_entropy_forward_backward(dlogits, logits, targets, n_threads):
+    """Mean cross-entropy and its gradient in one pass over each row.
+
+    dlogits : (N, V) float32  written (not accumulated), = (softmax(logits) - onehot(targets)) / N
+    logits  : (N, V) float32  read
+    targets : (N,)   int32    read, each in [0, V)
+    Returns the mean loss, bit-identical to what cross_entropy_forward returns.
+    """
+    cdef Py_ssize_t N, V
+    cdef int nt = _check_threads(n_threads)
+    N, V = _check_inputs(logits, targets)
+    _check_grad("dlogits", dlogits, logits, targets)
+    # Per-row losses are kept so that the mean is summed in row order, as in the forward.
+    losses = np.empty(N, dtype=np.float32)
+    cdef float[::1] l = losses
+    cdef float[:, ::1] dz = dlogits
+    cdef const float[:, ::1] z = logits
+    cdef const int[::1] t = targets
+    cdef double mean
+    with nogil:
+        xent_rows(&l[0], &dz[0, 0], &z[0, 0], &t[0], True, N, V, nt)
+        mean = mean_in_row_order(&l[0], N)
+    return mean

@@ -73,7 +73,8 @@ def lr_at(it, total_iters, config):
 
     Linear warmup over config.warmup_iters from warmup_start*lr to lr, constant until
     decay_start*total_iters, then a cosine down to min_lr_ratio*lr reached at the last
-    iteration (total_iters - 1). Warmup wins if a short run makes the two overlap.
+    iteration (total_iters - 1), whatever the run's length. Warmup wins if a short run makes
+    the two overlap.
     """
     if total_iters < 1:
         raise ValueError(f"total_iters must be >= 1, got {total_iters}")
@@ -84,9 +85,9 @@ def lr_at(it, total_iters, config):
         frac = it / config.warmup_iters
         return peak * (config.warmup_start + (1.0 - config.warmup_start) * frac)
     decay_from = config.decay_start * total_iters
-    if it < decay_from:
-        return peak
     last = total_iters - 1
+    if it < decay_from and it < last:
+        return peak
     frac = 1.0 if last <= decay_from else (it - decay_from) / (last - decay_from)
     min_lr = config.min_lr_ratio * peak
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * frac))

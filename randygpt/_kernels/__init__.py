@@ -3,12 +3,13 @@
 Every kernel takes ``n_threads`` as its last argument; callers get it from
 :func:`effective_n_threads`, never from OpenMP's own defaults.
 """
+import importlib.util
 import os
 
 from ._openmp import omp_max_threads, openmp_enabled
 
 __all__ = ["openmp_enabled", "effective_n_threads", "set_num_threads", "get_num_threads",
-           "usable_cpus", "omp_max_threads"]
+           "usable_cpus", "omp_max_threads", "select_isa"]
 
 # The value given to set_num_threads(); None means "decide from the environment".
 _requested_threads = None
@@ -85,3 +86,32 @@ def effective_n_threads(requested=None):
 def get_num_threads():
     """The thread count kernels use right now (same as ``effective_n_threads()``)."""
     return effective_n_threads()
+
+
+def select_isa(name=None):
+    """Choose the instruction set of the GEMM microkernels and return its name.
+
+    Order: ``name``, then the environment variable ``RANDYGPT_ISA``, then the fastest
+    path this CPU runs (see ``randygpt._kernels.matmul.available_isas()``). An unknown
+    name, or one this CPU cannot run, raises ValueError listing the choices.
+    """
+    from . import matmul
+
+    source = "select_isa"
+    if name is None:
+        name = os.environ.get("RANDYGPT_ISA", "").strip() or None
+        source = "RANDYGPT_ISA"
+    if name is None:
+        name = matmul.available_isas()[0]
+    choices = matmul.available_isas()
+    if name not in choices:
+        raise ValueError(f"{source}: unknown or unsupported ISA {name!r}; this CPU runs {choices}")
+    matmul.set_isa(name)
+    return name
+
+
+# Chosen once at import so RANDYGPT_ISA applies to every GEMM, and a bad value fails here,
+# loudly. Skipped only while the matmul extension has not been compiled at all (a partial
+# development build); a compiled one that fails to import still raises.
+if importlib.util.find_spec(f"{__name__}.matmul") is not None:
+    select_isa()

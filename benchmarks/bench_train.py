@@ -1,0 +1,491 @@
+"""Time one full training step of randygpt against the same model in PyTorch.
+
+Usage:
+    python benchmarks/bench_train.py [--threads 1,2,...] [--repeat R] [--json] [--profile]
+                                     [--no-torch] [--quick]
+
+    --threads LIST  thread counts to sweep (default: all usable CPUs); randygpt, PyTorch and
+                    NumPy's BLAS all get the same count
+    --repeat R      timed steps per implementation; the median is reported (default 10)
+    --json          print one JSON document instead of the tables
+    --profile       also show where our step's time goes: each kernel, forward / backward /
+                    optimizer, and what is left outside the kernels (Python, NumPy copies)
+    --no-torch      skip PyTorch
+    --quick         a tiny model and one step: a smoke test, not a measurement
+
+A step is what the trainer does per iteration: forward with targets (B=32, T=64, the default
+Config, dropout on), backward, global gradient norm and clip, one AdamW update. Each
+implementation runs in its own worker process (this script re-invoked with --worker), so
+PyTorch's OpenMP runtime and MKL never share a process with our kernels and the peak RSS of
+each (getrusage ru_maxrss) is its own. Our worker runs under threadpool_limits(1, "blas"),
+as the trainer does; the PyTorch worker sets torch.set_num_threads(n).
+
+"% of NumPy @" is NumPy's time for the step's GEMMs (every forward NT, input-gradient NN
+and weight-gradient TN product, measured in the same run at the same thread count) divided
+by our whole step's time: the share of the machine's BLAS matmul rate the full step reaches.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+
+from _common import (REPO_ROOT, dump_json, fmt, fmt_ratio, format_machine, format_table,
+                     machine_info, parse_threads, time_interleaved)
+
+KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
+# Module-level helpers of the kernel families that are not kernels.
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads"}
+
+WARMUP_STEPS = 2
+QUICK_CONFIG = {"n_embd": 32, "n_head": 2, "n_layer": 1, "block_size": 16, "batch_size": 4}
+WORKER_TIMEOUT_S = 1800
+
+
+def make_config(quick):
+    from randygpt.config import Config
+
+    return Config(**QUICK_CONFIG) if quick else Config()
+
+
+# --- the step's GEMMs -----------------------------------------------------------------------
+
+def step_gemms(cfg):
+    """(label, M, K, N, layout, count) of every GEMM in one training step.
+
+    Each linear layer y = x W^T (NT) has an input-gradient product dx = dy W (NN) and a
+    weight-gradient product dW = dy^T x (TN); wq, wk and wv run as one (3C, C) matrix.
+    """
+    N = cfg.batch_size * cfg.block_size
+    C, H, V, L = cfg.n_embd, 4 * cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    layers = [("qkv", C, 3 * C, L), ("wo", C, C, L), ("fc1", C, H, L), ("fc2", H, C, L),
+              ("lm_head", C, V, 1)]
+    gemms = []
+    for name, IC, OC, count in layers:
+        gemms += [(f"{name} fwd", N, IC, OC, "NT", count),
+                  (f"{name} dX", N, OC, IC, "NN", count),
+                  (f"{name} dW", OC, N, IC, "TN", count)]
+    return gemms
+
+
+def step_gemm_flops(cfg):
+    return sum(2.0 * M * K * N * count for _, M, K, N, _, count in step_gemms(cfg))
+
+
+def blas_worker(cfg, n_threads, repeat):
+    """NumPy @ time for one step's GEMMs (each distinct product timed, times its count)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    total = 0.0
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        for _, M, K, N, layout, count in step_gemms(cfg):
+            # Operands stored as the model stores them; NumPy sees the same transposes.
+            if layout == "NT":
+                a, b = rng.standard_normal((M, K), np.float32), rng.standard_normal((N, K), np.float32).T
+            elif layout == "NN":
+                a, b = rng.standard_normal((M, K), np.float32), rng.standard_normal((K, N), np.float32)
+            else:
+                a, b = rng.standard_normal((K, M), np.float32).T, rng.standard_normal((K, N), np.float32)
+            c = np.empty((M, N), np.float32)
+            (seconds,) = time_interleaved([lambda: np.matmul(a, b, out=c)], repeat)
+            total += seconds * count
+    return {"impl": "numpy @", "threads": n_threads, "gemm_ms": total * 1e3}
+
+
+# --- our step -------------------------------------------------------------------------------
+
+class KernelProfiler:
+    """Times every kernel call by wrapping the functions in randygpt._kernels.<family>.
+
+    model.py and optim.py call kernels through their module (matmul.matmul_forward), so
+    replacing the module attributes reaches every call without touching the model. A kernel
+    called from inside another (e.g. a GEMM driver) is counted once, in the outermost call.
+    """
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.phase = "other"
+        self._depth = 0
+        self._saved = []
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                key = (self.phase, name)
+                self.seconds[key] += time.perf_counter() - t0
+                self.calls[key] += 1
+                self._depth -= 1
+        return timed
+
+    def install(self):
+        for family in KERNEL_FAMILIES:
+            module = importlib.import_module(f"randygpt._kernels.{family}")
+            for name in dir(module):
+                fn = getattr(module, name)
+                if name.startswith("_") or name in NOT_KERNELS or isinstance(fn, type) \
+                        or not callable(fn):
+                    continue
+                self._saved.append((module, name, fn))
+                setattr(module, name, self._wrap(name, fn))
+
+    def uninstall(self):
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved.clear()
+
+    def in_phase(self, phase, fn):
+        """fn, run with its kernel calls attributed to `phase`."""
+        def run(*args, **kwargs):
+            self.phase = phase
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.phase = "other"
+        return run
+
+    def reset(self):
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def _time_steps(step, repeat):
+    """Seconds of each of `repeat` steps, after WARMUP_STEPS untimed ones; and the last loss."""
+    for it in range(WARMUP_STEPS):
+        step(it)
+    times = []
+    for it in range(WARMUP_STEPS, WARMUP_STEPS + repeat):
+        t0 = time.perf_counter()
+        loss = step(it)
+        times.append(time.perf_counter() - t0)
+    return times, loss
+
+
+def make_step(cfg, x, y, forward, backward, grad_norm, update):
+    """The trainer's iteration (at the peak learning rate) from the given callables."""
+    from randygpt.optim import clip_scale
+
+    def step(it):
+        loss = forward(x, y, step=it)
+        backward()
+        scale = clip_scale(grad_norm(), cfg.grad_clip) if cfg.grad_clip > 0 else 1.0
+        update(cfg.lr, grad_scale=scale)
+        return loss
+    return step
+
+
+def ours_worker(cfg, n_threads, repeat, profile):
+    from threadpoolctl import threadpool_limits
+
+    import randygpt
+    from randygpt.model import GPT
+    from randygpt.optim import AdamW
+
+    randygpt.set_num_threads(n_threads)
+    model = GPT(cfg, seed=cfg.seed)
+    optimizer = AdamW(model, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    shape = (cfg.batch_size, cfg.block_size)
+    x = rng.integers(0, cfg.vocab_size, shape, dtype=np.int32)
+    y = rng.integers(0, cfg.vocab_size, shape, dtype=np.int32)
+    result = {"impl": "ours", "threads": randygpt.effective_n_threads(),
+              "num_params": model.num_params}
+    # Our kernels never call BLAS; a stray NumPy matmul must not wake OpenBLAS's threads.
+    with threadpool_limits(limits=1, user_api="blas"):
+        step = make_step(cfg, x, y, model.forward, model.backward, optimizer.grad_norm,
+                         optimizer.step)
+        times, loss = _time_steps(step, repeat)
+        result.update(step_times_ms=[t * 1e3 for t in times], loss=loss)
+        if profile:
+            profiler = KernelProfiler()
+            step = make_step(cfg, x, y,
+                             profiler.in_phase("forward", model.forward),
+                             profiler.in_phase("backward", model.backward),
+                             profiler.in_phase("optimizer", optimizer.grad_norm),
+                             profiler.in_phase("optimizer", optimizer.step))
+            result["profile"] = profile_steps(profiler, step, repeat)
+    return result
+
+
+def profile_steps(profiler, step, repeat):
+    """Run `repeat` steps with every kernel call timed; mean milliseconds per step."""
+    profiler.install()
+    try:
+        for it in range(WARMUP_STEPS):
+            step(it)
+        profiler.reset()
+        t0 = time.perf_counter()
+        for it in range(WARMUP_STEPS, WARMUP_STEPS + repeat):
+            step(it)
+        seconds = time.perf_counter() - t0
+    finally:
+        profiler.uninstall()
+    rows = [{"phase": phase, "kernel": name, "calls": profiler.calls[(phase, name)] / repeat,
+             "ms": profiler.seconds[(phase, name)] / repeat * 1e3}
+            for phase, name in sorted(profiler.seconds)]
+    return {"step_ms": seconds / repeat * 1e3, "kernels": rows}
+
+
+# --- the PyTorch step -----------------------------------------------------------------------
+
+def _load_torch_ref():
+    """randygpt/torch_ref.py loaded by path: importing the randygpt package would load our
+    kernels' OpenMP runtime into PyTorch's process."""
+    path = REPO_ROOT / "randygpt" / "torch_ref.py"
+    spec = importlib.util.spec_from_file_location("randygpt_torch_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torch_worker(cfg, n_threads, repeat):
+    import torch
+
+    torch.set_num_threads(n_threads)
+    torch.manual_seed(cfg.seed)
+    model = _load_torch_ref().build_torch_gpt(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)  # our init's scale (the exact values do not matter here)
+    model.train()
+    # Decay follows our rule: every matrix (2-D parameter), nothing else.
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() == 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() != 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.adam_eps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, cfg.block_size)
+    x = torch.randint(0, cfg.vocab_size, shape, generator=gen)
+    y = torch.randint(0, cfg.vocab_size, shape, generator=gen)
+
+    def step(it):
+        optimizer.zero_grad(set_to_none=False)
+        loss = model(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        return float(loss)
+
+    times, loss = _time_steps(step, repeat)
+    return {"impl": "torch", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "step_times_ms": [t * 1e3 for t in times], "loss": loss,
+            "num_params": sum(p.numel() for p in params)}
+
+
+def peak_rss_mb():
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def worker_main(args):
+    """Body of a --worker process: run one measurement, print it as one JSON line."""
+    settings = json.loads(args.config_json)
+    if args.worker == "ours":
+        from randygpt.config import Config
+        result = ours_worker(Config.from_dict(settings), args.threads[0], args.repeat,
+                             args.profile)
+    elif args.worker == "torch":
+        result = torch_worker(SimpleNamespace(**settings), args.threads[0], args.repeat)
+    else:
+        result = blas_worker(SimpleNamespace(**settings), args.threads[0], args.repeat)
+    result["peak_rss_mb"] = peak_rss_mb()
+    if "step_times_ms" in result:
+        result["step_ms"] = float(np.median(result["step_times_ms"]))
+    print(json.dumps(result))
+    return 0
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+def spawn(kind, cfg, n_threads, repeat, profile=False):
+    """Run this script as a --worker of `kind`; its JSON result, or {"error": why}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind,
+           "--threads", str(n_threads), "--repeat", str(repeat),
+           "--config-json", json.dumps(cfg.to_dict())] + (["--profile"] if profile else [])
+    env = dict(os.environ)
+    if kind == "torch":
+        # torch.set_num_threads covers its intra-op pool; these cover MKL and OpenMP's defaults.
+        env.update(OMP_NUM_THREADS=str(n_threads), MKL_NUM_THREADS=str(n_threads))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{kind} worker timed out after {WORKER_TIMEOUT_S} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"{kind} worker exited with status {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def measure(cfg, threads, repeat, profile, with_torch):
+    """One run per thread count: ours, PyTorch and NumPy's GEMMs, each in its own process."""
+    tokens = cfg.batch_size * cfg.block_size
+    flops = step_gemm_flops(cfg)
+    runs = []
+    for n in threads:
+        run = {"threads": n, "ours": spawn("ours", cfg, n, repeat, profile),
+               "numpy_gemm": spawn("blas", cfg, n, repeat)}
+        if with_torch:
+            run["torch"] = spawn("torch", cfg, n, repeat)
+        gemm_ms = run["numpy_gemm"].get("gemm_ms")
+        for impl in ("ours", "torch"):
+            r = run.get(impl)
+            if not r or "error" in r:
+                continue
+            r["tokens_per_s"] = tokens / (r["step_ms"] / 1e3)
+            r["gemm_gflops"] = flops / (r["step_ms"] / 1e3) / 1e9
+            r["share_of_numpy_gemm"] = gemm_ms / r["step_ms"] if gemm_ms else None
+        if with_torch and "error" not in run["ours"] and "error" not in run["torch"]:
+            run["speed_vs_torch"] = run["torch"]["step_ms"] / run["ours"]["step_ms"]
+        if gemm_ms:
+            run["numpy_gemm"]["gemm_gflops"] = flops / (gemm_ms / 1e3) / 1e9
+        runs.append(run)
+    base = runs[0]
+    for run in runs[1:] if len(runs) > 1 else []:
+        for impl in ("ours", "torch"):
+            r, b = run.get(impl), base.get(impl)
+            if r and b and "error" not in r and "error" not in b:
+                r["scaling"] = b["step_ms"] / r["step_ms"]
+    return runs
+
+
+def print_report(doc):
+    print(format_machine(doc["machine"]))
+    cfg = doc["config"]
+    print(f"step     : B={cfg['batch_size']} T={cfg['block_size']} C={cfg['n_embd']} "
+          f"NH={cfg['n_head']} L={cfg['n_layer']} V={cfg['vocab_size']} norm={cfg['norm']} "
+          f"dropout={cfg['dropout']}; {doc['num_params']:,} parameters; "
+          f"{doc['gemm_gflop_per_step']:.1f} GFLOP of GEMMs per step; "
+          f"median of {doc['repeat']} steps after {WARMUP_STEPS} warm-up")
+    print()
+    base = doc["runs"][0]["threads"]
+    headers = ["threads", "impl", "ms/step", "tok/s", "speed vs torch", "GEMM GFLOP/s",
+               "% of NumPy @", "peak RSS MB", f"scaling vs {base}T"]
+    rows, errors = [], []
+    for run in doc["runs"]:
+        for impl in ("ours", "torch"):
+            r = run.get(impl)
+            if r is None:
+                continue
+            if "error" in r:
+                errors.append(f"{impl} at {run['threads']} thread(s): {r['error']}")
+                continue
+            speed = run.get("speed_vs_torch") if impl == "ours" else None
+            share = r.get("share_of_numpy_gemm")
+            rows.append([str(run["threads"]), impl, f"{r['step_ms']:.1f}",
+                         f"{r['tokens_per_s']:,.0f}", fmt_ratio(speed),
+                         f"{r['gemm_gflops']:.1f}", fmt(share and 100 * share, ".0f"),
+                         f"{r['peak_rss_mb']:.0f}", fmt_ratio(r.get("scaling"))])
+        g = run["numpy_gemm"]
+        if "error" in g:
+            errors.append(f"NumPy GEMMs at {run['threads']} thread(s): {g['error']}")
+        else:
+            rows.append([str(run["threads"]), "NumPy @ (GEMMs only)", f"{g['gemm_ms']:.1f}",
+                         "-", "-", f"{g['gemm_gflops']:.1f}", "100", "-", "-"])
+    print(format_table(headers, rows))
+    print("speed vs torch = torch ms / ours ms; % of NumPy @ = NumPy's time for the step's "
+          "GEMMs / the whole step's time")
+    for line in errors:
+        print(f"error: {line}")
+    for run in doc["runs"]:
+        profile = run["ours"].get("profile")
+        if profile:
+            print()
+            print(f"where our step's time goes at {run['threads']} thread(s) "
+                  f"(mean of {doc['repeat']} profiled steps):")
+            print(format_profile(profile))
+
+
+PHASES = ("forward", "backward", "optimizer", "other")
+
+
+def format_profile(profile):
+    step_ms = profile["step_ms"]
+    kernels = sorted(profile["kernels"], key=lambda r: (PHASES.index(r["phase"]), -r["ms"]))
+    rows = [[r["phase"], r["kernel"], f"{r['calls']:.0f}", f"{r['ms']:.2f}",
+             f"{100 * r['ms'] / step_ms:.1f}"] for r in kernels]
+    in_kernels = sum(r["ms"] for r in kernels)
+    for phase in PHASES:
+        phase_ms = sum(r["ms"] for r in kernels if r["phase"] == phase)
+        if phase_ms:
+            rows.append([phase, "(all kernels)", "-", f"{phase_ms:.2f}",
+                         f"{100 * phase_ms / step_ms:.1f}"])
+    outside = step_ms - in_kernels
+    rows += [["step", "kernels", "-", f"{in_kernels:.2f}", f"{100 * in_kernels / step_ms:.1f}"],
+             ["step", "outside kernels (Python, NumPy copies)", "-", f"{outside:.2f}",
+              f"{100 * outside / step_ms:.1f}"],
+             ["step", "total", "-", f"{step_ms:.2f}", "100.0"]]
+    return format_table(["phase", "kernel", "calls", "ms/step", "% of step"], rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated thread counts to sweep (default: all usable CPUs)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed steps per implementation")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    parser.add_argument("--profile", action="store_true", help="time each kernel of our step")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--quick", action="store_true", help="tiny model, one step (smoke test)")
+    # Internal: this script re-invoked to measure one implementation in its own process.
+    parser.add_argument("--worker", choices=("ours", "torch", "blas"), help=argparse.SUPPRESS)
+    parser.add_argument("--config-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.worker:
+        # No randygpt import here: the PyTorch worker must not load our OpenMP runtime.
+        args.threads = parse_threads(args.threads)
+        return worker_main(args)
+    import randygpt
+
+    usable = randygpt._kernels.usable_cpus()
+    try:
+        args.threads = parse_threads(args.threads) if args.threads else [usable]
+    except ValueError as e:
+        parser.error(str(e))
+    too_many = [n for n in args.threads if n > usable]
+    if too_many:
+        parser.error(f"--threads {too_many[0]} exceeds the {usable} usable CPUs")
+
+    cfg = make_config(args.quick)
+    repeat = 1 if args.quick else args.repeat
+    with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    runs = measure(cfg, args.threads, repeat, args.profile, with_torch)
+    doc = {"machine": machine_info(",".join(map(str, args.threads))), "config": cfg.to_dict(),
+           "num_params": runs[0]["ours"].get("num_params"), "repeat": repeat,
+           "gemm_gflop_per_step": step_gemm_flops(cfg) / 1e9, "torch": with_torch,
+           "runs": runs}
+    if not with_torch and not args.no_torch:
+        doc["torch_skipped"] = "PyTorch is not installed"
+    if args.json:
+        print(dump_json(doc))
+    else:
+        print_report(doc)
+        if doc.get("torch_skipped"):
+            print(f"torch: skipped ({doc['torch_skipped']})")
+    return 1 if any("error" in run["ours"] for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Text generation: incremental decoding with a KV cache, temperature / top-k / top-p sampling,
+and the ``python -m randygpt sample`` command.
+
+Decoding with the cache runs one position per step: the new token's query attends to the keys
+and values every layer has cached for the earlier tokens of the window, so a step costs one
+matrix-vector product per weight matrix instead of a forward pass over the whole window. The
+weights are read in place from ``model.params`` (never copied); the step's products run through
+NumPy's BLAS on one thread (``threadpool_limits``), which ``benchmarks/bench_sample.py`` measured
+faster than our GEMM kernel at M = 1 row, whose packing of the whole weight matrix per call is
+pure overhead when there is only one row to multiply.
+
+The context window (the same rule with and without the cache, so both give the same text):
+the model has learned absolute positions for ``block_size`` slots, so it never sees more than
+``block_size`` tokens. A prompt longer than that is cut to its last ``block_size`` tokens.
+Tokens are appended to the window until it holds ``block_size`` tokens; the next token then
+makes the window slide: it restarts from the last ``block_size // 2`` tokens (the new one
+included), at positions 0, 1, ... . Because every cached key and value depends on its token's
+absolute position, sliding invalidates the whole cache, which is rebuilt from those tokens in
+one batched pass. Halving the window (rather than dropping one token per step) is what keeps
+the rebuild cost to one pass every ``block_size - block_size // 2`` tokens; the price is that
+right after a slide the model conditions on half a window of text.
+
+Each step's logits equal those of ``model.forward`` on exactly the window's tokens (the tests
+check this to rtol 1e-4), so the cache changes speed, not results.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+__all__ = ["generate", "KVCache", "ContextWindow", "sample_token", "check_sampling_args",
+           "window_keep", "main", "ArgumentParser", "UsageError"]
+
+
+def window_keep(block_size):
+    """How many tokens the window keeps when it slides (see the module docstring)."""
+    return max(1, block_size // 2)
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens of the current window, and the incremental
+    forward pass that fills them.
+
+    k, v : (L, block_size, C) float32; rows [0, length) hold the window's tokens in order.
+    Only eval-mode forward is possible (no dropout): this is for generation.
+    """
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
+        self.k = np.zeros((L, T, C), dtype=np.float32)
+        self.v = np.zeros((L, T, C), dtype=np.float32)
+        self.length = 0
+        p = model.params
+        self._wte, self._wpe, self._lm_head = p["wte"], p["wpe"], p["lm_head"]
+        self._layers = []
+        for i in range(L):
+            self._layers.append({
+                # q, k and v in one (3C, C) product when the three matrices are adjacent in the
+                # flat buffer (they are in the standard table); a view, so still no copy.
+                "wqkv": self._stacked_view(model, [f"h.{i}.wq", f"h.{i}.wk", f"h.{i}.wv"]),
+                "wq": p[f"h.{i}.wq"], "wk": p[f"h.{i}.wk"], "wv": p[f"h.{i}.wv"],
+                "wo": p[f"h.{i}.wo"], "fc1": p[f"h.{i}.fc1"], "fc2": p[f"h.{i}.fc2"],
+                "norm1": self._norm_params(model, i, 1), "norm2": self._norm_params(model, i, 2),
+            })
+        self._scale = 1.0 / math.sqrt(cfg.head_size)
+
+    @staticmethod
+    def _stacked_view(model, names):
+        p = model.params
+        flat = model.flat_params
+        first = p[names[0]]
+        start = first.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
+        size = first.size
+        for j, name in enumerate(names):
+            addr = p[name].__array_interface__["data"][0] - flat.__array_interface__["data"][0]
+            if addr != start + j * size * flat.itemsize or p[name].shape != first.shape:
+                return None
+        off = start // flat.itemsize
+        return flat[off:off + len(names) * size].reshape(len(names) * first.shape[0], first.shape[1])
+
+    @staticmethod
+    def _norm_params(model, layer, which):
+        """(weight, bias) views of LayerNorm ``which`` (1 before attention, 2 before the MLP),
+        None for RMSNorm, which has no parameters."""
+        if model.config.norm == "rmsnorm":
+            return None
+        p = model.params
+        return p[f"h.{layer}.ln{which}.weight"], p[f"h.{layer}.ln{which}.bias"]
+
+    def reset(self):
+        self.length = 0
+
+    def _norm(self, x, params):
+        # Mean and variance in float64, as the kernels do; the result is stored as float32.
+        eps = self.config.norm_eps
+        x64 = x.astype(np.float64)
+        if params is None:
+            rstd = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
+            return (x * rstd.astype(np.float32)).astype(np.float32)
+        mean = x64.mean(axis=-1, keepdims=True)
+        var = np.mean((x64 - mean) ** 2, axis=-1, keepdims=True)
+        rstd = 1.0 / np.sqrt(var + eps)
+        weight, bias = params
+        return ((x64 - mean) * rstd * weight + bias).astype(np.float32)
+
+    def forward(self, idx):
+        """Append the tokens ``idx`` (n,) to the window and return their logits (n, V) float32.
+
+        The new tokens sit at positions length .. length+n-1; each attends causally to every
+        cached token and to the new ones before it.
+        """
+        idx = np.asarray(idx)
+        n = idx.shape[0]
+        cfg = self.config
+        C, NH, HS = cfg.n_embd, cfg.n_head, cfg.head_size
+        t0 = self.length
+        t1 = t0 + n
+        if n < 1 or t1 > cfg.block_size:
+            raise ValueError(f"idx: cannot add {n} tokens to a window of {t0} "
+                             f"(block_size {cfg.block_size})")
+        x = self._wte[idx] + self._wpe[t0:t1]                                 # (n, C)
+        # Causal mask of the new queries against every key in the window: query i sits at t0+i.
+        future = np.arange(t1)[None, :] > (t0 + np.arange(n))[:, None]       # (n, t1)
+        for li, w in enumerate(self._layers):
+            h = self._norm(x, w["norm1"])
+            if w["wqkv"] is not None:
+                qkv = h @ w["wqkv"].T                                         # (n, 3C)
+                q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+            else:
+                q, k, v = h @ w["wq"].T, h @ w["wk"].T, h @ w["wv"].T
+            self.k[li, t0:t1] = k
+            self.v[li, t0:t1] = v
+            qh = q.reshape(n, NH, HS).transpose(1, 0, 2)                      # (NH, n, HS)
+            kh = self.k[li, :t1].reshape(t1, NH, HS).transpose(1, 2, 0)       # (NH, HS, t1)
+            vh = self.v[li, :t1].reshape(t1, NH, HS).transpose(1, 0, 2)       # (NH, t1, HS)
+            scores = (qh @ kh).astype(np.float64) * self._scale              # (NH, n, t1)
+            scores[:, future] = -np.inf
+            # Max subtraction keeps exp() finite; sums in float64 as the attention kernel does.
+            scores -= scores.max(axis=-1, keepdims=True)
+            att = np.exp(scores)
+            att /= att.sum(axis=-1, keepdims=True)
+            y = (att.astype(np.float32) @ vh).transpose(1, 0, 2).reshape(n, C)  # (n, C)
+            x += y @ w["wo"].T
+            h = self._norm(x, w["norm2"])
+            hidden = h @ w["fc1"].T                                           # (n, 4C)
+            np.maximum(hidden, 0, out=hidden)
+            hidden *= hidden
+            x += hidden @ w["fc2"].T
+        self.length = t1
+        return x @ self._lm_head.T                                            # (n, V)
+
+
+class ContextWindow:
+    """The tokens the model conditions on, with the sliding rule of the module docstring.
+
+    ``start(ids)`` and ``push(token)`` return the logits (V,) that predict the next token.
+    With ``use_cache`` the logits come from a KVCache; without, from ``model.forward`` on the
+    whole window (the reference, and the slow path the benchmark compares against).
+    """
+
+    def __init__(self, model, use_cache=True):
+        self.model = model
+        self.block_size = model.config.block_size
+        self.keep = window_keep(self.block_size)
+        self.cache = KVCache(model) if use_cache else None
+        self.tokens = []
+        self.rebuilds = 0
+
+    def _logits_of_window(self):
+        if self.cache is None:
+            idx = np.asarray(self.tokens, dtype=np.int32)[None, :]
+            return self.model.forward(idx)[0, -1]
+        self.cache.reset()
+        return self.cache.forward(np.asarray(self.tokens, dtype=np.int64))[-1]
+
+    def start(self, ids):
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("ids: the context needs at least one token")
+        self.tokens = ids[-self.block_size:]
+        return self._logits_of_window()
+
+    def push(self, token):
+        token = int(token)
+        if len(self.tokens) < self.block_size:
+            self.tokens.append(token)
+            if self.cache is None:
+                return self._logits_of_window()
+            return self.cache.forward(np.array([token]))[0]
+        self.tokens = (self.tokens + [token])[-self.keep:]
+        self.rebuilds += 1
+        return self._logits_of_window()
+
+
+def check_sampling_args(max_new_tokens, temperature, top_p, top_k):
+    """Validate sampling settings; TypeError/ValueError naming the argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def sample_token(logits, temperature, top_p, top_k, rng):
+    """Draw one id from logits (V,). temperature 0 = argmax (no random number drawn).
+
+    Otherwise: divide by the temperature, keep the top_k largest (ties at the k-th value kept),
+    softmax, keep the smallest set of most probable ids whose probability reaches top_p, and
+    draw from what is left, renormalised, with one ``rng.random()``.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    # Stable sort: equal probabilities keep id order, so the draw is reproducible.
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    cum = np.cumsum(sorted_probs)
+    if top_p < 1:
+        # The first id whose running sum reaches top_p closes the nucleus (at least one id).
+        n_keep = int(np.searchsorted(cum, top_p, side="left")) + 1
+        n_keep = min(n_keep, probs.size)
+    else:
+        n_keep = int(np.count_nonzero(sorted_probs))
+    cum = cum[:n_keep]
+    u = rng.random() * cum[-1]
+    j = min(int(np.searchsorted(cum, u, side="right")), n_keep - 1)
+    return int(order[j])
+
+
+def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.9, top_k=None,
+             rng=None, use_cache=True, stream=None):
+    """Continue ``prompt`` by ``max_new_tokens`` tokens; returns the new text (without the prompt).
+
+    model       : GPT; put in eval mode for the call (no dropout) and restored afterwards
+    tokenizer   : the CharTokenizer the model was trained with
+    prompt      : str; every character must be in the vocabulary (ValueError naming those that
+                  are not). An empty prompt starts from the BOS token.
+    temperature : >= 0; 0 picks the most likely token every step (greedy, deterministic)
+    top_p       : in (0, 1], nucleus sampling; 1 disables it
+    top_k       : None or >= 1, keep only the k most likely tokens
+    rng         : np.random.Generator, an int seed, or None (fresh entropy)
+    use_cache   : KV cache (fast) or a full forward over the window per token (reference)
+    stream      : None or a callable receiving each new piece of text as soon as it is sampled
+
+    BOS is never sampled; generation stops early if the model samples EOS. The context window
+    rule is the module docstring's.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    missing = tokenizer.unknown_chars(prompt)
+    if missing:
+        shown = ", ".join(repr(c) for c in missing)
+        raise ValueError(f"prompt has characters not in the model's vocabulary: {shown}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be callable or None, got {type(stream).__name__}")
+    if rng is None or isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(rng)
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a np.random.Generator, an int seed or None, "
+                        f"got {type(rng).__name__}")
+    ids = tokenizer.encode(prompt).tolist() if prompt else [tokenizer.BOS]
+    if max_new_tokens == 0:
+        return ""
+
+    was_training = model.training
+    model.eval()
+    pieces = []
+    try:
+        # One BLAS thread: the products are one row each, and BLAS threads would only compete
+        # with each other (and with OpenMP) for the same cores.
+        with threadpool_limits(1, user_api="blas"):
+            window = ContextWindow(model, use_cache=use_cache)
+            logits = window.start(ids)
+            for i in range(max_new_tokens):
+                # BOS marks a start, never a continuation: it is not a candidate.
+                logits[tokenizer.BOS] = -np.inf
+                token = sample_token(logits, temperature, top_p, top_k, rng)
+                if token == tokenizer.EOS:
+                    break
+                piece = tokenizer.decode([token])
+                pieces.append(piece)
+                if stream is not None and piece:
+                    stream(piece)
+                if i + 1 < max_new_tokens:
+                    logits = window.push(token)
+    finally:
+        if was_training:
+            model.train()
+    return "".join(pieces)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad command-line input; main() prints it as one line and returns 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing the usage block and exiting, so each
+    subcommand reports bad input as the single line "randygpt: error: ..."."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def report_error(message):
+    # One line whatever the message holds (paths or reasons with newlines included).
+    sys.stderr.write(f"randygpt: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+    return 2
+
+
+def parse_args(parser, argv):
+    """Parse argv; returns (namespace, None) or (None, exit code) for --help or bad input."""
+    try:
+        return parser.parse_args(argv), None
+    except UsageError as e:
+        return None, report_error(e)
+    except SystemExit as e:  # --help prints and exits 0
+        return None, e.code if isinstance(e.code, int) else 0
+
+
+def _int_arg(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _build_parser():
+    p = ArgumentParser(prog="randygpt sample",
+                       description="Generate text from a checkpoint, printing it as it comes.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.npz)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
+    p.add_argument("--max-new-tokens", type=_int_arg, default=500, metavar="N")
+    p.add_argument("--temperature", type=_float_arg, default=0.8, metavar="T",
+                   help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=_float_arg, default=0.9, metavar="P",
+                   help="nucleus sampling, in (0, 1]; 1 turns it off (default 0.9)")
+    p.add_argument("--top-k", type=_int_arg, default=None, metavar="K",
+                   help="keep only the K most likely tokens (default: all)")
+    p.add_argument("--seed", type=_int_arg, default=None, help="random seed (default: fresh)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole window for every token (slow; for checking)")
+    return p
+
+
+def main(argv=None):
+    """``python -m randygpt sample ...``: returns the exit code (2 for bad input)."""
+    from .checkpoint import CheckpointError, load_model
+
+    args, code = parse_args(_build_parser(), argv)
+    if args is None:
+        return code
+    try:
+        check_sampling_args(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    except (TypeError, ValueError) as e:
+        # Name the flag the user typed, not the Python argument.
+        message = str(e)
+        for name in ("max_new_tokens", "temperature", "top_p", "top_k"):
+            if message.startswith(name):
+                message = "--" + name.replace("_", "-") + message[len(name):]
+        return report_error(message)
+    if args.seed is not None and args.seed < 0:
+        return report_error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        model, tokenizer, _ = load_model(args.checkpoint, n_threads=1)
+    except CheckpointError as e:
+        return report_error(e)
+    missing = tokenizer.unknown_chars(args.prompt)
+    if missing:
+        return report_error("--prompt has characters not in the model's vocabulary: "
+                            + ", ".join(repr(c) for c in missing))
+    out = sys.stdout
+
+    def emit(piece):
+        out.write(piece)
+        out.flush()
+
+    try:
+        emit(args.prompt)
+        generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, rng=np.random.default_rng(args.seed),
+                 use_cache=not args.no_cache, stream=emit)
+        emit("\n")
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and point stdout at /dev/null so
+        # the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    return 0

@@ -1,0 +1,265 @@
+"""Sampling: KV-cache logits against the full forward (inside and past the context), the
+sliding window, determinism, the sampling filters, argument checks and the CLI."""
+import re
+
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from randygpt import sample
+from randygpt.checkpoint import save
+from randygpt.config import Config
+from randygpt.model import GPT
+from randygpt.sample import ContextWindow, KVCache, generate, sample_token, window_keep
+from randygpt.tokenizer import CharTokenizer
+
+TEXT = "ROMEO:\nTo be or not to be, that is the question.\n"
+
+
+def tiny_model(norm="rmsnorm", block_size=8, seed=0, std=0.3):
+    """A random model whose logits are far from uniform (std 0.3 rather than the 0.02 init),
+    so an error anywhere in the cached pass shows in the logits.
+
+    A random model would also sample EOS (which ends generation) now and then; to keep text
+    lengths predictable, residual channel 0 is held at exactly 5 (wpe sets it, no layer writes
+    it) and the EOS row of lm_head reads only that channel, with weight -20: logit -100."""
+    tok = CharTokenizer.from_text(TEXT)
+    config = Config(vocab_size=tok.vocab_size, n_embd=12, n_head=3, n_layer=2,
+                    block_size=block_size, norm=norm, dropout=0.1)
+    model = GPT(config, seed=seed)
+    model.flat_params[:] = np.random.default_rng(seed).normal(0, std, model.num_params)
+    if norm == "layernorm":
+        for i in range(config.n_layer):
+            for which in (1, 2):
+                model.params[f"h.{i}.ln{which}.weight"][:] += 1.0
+    p = model.params
+    p["wte"][:, 0] = 0.0
+    p["wpe"][:, 0] = 5.0
+    for i in range(config.n_layer):
+        p[f"h.{i}.wo"][0] = 0.0
+        p[f"h.{i}.fc2"][0] = 0.0
+    p["lm_head"][tok.EOS] = 0.0
+    p["lm_head"][tok.EOS, 0] = -20.0
+    return model, tok
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 13])
+def test_cached_logits_match_full_forward(norm, prompt_len, rng):
+    model, tok = tiny_model(norm)
+    model.eval()
+    T = model.config.block_size
+    ids = rng.integers(0, tok.vocab_size, prompt_len + 3 * T).tolist()
+    window = ContextWindow(model, use_cache=True)
+    logits = window.start(ids[:prompt_len])
+    for step, token in enumerate(ids[prompt_len:]):
+        assert 1 <= len(window.tokens) <= T
+        expected = model.forward(np.array([window.tokens], dtype=np.int32))[0, -1]
+        scale = float(np.abs(expected).max())
+        assert_close(logits, expected, rtol=1e-4, atol=1e-5 * scale,
+                     name=f"logits at step {step} (window {len(window.tokens)})")
+        logits = window.push(token)
+    assert window.rebuilds >= 3  # the comparison ran well past the context, across slides
+
+
+def test_window_rule(rng):
+    model, tok = tiny_model(block_size=8)
+    T, keep = 8, window_keep(8)
+    assert keep == 4
+    window = ContextWindow(model, use_cache=True)
+    stream = list(range(2, 32))
+    window.start(stream[:11])  # a prompt longer than the context keeps its last T tokens
+    assert window.tokens == stream[3:11]
+    window.push(stream[11])    # full window: slide to the last `keep` tokens, new one included
+    assert window.tokens == stream[8:12] and window.cache.length == keep
+    for t in stream[12:16]:
+        window.push(t)
+    assert window.tokens == stream[8:16] and window.cache.length == T
+    window.push(stream[16])
+    assert window.tokens == stream[13:17] and window.rebuilds == 2
+
+
+def test_cache_reads_weights_in_place():
+    model, tok = tiny_model()
+    cache = KVCache(model)
+    layer = cache._layers[0]
+    for name in ("wqkv", "wo", "fc1", "fc2"):
+        assert np.shares_memory(layer[name], model.flat_params), name
+    assert np.shares_memory(cache._lm_head, model.flat_params)
+    before = cache.forward(np.array([2, 3]))[-1].copy()
+    model.params["lm_head"][...] *= 2  # the cache must see the change: it holds no copy
+    cache.reset()
+    assert_close(cache.forward(np.array([2, 3]))[-1], 2 * before, rtol=1e-6)
+
+
+def test_cache_refuses_to_overflow():
+    model, _ = tiny_model(block_size=4)
+    cache = KVCache(model)
+    cache.forward(np.array([2, 3, 4]))
+    with pytest.raises(ValueError, match="block_size 4"):
+        cache.forward(np.array([5, 6]))
+
+
+def test_same_seed_same_text_and_cache_does_not_change_it():
+    model, tok = tiny_model(std=0.1)
+    texts = [generate(model, tok, "To be", 40, rng=np.random.default_rng(5)) for _ in range(2)]
+    assert texts[0] == texts[1] and len(texts[0]) == 40
+    uncached = generate(model, tok, "To be", 40, rng=np.random.default_rng(5), use_cache=False)
+    assert uncached == texts[0]
+    others = {generate(model, tok, "To be", 40, rng=np.random.default_rng(s)) for s in range(6, 10)}
+    assert len(others | {texts[0]}) > 1  # the seed matters
+    assert generate(model, tok, "To be", 40, rng=5) == texts[0]  # an int seed works too
+
+
+def test_greedy_is_deterministic_and_independent_of_rng():
+    model, tok = tiny_model()
+    a = generate(model, tok, "ROMEO:", 30, temperature=0, rng=np.random.default_rng(1))
+    b = generate(model, tok, "ROMEO:", 30, temperature=0, rng=np.random.default_rng(2))
+    c = generate(model, tok, "ROMEO:", 30, temperature=0, use_cache=False)
+    assert a == b == c
+    # Greedy text is the argmax chain of the full forward, window by window.
+    window = ContextWindow(model, use_cache=False)
+    model.eval()
+    logits = window.start(tok.encode("ROMEO:"))
+    expected = []
+    for _ in range(30):
+        token = int(np.argmax(logits))
+        expected.append(token)
+        logits = window.push(token)
+    assert a == tok.decode(expected)
+
+
+def test_stream_gets_every_piece_and_mode_is_restored():
+    model, tok = tiny_model()
+    model.train()
+    pieces = []
+    text = generate(model, tok, "To", 25, rng=np.random.default_rng(0), stream=pieces.append)
+    assert "".join(pieces) == text and len(pieces) == 25
+    assert model.training
+
+
+def test_empty_prompt_starts_from_bos_and_zero_tokens():
+    model, tok = tiny_model()
+    assert len(generate(model, tok, "", 10, rng=np.random.default_rng(0))) == 10
+    assert generate(model, tok, "To be", 0) == ""
+
+
+def test_eos_stops_generation(monkeypatch):
+    model, tok = tiny_model()
+    picks = iter([2, 3, tok.EOS, 4])
+    monkeypatch.setattr(sample, "sample_token", lambda *a: next(picks))
+    assert generate(model, tok, "To", 10) == tok.decode([2, 3])
+
+
+def test_unknown_characters_are_named():
+    model, tok = tiny_model()
+    with pytest.raises(ValueError, match=r"not in the model's vocabulary: 'Z', 'é'"):
+        generate(model, tok, "To bé Z", 5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an int"),
+    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"temperature": float("nan")}, "temperature must be finite"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"rng": "seed"}, "rng must be"),
+    ({"stream": 3}, "stream must be callable"),
+])
+def test_bad_arguments(kw, match):
+    model, tok = tiny_model()
+    args = dict(max_new_tokens=5)
+    args.update(kw)
+    with pytest.raises((TypeError, ValueError), match=match):
+        generate(model, tok, "To", **args)
+
+
+def test_sample_token_filters():
+    logits = np.array([0.0, 3.0, 2.9, 1.0, -1.0])
+    rng = np.random.default_rng(0)
+    assert sample_token(logits, 0, 0.9, None, rng) == 1
+    assert {sample_token(logits, 1.0, 1.0, 1, rng) for _ in range(50)} == {1}
+    assert {sample_token(logits, 1.0, 1.0, 2, rng) for _ in range(200)} == {1, 2}
+    # top_p just above p(1) keeps exactly ids 1 and 2 (the nucleus closes at the second).
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert {sample_token(logits, 1.0, float(p[1]) + 1e-3, None, rng) for _ in range(200)} == {1, 2}
+    assert {sample_token(logits, 1.0, float(p[1]) - 1e-3, None, rng) for _ in range(50)} == {1}
+
+
+def test_sample_token_follows_the_softmax():
+    logits = np.array([1.0, 0.0, -1.0, 0.5])
+    rng = np.random.default_rng(0)
+    n = 20000
+    counts = np.bincount([sample_token(logits, 2.0, 1.0, None, rng) for _ in range(n)], minlength=4)
+    p = np.exp(logits / 2.0)
+    p /= p.sum()
+    # 5 standard deviations of a binomial count: fails by chance about once in 10^6 runs.
+    assert np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p))), (counts, n * p)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+@pytest.fixture
+def ckpt_path(tmp_path):
+    model, tok = tiny_model(std=0.1)
+    path = tmp_path / "ckpt.npz"
+    save(path, model=model, optimizer=None, tokenizer=tok, step=0, rng_state=None)
+    return path
+
+
+def run_main(capsys, *argv):
+    code = sample.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_streams_prompt_and_text(ckpt_path, capsys):
+    args = ["--checkpoint", ckpt_path, "--prompt", "ROMEO:", "--max-new-tokens", 30, "--seed", 1,
+            "--temperature", 0.8, "--top-p", 0.9, "--top-k", 5]
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and err == ""
+    assert out.startswith("ROMEO:") and out.endswith("\n") and len(out) == len("ROMEO:") + 31
+    assert run_main(capsys, *args)[1] == out
+    model, tok = tiny_model(std=0.1)
+    expected = generate(model, tok, "ROMEO:", 30, temperature=0.8, top_p=0.9, top_k=5,
+                        rng=np.random.default_rng(1))
+    assert out == "ROMEO:" + expected + "\n"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
+    (["--max-new-tokens", "many"], "expected an integer"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "1.01"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "inf"], "expected a finite number"),
+    (["--seed", "-3"], "--seed must be >= 0"),
+    (["--prompt", "JULIET€"], r"--prompt has characters not in the model's vocabulary: 'I', 'J', 'L', 'U', '€'"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_bad_input(ckpt_path, capsys, extra, match):
+    code, out, err = run_main(capsys, "--checkpoint", ckpt_path, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith("randygpt: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+def test_cli_bad_checkpoints(tmp_path, capsys):
+    code, out, err = run_main(capsys, "--checkpoint", tmp_path / "missing.npz")
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    code, out, err = run_main(capsys, "--checkpoint", bad)
+    assert code == 2 and "corrupt or truncated" in err and err.count("\n") == 1
+    assert bad.read_bytes() == b"PK\x03\x04 truncated"  # nothing overwritten
+    code, out, err = run_main(capsys)
+    assert code == 2 and "--checkpoint" in err and err.count("\n") == 1
+
+
+def test_cli_help(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "--top-p" in out

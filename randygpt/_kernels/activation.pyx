@@ -1,0 +1,329 @@
+"""Elementwise kernels: squared ReLU, and dropout driven by a counter-based hash.
+
+Dimensions: the arrays are treated as flat; for the model they are (N, C) or (N, H) with
+N = B*T rows, C channels, H MLP hidden. Any shape is accepted, all arrays of one call must have
+the same shape, float32, C-contiguous. Element i is the i-th element in C order.
+
+Parallel axis: the flat array, cut into one contiguous span per thread. Each output element
+depends on its own inputs only (and, for dropout, on its flat index), so the result is the same
+for any thread count.
+
+Dropout's random bits (all arithmetic on unsigned 64-bit integers, modulo 2**64):
+
+    G = 0x9E3779B97F4A7C15
+    mix64(z):  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+               z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+               return z ^ (z >> 31)
+    key = G
+    for v in (seed, step, layer, site):  key = mix64((key ^ v) + G)
+    bits(i) = mix64(key + (i + 1) * G)
+    threshold = floor(p * 2**24 + 0.5)          (p * 2**24 is exact in double)
+    mask(i) = float32(1 / (1 - p))  if (bits(i) >> 40) >= threshold  else 0
+
+mix64 is the splitmix64 finalizer, so bits(0), bits(1), ... is the splitmix64 stream seeded
+with key: a decision is a pure function of (seed, step, layer, site, i), computed again in
+backward instead of stored, identical for any thread count or schedule. The top 24 bits are
+compared so that p is resolved to 2**-24. p == 0 gives threshold 0 and scale 1: the identity.
+_ref_activation.py computes the same bits with NumPy uint64 arrays.
+"""
+import numpy as np
+
+from cython.parallel cimport prange
+from libc.stdint cimport uint32_t, uint64_t
+
+__all__ = ["squared_relu_forward", "squared_relu_backward", "dropout_mask", "dropout_forward",
+           "dropout_backward", "dropout_add_forward", "dropout_key", "dropout_threshold"]
+
+cdef extern from *:
+    """
+    #define RANDYGPT_DROPOUT_GOLDEN 0x9E3779B97F4A7C15ULL
+    #define RANDYGPT_DROPOUT_MIX1 0xBF58476D1CE4E5B9ULL
+    #define RANDYGPT_DROPOUT_MIX2 0x94D049BB133111EBULL
+    """
+    const uint64_t GOLDEN "RANDYGPT_DROPOUT_GOLDEN"
+    const uint64_t MIX1 "RANDYGPT_DROPOUT_MIX1"
+    const uint64_t MIX2 "RANDYGPT_DROPOUT_MIX2"
+
+# Largest value of each counter: they are hashed as unsigned 64-bit integers.
+_U64_LIMIT = 1 << 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (run once per call, before any nogil code).
+
+def _check_array(name, a):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {a.dtype} (shape {a.shape})")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def _check_arrays(outputs, inputs):
+    """Dtype, contiguity and equal shapes for all; outputs writeable and disjoint from everything
+    else (a partly overlapping output would let one thread read what another already wrote)."""
+    for name, a in outputs + inputs:
+        _check_array(name, a)
+    name0, a0 = outputs[0]
+    for name, a in outputs[1:] + inputs:
+        if a.shape != a0.shape:
+            raise ValueError(f"{name} has shape {a.shape}, expected {a0.shape} (the shape of {name0})")
+    for i, (oname, o) in enumerate(outputs):
+        if not o.flags.writeable:
+            raise ValueError(f"{oname} is read-only (shape {o.shape})")
+        for aname, a in outputs[i + 1:] + inputs:
+            if np.shares_memory(o, a):
+                raise ValueError(f"{oname} (shape {o.shape}) must not share memory with "
+                                 f"{aname} (shape {a.shape})")
+
+
+def _check_threads(n_threads):
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return int(n_threads)
+
+
+def _check_counter(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if not 0 <= v < _U64_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**64), got {v}")
+    return v
+
+
+def _check_p(p):
+    if isinstance(p, bool):
+        raise TypeError("p must be a real number, got bool")
+    try:
+        q = float(p)
+    except (TypeError, ValueError):
+        raise TypeError(f"p must be a real number, got {type(p).__name__}") from None
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    return q
+
+
+cdef inline Py_ssize_t _span_lo(Py_ssize_t k, Py_ssize_t n, Py_ssize_t n_spans) noexcept nogil:
+    return k * n // n_spans
+
+
+# ---------------------------------------------------------------------------------------------
+# Squared ReLU: out = relu(x)**2
+
+cdef inline float _relu(float v) noexcept nogil:
+    # NaN <= 0 is false, so a NaN passes through (and shows up in loss checks) instead of
+    # silently becoming 0.
+    return 0.0 if v <= 0.0 else v
+
+
+cdef void _squared_relu_forward(float* out, const float* x, Py_ssize_t n,
+                                int n_spans) noexcept nogil:
+    cdef Py_ssize_t k, i, lo, hi
+    cdef float r
+    for k in prange(n_spans, schedule="static", num_threads=n_spans):
+        lo = _span_lo(k, n, n_spans)
+        hi = _span_lo(k + 1, n, n_spans)
+        for i in range(lo, hi):
+            r = _relu(x[i])
+            out[i] = r * r
+
+
+cdef void _squared_relu_backward(float* dx, const float* dout, const float* x, Py_ssize_t n,
+                                 int n_spans) noexcept nogil:
+    cdef Py_ssize_t k, i, lo, hi
+    cdef float r
+    for k in prange(n_spans, schedule="static", num_threads=n_spans):
+        lo = _span_lo(k, n, n_spans)
+        hi = _span_lo(k + 1, n, n_spans)
+        for i in range(lo, hi):
+            # d/dx relu(x)**2 = 2 * relu(x); r + r keeps the arithmetic in float32
+            r = _relu(x[i])
+            dx[i] += (r + r) * dout[i]
+
+
+cdef inline int _n_spans(Py_ssize_t n, int n_threads) noexcept:
+    # One contiguous span per thread; never more spans than elements.
+    return <int>min(<Py_ssize_t>n_threads, n)
+
+
+def squared_relu_forward(out, x, n_threads):
+    """out = relu(x)**2, elementwise.
+
+    out : (N, H) float32  written (any shape equal to x's)
+    x   : (N, H) float32  read
+    """
+    _check_arrays([("out", out)], [("x", x)])
+    cdef int nt = _check_threads(n_threads)
+    cdef Py_ssize_t n = x.size
+    if n == 0:
+        return
+    cdef float[::1] out_v = out.reshape(-1)
+    cdef const float[::1] x_v = x.reshape(-1)
+    cdef int ns = _n_spans(n, nt)
+    with nogil:
+        _squared_relu_forward(&out_v[0], &x_v[0], n, ns)
+
+
+def squared_relu_backward(dx, dout, x, n_threads):
+    """Gradient of squared_relu_forward.
+
+    dx   : (N, H) float32  accumulated += 2 * relu(x) * dout
+    dout : (N, H) float32  read
+    x    : (N, H) float32  read (the forward input)
+    """
+    _check_arrays([("dx", dx)], [("dout", dout), ("x", x)])
+    cdef int nt = _check_threads(n_threads)
+    cdef Py_ssize_t n = x.size
+    if n == 0:
+        return
+    cdef float[::1] dx_v = dx.reshape(-1)
+    cdef const float[::1] dout_v = dout.reshape(-1)
+    cdef const float[::1] x_v = x.reshape(-1)
+    cdef int ns = _n_spans(n, nt)
+    with nogil:
+        _squared_relu_backward(&dx_v[0], &dout_v[0], &x_v[0], n, ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+cdef union FloatBits:
+    float f
+    uint32_t u
+
+
+cdef inline uint64_t _mix64(uint64_t z) noexcept nogil:
+    z = (z ^ (z >> 30)) * MIX1
+    z = (z ^ (z >> 27)) * MIX2
+    return z ^ (z >> 31)
+
+
+cdef inline float _mask_at(uint64_t key, Py_ssize_t i, uint64_t threshold,
+                           float scale) noexcept nogil:
+    cdef uint64_t bits = _mix64(key + (<uint64_t>i + 1) * GOLDEN)
+    # Select by masking scale's bits, not by a branch: drops come at random, so a branch would
+    # be mispredicted on about every dropped element (gcc turns a ternary back into a branch).
+    cdef FloatBits m
+    m.f = scale
+    m.u &= <uint32_t>0 - <uint32_t>((bits >> 40) >= threshold)
+    return m.f
+
+
+def dropout_key(seed, step, layer, site):
+    """The 64-bit key of one dropout call (see the module header); for tests and the reference."""
+    cdef uint64_t key = GOLDEN
+    for name, v in (("seed", seed), ("step", step), ("layer", layer), ("site", site)):
+        key = _mix64((key ^ <uint64_t>_check_counter(name, v)) + GOLDEN)
+    return int(key)
+
+
+def dropout_threshold(p):
+    """Smallest kept value of the top 24 hash bits: floor(p * 2**24 + 0.5)."""
+    return int(np.floor(_check_p(p) * 16777216.0 + 0.5))
+
+
+# Which elementwise operation _dropout applies: all four share the hash and the span loop.
+cdef enum DropoutOp:
+    DROP_MASK = 0         # a = mask
+    DROP_FORWARD = 1      # a = b * mask
+    DROP_ACCUMULATE = 2   # a += b * mask (backward into dx, or the residual update)
+
+
+cdef void _dropout_span(DropoutOp op, float* a, const float* b, Py_ssize_t lo, Py_ssize_t hi,
+                        uint64_t key, uint64_t threshold, float scale) noexcept nogil:
+    # One loop per operation so each stays a simple loop gcc can pipeline; the branch on op is
+    # taken once per span, not per element.
+    cdef Py_ssize_t i
+    if threshold == 0:
+        # p == 0: every element is kept with scale 1, no bits needed.
+        if op == DROP_MASK:
+            for i in range(lo, hi):
+                a[i] = scale
+        elif op == DROP_FORWARD:
+            for i in range(lo, hi):
+                a[i] = b[i] * scale
+        else:
+            for i in range(lo, hi):
+                a[i] += b[i] * scale
+        return
+    if op == DROP_MASK:
+        for i in range(lo, hi):
+            a[i] = _mask_at(key, i, threshold, scale)
+    elif op == DROP_FORWARD:
+        for i in range(lo, hi):
+            a[i] = b[i] * _mask_at(key, i, threshold, scale)
+    else:
+        for i in range(lo, hi):
+            a[i] += b[i] * _mask_at(key, i, threshold, scale)
+
+
+cdef void _dropout(DropoutOp op, float* a, const float* b, Py_ssize_t n, uint64_t key,
+                   uint64_t threshold, float scale, int n_spans) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in prange(n_spans, schedule="static", num_threads=n_spans):
+        _dropout_span(op, a, b, _span_lo(k, n, n_spans), _span_lo(k + 1, n, n_spans),
+                      key, threshold, scale)
+
+
+cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads):
+    cdef double q = _check_p(p)
+    cdef uint64_t key = <uint64_t>dropout_key(seed, step, layer, site)
+    cdef int nt = _check_threads(n_threads)
+    cdef uint64_t threshold = <uint64_t>dropout_threshold(q)
+    cdef float scale = <float>(1.0 / (1.0 - q))
+    cdef Py_ssize_t n = a.size
+    if n == 0:
+        return
+    cdef float[::1] a_v = a.reshape(-1)
+    cdef const float[::1] b_v
+    cdef const float* b_ptr = NULL
+    if b is not None:
+        b_v = b.reshape(-1)
+        b_ptr = &b_v[0]
+    cdef int ns = _n_spans(n, nt)
+    with nogil:
+        _dropout(op, &a_v[0], b_ptr, n, key, threshold, scale, ns)
+
+
+def dropout_mask(mask, p, seed, step, layer, site, n_threads):
+    """The dropout mask itself, for tests and the reference (training never stores it).
+
+    mask : (N, C) float32  written with 0 or 1/(1-p) (any shape; element i = flat index i)
+    p    : float in [0, 1); seed, step, layer, site: ints in [0, 2**64)
+    """
+    _check_arrays([("mask", mask)], [])
+    _run_dropout(DROP_MASK, mask, None, p, seed, step, layer, site, n_threads)
+
+
+def dropout_forward(out, x, p, seed, step, layer, site, n_threads):
+    """out = x * mask, mask as in dropout_mask.
+
+    out : (N, C) float32  written
+    x   : (N, C) float32  read
+    """
+    _check_arrays([("out", out)], [("x", x)])
+    _run_dropout(DROP_FORWARD, out, x, p, seed, step, layer, site, n_threads)
+
+
+def dropout_backward(dx, dout, p, seed, step, layer, site, n_threads):
+    """Gradient of dropout_forward (and of dropout_add_forward for its x): the mask is recomputed.
+
+    dx   : (N, C) float32  accumulated += dout * mask
+    dout : (N, C) float32  read
+    """
+    _check_arrays([("dx", dx)], [("dout", dout)])
+    _run_dropout(DROP_ACCUMULATE, dx, dout, p, seed, step, layer, site, n_threads)
+
+
+def dropout_add_forward(resid, x, p, seed, step, layer, site, n_threads):
+    """The residual update resid = resid + dropout(x), in one pass.
+
+    resid : (N, C) float32  updated in place += x * mask (its gradient passes through unchanged)
+    x     : (N, C) float32  read (must not share memory with resid)
+    """
+    _check_arrays([("resid", resid)], [("x", x)])
+    _run_dropout(DROP_ACCUMULATE, resid, x, p, seed, step, layer, site, n_threads)

@@ -13,7 +13,7 @@ so there are no atomics and no shared reductions: every element is computed by o
 thread in an order set by the shapes alone, and results are bit-identical for any
 thread count. Each thread mallocs its scratch once per call (the pair's q, k, v and
 dy rows packed contiguously, plus dS in the backward); the loops themselves live in
-attention_impl.h.
+attention_impl.h and attention_body.h.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport abort, free, malloc
@@ -29,8 +29,36 @@ cdef extern from "attention_impl.h" nogil:
     void attention_backward_task(float* dqkv, const float* dout, const float* qkv,
                                  const float* att, float* scratch, Py_ssize_t task,
                                  Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH) noexcept
+    int attention_cpu_has_avx2() noexcept
+    int attention_select_isa(int avx2) noexcept
+    int attention_get_isa() noexcept
 
 __all__ = ["attention_forward", "attention_backward"]
+
+_ISAS = ("avx2", "baseline")
+
+
+def _available_isas():
+    """The vector paths this CPU runs, fastest first (for tests and benchmarks)."""
+    return list(_ISAS) if attention_cpu_has_avx2() else ["baseline"]
+
+
+def _get_isa():
+    """The vector path the kernels use now."""
+    return "avx2" if attention_get_isa() else "baseline"
+
+
+def _set_isa(name):
+    """Switch the vector path ("avx2" or "baseline"). Not thread-safe: call it only
+    while no attention kernel runs. The paths round differently (FMA), so a training
+    run must keep one."""
+    if name not in _ISAS:
+        raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
+    if attention_select_isa(name == "avx2") != 0:
+        raise ValueError(f"this CPU cannot run the {name!r} attention path")
+
+
+_set_isa(_available_isas()[0])
 
 
 cdef void _forward_body(float* out,             # OUT (B*T, C)

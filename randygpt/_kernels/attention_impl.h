@@ -2,18 +2,14 @@
  *
  * Dimensions: T time, C channels, NH heads, HS head size = C / NH.
  * qkv is (B*T, 3C) row-major: q at columns [0, C), k at [C, 2C), v at [2C, 3C); head h
- * owns columns h*HS .. (h+1)*HS of each third. One call handles one (b, h) pair and
+ * owns columns h*HS .. (h+1)*HS of each third. One task handles one (b, h) pair and
  * writes only that pair's slices, so the caller may run pairs on any threads.
  *
  * Every output element is a sum taken in a fixed order that depends on the shapes
- * alone, so results are bit-identical for any thread count. The loops are written
- * so that gcc -O3 vectorizes them without -ffast-math: dot products keep 8 partial
- * sums (lanes) added in a fixed tree, and weighted row sums run over j for each
- * output column, which is plain element-wise work across the head's columns.
- *
- * The task functions are cloned for x86-64-v3 (AVX2 + FMA) and baseline x86-64 and
- * the loader picks one per CPU. The two clones round differently (FMA), but a given
- * machine always runs the same one.
+ * alone, so results are bit-identical for any thread count. The vector loops live in
+ * attention_body.h, compiled twice: with AVX2 + FMA (8 floats per vector) and for the
+ * baseline (4 floats, SSE2 on x86-64). attention_select_isa picks one at import; the
+ * two round differently (FMA), so a run keeps the one it started with.
  */
 #ifndef RANDYGPT_ATTENTION_IMPL_H
 #define RANDYGPT_ATTENTION_IMPL_H
@@ -23,54 +19,87 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) \
-    && defined(__linux__)
-#define ATTN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ATTN_HAVE_AVX2 1
 #else
-#define ATTN_CLONES
+#define ATTN_HAVE_AVX2 0
 #endif
 
-#define ATTN_LANES 8
+/* Keys padded to a multiple of 32 columns: row_scores' widest block (4 vectors of 8)
+ * then never runs past a row of transposed keys or of scores. */
+static inline ptrdiff_t attn_tpad(ptrdiff_t T)
+{
+    return (T + 31) / 32 * 32;
+}
 
-/* Floats of per-thread scratch each task function needs. */
+/* Floats of per-thread scratch each task needs. */
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
-    return (size_t)(2 * T * HS);
+    const ptrdiff_t Tp = attn_tpad(T);
+    return (size_t)(HS * Tp + T * HS + Tp);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
-    return (size_t)(4 * T * HS + T * T + HS);
+    const ptrdiff_t Tp = attn_tpad(T);
+    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + HS);
 }
 
-/* sum_d a[d] * b[d] over 8 lanes, reduced in a fixed tree. */
-static inline float attn_dot(const float *restrict a, const float *restrict b, ptrdiff_t n)
+/* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
+static inline float attn_scale(ptrdiff_t HS)
 {
-    float acc[ATTN_LANES] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    ptrdiff_t d = 0;
-    for (; d + ATTN_LANES <= n; d += ATTN_LANES)
-        for (int l = 0; l < ATTN_LANES; ++l)
-            acc[l] += a[d + l] * b[d + l];
-    for (int l = 0; d < n; ++d, ++l)
-        acc[l] += a[d] * b[d];
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    return (float)(1.0 / sqrt((double)HS));
+}
+
+/* Copies HS columns of T rows (row stride ld) into dst, rows HS apart: the head's
+ * rows become one contiguous block that stays in L1 (rows 3C floats apart all fall
+ * into a few cache sets). */
+static inline void attn_pack(float *restrict dst, const float *restrict src, ptrdiff_t ld,
+                             ptrdiff_t T, ptrdiff_t HS)
+{
+    for (ptrdiff_t t = 0; t < T; ++t)
+        memcpy(dst + t * HS, src + t * ld, (size_t)HS * sizeof(float));
+}
+
+/* dst (HS, Tp) = the same rows transposed, columns T..Tp-1 zero. */
+static inline void attn_pack_transposed(float *restrict dst, const float *restrict src,
+                                        ptrdiff_t ld, ptrdiff_t T, ptrdiff_t HS, ptrdiff_t Tp)
+{
+    for (ptrdiff_t d = 0; d < HS; ++d)
+        memset(dst + d * Tp + T, 0, (size_t)(Tp - T) * sizeof(float));
+    for (ptrdiff_t t = 0; t < T; ++t)
+        for (ptrdiff_t d = 0; d < HS; ++d)
+            dst[d * Tp + t] = src[t * ld + d];
+}
+
+/* sum_j a[j] * b[j] in double over 4 lanes added in a fixed order. */
+static inline double attn_dot_double(const float *a, const float *b, ptrdiff_t n)
+{
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    ptrdiff_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int l = 0; l < 4; ++l)
+            acc[l] += (double)a[j + l] * (double)b[j + l];
+    for (int l = 0; j < n; ++j, ++l)
+        acc[l] += (double)a[j] * (double)b[j];
+    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
 /* max of x[0..n), n >= 1, over lanes. A NaN may be skipped here, but it still
  * reaches every probability of its row through x - max. */
 static inline float attn_max(const float *x, ptrdiff_t n)
 {
-    float m[ATTN_LANES];
-    for (int l = 0; l < ATTN_LANES; ++l)
+    float m[8];
+    for (int l = 0; l < 8; ++l)
         m[l] = x[0];
     ptrdiff_t j = 0;
-    for (; j + ATTN_LANES <= n; j += ATTN_LANES)
-        for (int l = 0; l < ATTN_LANES; ++l)
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l)
             m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
     for (int l = 0; j < n; ++j, ++l)
         m[l] = x[j] > m[l] ? x[j] : m[l];
     float r = m[0];
-    for (int l = 1; l < ATTN_LANES; ++l)
+    for (int l = 1; l < 8; ++l)
         r = m[l] > r ? m[l] : r;
     return r;
 }
@@ -81,11 +110,12 @@ static inline float attn_max(const float *x, ptrdiff_t n)
  * (relative error about 1e-7, within 2 ulp of the correctly rounded value) and
  * 2^n built from its exponent bits. Below -87 the true value is under FLT_MIN and
  * becomes 0: next to the row max's e^0 = 1 it is far below float resolution. NaN
- * stays NaN. */
+ * stays NaN (and never reaches the float-to-int conversion, where it would be
+ * undefined). */
 static inline float attn_exp_nonpos(float x)
 {
     const float lo = -87.0f;
-    const float xc = x < lo ? lo : x;
+    const float xc = x >= lo ? x : lo;
     /* Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a
      * floor call (safe: -fno-fast-math keeps the two operations). */
     const float shifter = 12582912.0f;
@@ -103,7 +133,7 @@ static inline float attn_exp_nonpos(float x)
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     const float e = p * two_n;
-    return x < lo ? 0.0f : e;
+    return x >= lo ? e : (x < lo ? 0.0f : x);
 }
 
 /* x[j] = e^(x[j] - m) in place; returns the sum of the new values, taken in double
@@ -123,162 +153,90 @@ static inline double attn_exp_sum(float *x, ptrdiff_t n, float m)
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
-/* y[d] = sum_{r = r0}^{r1 - 1} w[r * ws] * X[r * HS + d] for d in [0, HS), summed in r
- * order for every d. Blocks of 32 and 8 columns keep the partial sums in registers
- * across r; the blocking changes nothing in the arithmetic of an element. */
-static inline void attn_weighted_rows(float *restrict y, const float *restrict w, ptrdiff_t ws,
-                                      const float *restrict X, ptrdiff_t r0, ptrdiff_t r1,
-                                      ptrdiff_t HS)
+
+#define ATTN_FN(name) attn_base_##name
+#define ATTN_TARGET
+#if defined(__GNUC__)
+#define ATTN_VW 4
+#else
+#define ATTN_VW 1
+#endif
+#include "attention_body.h"
+#undef ATTN_FN
+#undef ATTN_TARGET
+#undef ATTN_VW
+
+#if ATTN_HAVE_AVX2
+#define ATTN_FN(name) attn_avx2_##name
+#define ATTN_TARGET __attribute__((target("avx2,fma")))
+#define ATTN_VW 8
+#include "attention_body.h"
+#undef ATTN_FN
+#undef ATTN_TARGET
+#undef ATTN_VW
+#endif
+
+/* 1: the AVX2 + FMA copy, 0: the baseline copy. Set once at import, before any task. */
+static int attn_isa_avx2 = 0;
+
+/* Whether this CPU runs the AVX2 + FMA copy. */
+static inline int attention_cpu_has_avx2(void)
 {
-    ptrdiff_t d = 0;
-    for (; d + 32 <= HS; d += 32) {
-        float acc[32];
-        for (int l = 0; l < 32; ++l)
-            acc[l] = 0.0f;
-        for (ptrdiff_t r = r0; r < r1; ++r) {
-            const float wr = w[r * ws];
-            const float *xr = X + r * HS + d;
-            for (int l = 0; l < 32; ++l)
-                acc[l] += wr * xr[l];
-        }
-        for (int l = 0; l < 32; ++l)
-            y[d + l] = acc[l];
-    }
-    for (; d + 8 <= HS; d += 8) {
-        float acc[8];
-        for (int l = 0; l < 8; ++l)
-            acc[l] = 0.0f;
-        for (ptrdiff_t r = r0; r < r1; ++r) {
-            const float wr = w[r * ws];
-            const float *xr = X + r * HS + d;
-            for (int l = 0; l < 8; ++l)
-                acc[l] += wr * xr[l];
-        }
-        for (int l = 0; l < 8; ++l)
-            y[d + l] = acc[l];
-    }
-    for (; d < HS; ++d) {
-        float acc = 0.0f;
-        for (ptrdiff_t r = r0; r < r1; ++r)
-            acc += w[r * ws] * X[r * HS + d];
-        y[d] = acc;
-    }
+#if ATTN_HAVE_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
 }
 
-/* Copies the HS columns at col of T rows (row stride ld) into dst, rows HS apart:
- * the head's rows of q, k, v or dy become one contiguous block that stays in L1
- * (rows 3C floats apart all fall into a few cache sets). */
-static inline void attn_pack(float *restrict dst, const float *restrict src, ptrdiff_t ld,
-                             ptrdiff_t T, ptrdiff_t HS)
+/* Chooses the copy (1 = AVX2 + FMA, 0 = baseline); returns 0 on success, -1 if this
+ * CPU cannot run the one asked for. */
+static inline int attention_select_isa(int avx2)
 {
-    for (ptrdiff_t t = 0; t < T; ++t)
-        memcpy(dst + t * HS, src + t * ld, (size_t)HS * sizeof(float));
+    if (avx2 && !attention_cpu_has_avx2())
+        return -1;
+    attn_isa_avx2 = avx2 ? 1 : 0;
+    return 0;
 }
 
-/* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
-static inline float attn_scale(ptrdiff_t HS)
+static inline int attention_get_isa(void)
 {
-    return (float)(1.0 / sqrt((double)HS));
+    return attn_isa_avx2;
 }
 
 /* Forward for pair task = b * NH + h.
- * out (B*T, C) written at columns h*HS..; att (B, NH, T, T) written;
- * scratch: attention_forward_scratch(T, HS) floats. */
-ATTN_CLONES
-static void attention_forward_task(float *restrict out, float *restrict att,
-                                   const float *restrict qkv, float *restrict scratch,
-                                   ptrdiff_t task, ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
+ * out (B*T, C) written at columns h*HS..; att (B, NH, T, T) written (zeros above the
+ * diagonal); qkv (B*T, 3C) read; scratch: attention_forward_scratch(T, HS) floats. */
+static inline void attention_forward_task(float *out, float *att, const float *qkv,
+                                          float *scratch, ptrdiff_t task, ptrdiff_t T,
+                                          ptrdiff_t C, ptrdiff_t NH)
 {
-    const ptrdiff_t b = task / NH, h = task % NH;
-    const ptrdiff_t HS = C / NH, ld = 3 * C;
-    const float scale = attn_scale(HS);
-    const float *base = qkv + b * T * ld + h * HS; /* q of row 0 of this pair */
-    float *kp = scratch;
-    float *vp = scratch + T * HS;
-    attn_pack(kp, base + C, ld, T, HS);
-    attn_pack(vp, base + 2 * C, ld, T, HS);
-    float *A = att + task * T * T;
-    for (ptrdiff_t i = 0; i < T; ++i) {
-        const float *qi = base + i * ld;
-        float *row = A + i * T;
-        /* Causal: only keys j <= i get a score; the rest of the row is exactly 0. */
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            row[j] = attn_dot(qi, kp + j * HS, HS) * scale;
-        for (ptrdiff_t j = i + 1; j < T; ++j)
-            row[j] = 0.0f;
-        /* Max subtraction keeps every exponent <= 0. */
-        const float m = attn_max(row, i + 1);
-        const float inv = (float)(1.0 / attn_exp_sum(row, i + 1, m));
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            row[j] *= inv;
-        /* y_i = sum_j P_ij v_j */
-        attn_weighted_rows(out + (b * T + i) * C + h * HS, row, 1, vp, 0, i + 1, HS);
+#if ATTN_HAVE_AVX2
+    if (attn_isa_avx2) {
+        attn_avx2_forward_task(out, att, qkv, scratch, task, T, C, NH);
+        return;
     }
+#endif
+    attn_base_forward_task(out, att, qkv, scratch, task, T, C, NH);
 }
 
 /* Backward for pair task = b * NH + h, accumulating into dqkv (B*T, 3C).
- * dout (B*T, C) and att (B, NH, T, T) as saved by the forward; att's entries above
- * the diagonal are never read. scratch: attention_backward_scratch(T, HS) floats.
- * Each gradient element is finished in scratch and added to dqkv once, so two
- * calls add exactly twice the gradient. */
-ATTN_CLONES
-static void attention_backward_task(float *restrict dqkv, const float *restrict dout,
-                                    const float *restrict qkv, const float *restrict att,
-                                    float *restrict scratch,
-                                    ptrdiff_t task, ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
+ * dout (B*T, C) read; att (B, NH, T, T) as saved by the forward, entries above the
+ * diagonal never read. scratch: attention_backward_scratch(T, HS) floats. Each
+ * gradient element is finished in scratch and added to dqkv once, so two calls add
+ * exactly twice the gradient. */
+static inline void attention_backward_task(float *dqkv, const float *dout, const float *qkv,
+                                           const float *att, float *scratch, ptrdiff_t task,
+                                           ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
 {
-    const ptrdiff_t b = task / NH, h = task % NH;
-    const ptrdiff_t HS = C / NH, ld = 3 * C;
-    const float scale = attn_scale(HS);
-    const float *base = qkv + b * T * ld + h * HS;
-    float *gbase = dqkv + b * T * ld + h * HS;
-    float *qp = scratch;
-    float *kp = qp + T * HS;
-    float *vp = kp + T * HS;
-    float *dyp = vp + T * HS;
-    float *ds = dyp + T * HS;  /* (T, T), lower triangle used */
-    float *tmp = ds + T * T;   /* (HS,) */
-    attn_pack(qp, base, ld, T, HS);
-    attn_pack(kp, base + C, ld, T, HS);
-    attn_pack(vp, base + 2 * C, ld, T, HS);
-    attn_pack(dyp, dout + b * T * C + h * HS, C, T, HS);
-    const float *A = att + task * T * T;
-    for (ptrdiff_t i = 0; i < T; ++i) {
-        const float *p = A + i * T;
-        float *dsi = ds + i * T;
-        /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j */
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            dsi[j] = attn_dot(dyp + i * HS, vp + j * HS, HS);
-        /* P_i = softmax(S_i)  =>  dS_ij = P_ij (dP_ij - D_i), D_i = sum_j P_ij dP_ij;
-         * D_i in double over lanes, like the softmax sum. */
-        double acc[4] = {0.0, 0.0, 0.0, 0.0};
-        ptrdiff_t j = 0;
-        for (; j + 4 <= i + 1; j += 4)
-            for (int l = 0; l < 4; ++l)
-                acc[l] += (double)p[j + l] * (double)dsi[j + l];
-        for (int l = 0; j <= i; ++j, ++l)
-            acc[l] += (double)p[j] * (double)dsi[j];
-        const float D = (float)((acc[0] + acc[2]) + (acc[1] + acc[3]));
-        for (j = 0; j <= i; ++j)
-            dsi[j] = p[j] * (dsi[j] - D);
-        /* S_ij = q_i . k_j * scale  =>  dq_i = scale * sum_j dS_ij k_j */
-        attn_weighted_rows(tmp, dsi, 1, kp, 0, i + 1, HS);
-        float *dq = gbase + i * ld;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dq[d] += tmp[d] * scale;
+#if ATTN_HAVE_AVX2
+    if (attn_isa_avx2) {
+        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH);
+        return;
     }
-    for (ptrdiff_t j = 0; j < T; ++j) {
-        /* dk_j = scale * sum_{i >= j} dS_ij q_i */
-        attn_weighted_rows(tmp, ds + j, T, qp, j, T, HS);
-        float *dk = gbase + j * ld + C;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dk[d] += tmp[d] * scale;
-        /* dv_j = sum_{i >= j} P_ij dy_i */
-        attn_weighted_rows(tmp, A + j, T, dyp, j, T, HS);
-        float *dv = gbase + j * ld + 2 * C;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dv[d] += tmp[d];
-    }
+#endif
+    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH);
 }
 
 #endif /* RANDYGPT_ATTENTION_IMPL_H */

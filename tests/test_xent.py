@@ -114,6 +114,21 @@ def test_large_logits_stay_finite(rng):
     np.testing.assert_allclose(dlogits.sum(axis=1), 0.0, atol=1e-6)
 
 
+def test_softmax_accurate_over_the_whole_exponent_range():
+    # The kernel's own exp() is used for z - max anywhere in [-80, 0]; every probability, not
+    # just the large ones, must keep float32 relative accuracy (atol 0 on purpose).
+    V = 1001
+    logits = np.linspace(-80.0, 0.0, V, dtype=np.float32)[None, :]
+    targets = np.array([V - 1], np.int32)
+    dlogits = np.empty_like(logits)
+    xent.cross_entropy_forward_backward(dlogits, logits, targets, 1)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert_close(dlogits[0, :-1], p[0, :-1], rtol=2e-6, atol=0, name="softmax")
+    assert_close(dlogits[0, -1], p[0, -1] - 1, rtol=1e-5, atol=1e-7, name="target entry")
+    assert np.all(dlogits[0, :-1] > 0)
+
+
 def test_deterministic_across_threads(rng):
     N, V = 37, 67
     logits, targets = make_case(rng, N, V)

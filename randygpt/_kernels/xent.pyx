@@ -83,9 +83,17 @@ cdef extern from *:
                 for (k = 0; k < 8; k++) acc[k] += (double)e[j + k];
             for (k = 0; j < V; j++, k++) acc[k] += (double)e[j];
         } else {
-            for (j = 0; j + 8 <= V; j += 8)
-                for (k = 0; k < 8; k++) acc[k] += (double)randygpt_exp_nonpos(z[j + k] - mx);
-            for (k = 0; j < V; j++, k++) acc[k] += (double)randygpt_exp_nonpos(z[j] - mx);
+            /* Exponentials go through a small stack block: gcc vectorizes a plain exp loop,
+               not one fused with the float-to-double lane sums. */
+            float blk[64];
+            Py_ssize_t j0, n, i;
+            for (j0 = 0; j0 < V; j0 += 64) {
+                n = V - j0 < 64 ? V - j0 : 64;
+                for (i = 0; i < n; i++) blk[i] = randygpt_exp_nonpos(z[j0 + i] - mx);
+                for (i = 0; i + 8 <= n; i += 8)
+                    for (k = 0; k < 8; k++) acc[k] += (double)blk[i + k];
+                for (k = 0; i < n; i++, k++) acc[k] += (double)blk[i];
+            }
         }
         return randygpt_lanes_total(acc);
     }

@@ -5,6 +5,7 @@ Bad input ends with one line on stderr, ``randygpt: error: ...``, and exit code 
 SIGTERM during training ends with a short summary and exit code 130 (143 for SIGTERM).
 """
 import argparse
+import shlex
 import sys
 
 __all__ = ["main", "build_parser", "parse_train_args", "UsageError", "SUBCOMMANDS"]
@@ -114,7 +115,7 @@ def build_parser():
     epilog_lines += [f"  {PROG} {name:<7} {what}" for name, (_, what) in SUBCOMMANDS.items()]
     epilog_lines += ["", "examples:", f"  {PROG} 5000", f"  {PROG} 200 --n-layer 2 --n-embd 64 --data my.txt",
                      f"  {PROG} 8000 --resume runs/20250101-120000/ckpt.npz",
-                     f"  {PROG} sample runs/20250101-120000/ckpt.npz --prompt 'ROMEO:'"]
+                     f"  {PROG} sample --checkpoint runs/20250101-120000/ckpt.npz --prompt 'ROMEO:'"]
     p = _Parser(
         prog=PROG,
         description="Train a small character-level GPT from scratch on the CPU.\n"
@@ -224,13 +225,21 @@ def _train(argv):
         return _error(e)
     except KeyboardInterrupt:
         return EXIT_SIGINT
+    if result.diverged:
+        # Not a usage mistake (exit 2) but a failed run.
+        _error(f"the loss became non-finite at iteration {result.diverged}; "
+               f"last checkpoint: {result.checkpoint or 'none'} (try a lower --lr)")
+        return 1
     if result.interrupted:
         last = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
         print(f"\nInterrupted ({result.interrupted}) after iteration {result.step}/{result.iters}: "
               f"{len(result.losses)} iterations this session, last loss {last}. "
               f"Checkpoint: {result.checkpoint}", flush=True)
         if result.step < result.iters:
-            print(f"Continue with: {PROG} {result.iters} --resume {result.checkpoint}", flush=True)
+            again = [PROG, str(result.iters), "--resume", str(result.checkpoint)]
+            if options.data_path is not None:
+                again += ["--data", options.data_path]
+            print(f"Continue with: {shlex.join(again)}", flush=True)
         return EXIT_SIGTERM if result.interrupted == "SIGTERM" else EXIT_SIGINT
     return 0
 

@@ -90,6 +90,7 @@ class RunResult:
     best_val: float
     interrupted: str = None         # None, "SIGINT" or "SIGTERM"
     samples: dict = None            # prompt -> generated text
+    diverged: int = None            # iteration whose loss was not finite (training stopped there)
 
     @property
     def last_loss(self):
@@ -368,7 +369,11 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
         print(f"randygpt: warning: {source.warning}", file=err, flush=True)
     log.line("randygpt " + ("resuming " + str(opts.resume) + f" at iteration {start}"
                             if resumed is not None else "training from scratch"))
-    log.line("Config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()))
+    fields = config.to_dict()
+    model_keys = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout", "norm",
+                  "norm_eps")
+    log.line("Model: " + " ".join(f"{k}={fields[k]}" for k in model_keys if k in fields))
+    log.line("Training: " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in model_keys))
     log.line(f"Parameters: {model.num_params:,}")
     log.line(f"Data: {source.description}; train {len(dataset.train):,} / val {len(dataset.val):,} "
              f"tokens; vocab {tokenizer.vocab_size}")
@@ -395,6 +400,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     saved = None
     last_val = math.nan
     final_estimate = None
+    diverged = None  # the iteration whose loss was not finite
 
     def evaluate():
         # A fresh generator each time: every evaluation scores the same batches, so changes
@@ -429,17 +435,21 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                 lr = lr_at(it, opts.iters, config)
                 x, y = dataset.get_batch("train", B, batch_rng)
                 loss = model.forward(x, y, step=it)
+                if not math.isfinite(loss):
+                    # Stop before the update: the weights stay finite and the last checkpoint
+                    # written stays the one to go back to.
+                    diverged = it + 1
+                    log.line(f"Iter {it + 1}: the loss is {loss}; stopping without saving "
+                             "(try a lower --lr)")
+                    break
                 model.backward()
                 norm = optimizer.grad_norm()
-                scale = clip_scale(norm, config.grad_clip) if config.grad_clip > 0 else 1.0
+                scale = clip_scale(norm, config.grad_clip)
                 optimizer.step(lr, grad_scale=scale)
                 step = it + 1
                 train_time += time.perf_counter() - t0
                 losses.append(loss)
                 loss_sum += loss
-                if not math.isfinite(loss):
-                    log.line(f"Iter {step}: loss is {loss}; stopping (try a lower --lr)")
-                    break
 
                 evaluated = opts.eval_every > 0 and step % opts.eval_every == 0 and step < end
                 if evaluated:
@@ -465,10 +475,11 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                     save(step)
             log.end_progress()
             interrupted = stop.signal_name
-            if interrupted is None and step == end and losses and math.isfinite(losses[-1]):
-                final_estimate = evaluate()
-                best_val = min(best_val, final_estimate["val"])
-            save(step)
+            if diverged is None:
+                if interrupted is None and step == end:
+                    final_estimate = evaluate()
+                    best_val = min(best_val, final_estimate["val"])
+                save(step)
     except KeyboardInterrupt:
         # A second Ctrl-C inside a step: the state may be half-updated, so nothing is saved.
         log.end_progress()
@@ -482,8 +493,8 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
 
     result = RunResult(out_dir=out_dir, checkpoint=saved, step=step, iters=opts.iters,
                        losses=losses, first_estimate=first_estimate, final_estimate=final_estimate,
-                       best_val=best_val, interrupted=interrupted)
-    if interrupted:
+                       best_val=best_val, interrupted=interrupted, diverged=diverged)
+    if interrupted or diverged:
         return result
     if final_estimate is not None:
         log.line(f"Final loss estimate: train {final_estimate['train']:.4f} | "

@@ -46,6 +46,9 @@ def text_path(tmp_path):
 
 def _run(out_dir, iters, text_path, stdout=None, **kw):
     overrides = dict(TINY, **kw.pop("overrides", {}))
+    # One thread unless a test asks: on a busy machine a 2-thread team on a tiny model spends
+    # its time waiting at barriers.
+    kw.setdefault("n_threads", 1)
     opts = RunOptions(iters=iters, data_path=str(text_path), out_dir=str(out_dir), eval_iters=2,
                       sample=False, overrides=overrides, **kw)
     return train.run(None, opts, stdout=stdout or io.StringIO(), stderr=io.StringIO())
@@ -56,7 +59,7 @@ def _params(ckpt_path):
 
 
 def test_end_to_end_cli_run_writes_log_metrics_and_checkpoint(tmp_path, text_path, capsys):
-    code = cli.main(["25", *TINY_FLAGS, "--data", str(text_path), "--out", "run", "--eval-every",
+    code = cli.main(["25", *TINY_FLAGS, "--threads", "1", "--data", str(text_path), "--out", "run", "--eval-every",
                      "10", "--log-every", "5", "--eval-iters", "2", "--sample-tokens", "12"])
     out = capsys.readouterr().out
     assert code == 0
@@ -120,7 +123,7 @@ def test_resume_after_stop_is_exact(tmp_path, text_path):
     assert part.step == 12 and len(part.losses) == 12 and part.interrupted is None
     assert checkpoint.load(part.checkpoint).step == 12
     rest = train.run(None, RunOptions(iters=30, data_path=str(text_path), resume=str(part.checkpoint),
-                                      eval_iters=2, eval_every=7, save_every=0, sample=False),
+                                      n_threads=1, eval_iters=2, eval_every=7, save_every=0, sample=False),
                      stdout=io.StringIO())
     assert rest.out_dir.resolve() == (tmp_path / "part").resolve()
     assert rest.step == 30
@@ -146,7 +149,8 @@ def test_resume_rejects_changed_settings_and_finished_runs(tmp_path, text_path):
                   stdout=io.StringIO())
     # Unchanged values are fine to repeat.
     train.run(None, RunOptions(iters=6, data_path=str(text_path), resume=str(part.checkpoint),
-                               overrides={"n_embd": 16}, eval_iters=1, sample=False),
+                               overrides={"n_embd": 16}, eval_iters=1, sample=False,
+                               n_threads=1),
               stdout=io.StringIO())
     # Text with characters the checkpoint's vocabulary lacks is refused with a clear message.
     other = tmp_path / "other.txt"
@@ -178,7 +182,7 @@ def test_signal_saves_a_consistent_checkpoint_and_resumes_exactly(tmp_path, text
     assert checkpoint.load(cut.checkpoint).step == 8
     assert "Final loss" not in out.getvalue()
     rest = train.run(None, RunOptions(iters=20, data_path=str(text_path), resume=str(cut.checkpoint),
-                                      eval_iters=2, eval_every=0, save_every=0, sample=False),
+                                      n_threads=1, eval_iters=2, eval_every=0, save_every=0, sample=False),
                      stdout=io.StringIO())
     assert cut.losses + rest.losses == full.losses
     assert_bitwise_equal(_params(rest.checkpoint), _params(full.checkpoint), name="params")
@@ -199,9 +203,34 @@ def test_periodic_checkpoints(tmp_path, text_path, monkeypatch):
     assert saved == [10, 20, 25]
 
 
+def test_divergence_stops_before_the_update(tmp_path, text_path, capsys):
+    res = _run(tmp_path / "d", 10, text_path, eval_every=0, save_every=0,
+               overrides={"lr": 1e30, "warmup_iters": 0})
+    assert res.diverged is not None and res.step == res.diverged - 1
+    assert len(res.losses) == res.step and res.checkpoint is None
+    code = cli.main(["10", *TINY_FLAGS, "--data", str(text_path), "--lr", "1e30",
+                     "--warmup-iters", "0", "--out", "d2", "--eval-iters", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite" in err and "Traceback" not in err
+
+
+def test_progress_line_redrawn_on_a_terminal(tmp_path, text_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    _run(tmp_path / "tty", 12, text_path, stdout=out, eval_every=6, log_every=2)
+    text = out.getvalue()
+    assert "\rIter 2/12 |" in text and "\rIter 4/12 |" in text
+    # Lines at an evaluation are kept; the ones between are overwritten.
+    kept = [line for line in text.split("\n") if "Iter " in line]
+    assert [seg.rsplit("\r", 1)[-1].split(" |")[0] for seg in kept] == ["Iter 6/12", "Iter 12/12"]
+
+
 def test_builtin_fallback_warns(tmp_path):
     err = io.StringIO()
-    opts = RunOptions(iters=2, out_dir=str(tmp_path / "b"), eval_iters=1, sample=False,
+    opts = RunOptions(iters=2, out_dir=str(tmp_path / "b"), eval_iters=1, sample=False, n_threads=1,
                       data_url=NO_NETWORK_URL, overrides=dict(TINY))
     out = io.StringIO()
     train.run(None, opts, stdout=out, stderr=err)
@@ -213,7 +242,7 @@ def test_ctrl_c_in_subprocess_exits_130_with_summary(tmp_path, text_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), RANDYGPT_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-u", "-m", "randygpt", "1000000", *TINY_FLAGS,
                              "--data", str(text_path), "--out", "sig", "--eval-iters", "1",
-                             "--log-every", "1"],
+                             "--log-every", "1", "--threads", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

@@ -334,15 +334,25 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     if tokenizer is None:
         tokenizer = CharTokenizer.from_text(source.text)
         config = _build_config({}, vocab_size=tokenizer.vocab_size, base=config)
-    dataset = Dataset(source.text, tokenizer, config.block_size)
+    try:
+        dataset = Dataset(source.text, tokenizer, config.block_size)
+    except DataError as e:
+        if resumed is None or "data" not in resumed.extra:
+            raise
+        raise DataError(f"{e} (the checkpoint was trained on {resumed.extra['data']}; pass that "
+                        "text with --data)") from None
 
     # Imported only now so that bad input is reported before the kernels load.
     from .model import GPT
     from .optim import AdamW, clip_scale, lr_at
 
     n_threads = effective_n_threads(opts.n_threads)
-    model = GPT(config, seed=config.seed, n_threads=n_threads)
-    optimizer = AdamW(model, config, n_threads=n_threads)
+    try:
+        model = GPT(config, seed=config.seed, n_threads=n_threads)
+        optimizer = AdamW(model, config, n_threads=n_threads)
+    except MemoryError:
+        raise TrainError("not enough memory for this model and batch size; choose smaller "
+                         "--n-embd, --n-layer or --batch-size") from None
     batch_rng = np.random.default_rng([config.seed, _BATCH_STREAM])
     best_val = math.inf
     if resumed is not None:

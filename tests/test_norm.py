@@ -239,7 +239,7 @@ def _ln_bwd_args(rng, N=4, C=6):
     (dict(x="list"), TypeError, "x must be a numpy.ndarray"),
     (dict(x="no_columns"), ValueError, "x must have at least one column"),
     (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
-    (dict(eps="a"), TypeError, "eps must be a real number"),
+    (dict(eps="1e-5"), TypeError, "eps must be a real number"),
     (dict(n_threads=0), ValueError, "n_threads must be >= 1"),
     (dict(n_threads=2.0), TypeError, "n_threads must be an int"),
 ])

@@ -26,6 +26,8 @@ backward instead of stored, identical for any thread count or schedule. The top 
 compared so that p is resolved to 2**-24. p == 0 gives threshold 0 and scale 1: the identity.
 _ref_activation.py computes the same bits with NumPy uint64 arrays.
 """
+import numbers
+
 import numpy as np
 
 from cython.parallel cimport prange
@@ -96,12 +98,9 @@ def _check_counter(name, v):
 
 
 def _check_p(p):
-    if isinstance(p, bool):
-        raise TypeError("p must be a real number, got bool")
-    try:
-        q = float(p)
-    except (TypeError, ValueError):
-        raise TypeError(f"p must be a real number, got {type(p).__name__}") from None
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number, got {type(p).__name__}")
+    q = float(p)
     if not 0.0 <= q < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p!r}")
     return q

@@ -12,6 +12,8 @@ chunks set by N alone (LN_ROW_CHUNKS, fewer if N is smaller); each chunk sums in
 double partial, and the partials are added serially in chunk order. Threads take whole chunks,
 so dweight/dbias are bit-identical for any n_threads.
 """
+import numbers
+
 import numpy as np
 
 from cython.parallel cimport prange
@@ -74,10 +76,9 @@ def _check_threads(n_threads):
 
 
 def _check_eps(eps):
-    try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}") from None
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    e = float(eps)
     if not (0.0 <= e < float("inf")):
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     return e

@@ -50,9 +50,10 @@ Give it these lines and it will learn these lines, and little more.
 Once upon a time, to be or not to be: the small machine keeps asking.
 """
 
-TextSource = namedtuple("TextSource", ["text", "description", "warning"])
+TextSource = namedtuple("TextSource", ["text", "description", "warning", "path"])
 TextSource.__doc__ = """The chosen training text, a one-line description of where it came from,
-and a warning for the user (None when there is nothing to warn about)."""
+a warning for the user (None when there is nothing to warn about), and the absolute path of the
+file it was read from (None for the built-in sample)."""
 
 
 class DataError(ValueError):
@@ -150,7 +151,7 @@ def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
 
 
 def resolve_source(data_path=None, cache_dir=None, *, cwd=None, url=SHAKESPEARE_URL, timeout=10.0):
-    """Choose the training text. Returns TextSource(text, description, warning).
+    """Choose the training text. Returns TextSource(text, description, warning, path).
 
     An explicit ``data_path`` or an existing ``./train.txt`` must be valid (DataError otherwise):
     the user asked for it, so silently training on something else would be wrong. Only the
@@ -158,20 +159,23 @@ def resolve_source(data_path=None, cache_dir=None, *, cwd=None, url=SHAKESPEARE_
     """
     if data_path is not None:
         text = load_text(data_path)
-        return TextSource(text, f"{data_path} ({len(text):,} characters)", None)
+        return TextSource(text, f"{data_path} ({len(text):,} characters)", None,
+                          str(Path(data_path).resolve()))
     local = Path.cwd() / "train.txt" if cwd is None else Path(cwd) / "train.txt"
     if local.exists():
         text = load_text(local)
-        return TextSource(text, f"./train.txt ({len(text):,} characters)", None)
+        return TextSource(text, f"./train.txt ({len(text):,} characters)", None, str(local.resolve()))
     try:
         path = download_shakespeare(cache_dir, url=url, timeout=timeout)
         text = load_text(path)
-        return TextSource(text, f"Tiny Shakespeare, cached at {path} ({len(text):,} characters)", None)
+        return TextSource(text, f"Tiny Shakespeare, cached at {path} ({len(text):,} characters)",
+                          None, str(Path(path).resolve()))
     except DataError as e:
         warning = (f"{e}. Falling back to a tiny built-in sample ({len(BUILTIN_TEXT):,} characters): "
                    "the model will only memorise it and results will be poor. "
                    "Pass your own text with --data PATH (or put it in ./train.txt).")
-        return TextSource(BUILTIN_TEXT, f"built-in sample ({len(BUILTIN_TEXT):,} characters)", warning)
+        return TextSource(BUILTIN_TEXT, f"built-in sample ({len(BUILTIN_TEXT):,} characters)",
+                          warning, None)
 
 
 def resolve_text(data_path=None, cache_dir=None, **kw):

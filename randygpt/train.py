@@ -265,19 +265,13 @@ def _build_config(overrides, vocab_size=None, base=None):
         raise TrainError(f"invalid configuration: {e}") from None
 
 
-def _write_plot(metrics_path, out_dir, log):
+def _write_plot(out_dir, log):
+    from .plot import PlotError, plot_run
     try:
-        from . import plot
-    except ModuleNotFoundError as e:
-        if e.name != "randygpt.plot":
-            raise
-        log.line("note: randygpt.plot is not available; no plot written")
-        return
-    code = plot.main([str(metrics_path), "--out", str(out_dir / "loss.png")])
-    if code:
-        log.line(f"note: plotting failed (exit code {code})")
-    else:
-        log.line(f"Plot: {out_dir / 'loss.png'}")
+        log.line(f"Plot: {plot_run(out_dir)}")
+    except (PlotError, OSError) as e:
+        # The run itself succeeded; a missing matplotlib must not turn it into a failure.
+        log.line(f"note: no plot written: {e}")
 
 
 def run(config=None, options=None, *, stdout=None, stderr=None):
@@ -337,10 +331,11 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     try:
         dataset = Dataset(source.text, tokenizer, config.block_size)
     except DataError as e:
-        if resumed is None or "data" not in resumed.extra:
+        trained_on = resumed.extra.get("data") if resumed is not None else None
+        if not isinstance(trained_on, dict) or not trained_on.get("description"):
             raise
-        raise DataError(f"{e} (the checkpoint was trained on {resumed.extra['data']}; pass that "
-                        "text with --data)") from None
+        raise DataError(f"{e} (the checkpoint was trained on {trained_on['description']}; pass "
+                        "that text with --data)") from None
 
     # Imported only now so that bad input is reported before the kernels load.
     from .model import GPT
@@ -419,8 +414,10 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
 
     def save(step):
         nonlocal saved
+        # "data" tells `randygpt eval` which text to score by default.
         extra = {"iters": opts.iters, "best_val": best_val if math.isfinite(best_val) else None,
-                 "data": source.description, "last_loss": losses[-1] if losses else None}
+                 "data": {"path": source.path, "description": source.description},
+                 "last_loss": losses[-1] if losses else None}
         ckpt_mod.save(ckpt_path, model=model, optimizer=optimizer, tokenizer=tokenizer, step=step,
                       rng_state=batch_rng.bit_generator.state, extra=extra)
         saved = ckpt_path
@@ -513,7 +510,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     if opts.sample and opts.sample_tokens > 0 and step == opts.iters:
         result.samples = _print_samples(model, tokenizer, config, opts, log)
     if opts.plot:
-        _write_plot(metrics_path, out_dir, log)
+        _write_plot(out_dir, log)
     return result
 
 

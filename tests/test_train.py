@@ -92,6 +92,29 @@ def test_end_to_end_cli_run_writes_log_metrics_and_checkpoint(tmp_path, text_pat
     assert ck.rng_state is not None and ck.extra["iters"] == 25
 
 
+def test_run_feeds_the_plot_eval_and_sample_commands(tmp_path, text_path, capsys):
+    code = cli.main(["6", *TINY_FLAGS, "--threads", "1", "--data", str(text_path), "--out", "run",
+                     "--eval-iters", "1", "--no-sample", "--plot"])
+    out = capsys.readouterr().out
+    assert code == 0
+    try:
+        import matplotlib  # noqa: F401
+        has_matplotlib = True
+    except ImportError:
+        has_matplotlib = False
+    if has_matplotlib:
+        assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    else:
+        assert "no plot written" in out
+    ckpt = str(tmp_path / "run" / "ckpt.npz")
+    # eval finds the training text through the checkpoint's record of it.
+    assert cli.main(["eval", "--checkpoint", ckpt, "--threads", "1"]) == 0
+    assert cli.main(["sample", "--checkpoint", ckpt, "--prompt", "the", "--max-new-tokens", "5",
+                     "--seed", "1"]) == 0
+    assert cli.main(["plot", str(tmp_path / "run")]) == (0 if has_matplotlib else 2)
+    capsys.readouterr()
+
+
 def test_loss_decreases_on_repetitive_text(tmp_path):
     p = tmp_path / "rep.txt"
     p.write_text("hello world, hello moon. " * 80)

@@ -235,11 +235,12 @@ def _train(argv):
         print(f"\nInterrupted ({result.interrupted}) after iteration {result.step}/{result.iters}: "
               f"{len(result.losses)} iterations this session, last loss {last}. "
               f"Checkpoint: {result.checkpoint}", flush=True)
-        if result.step < result.iters:
-            again = [PROG, str(result.iters), "--resume", str(result.checkpoint)]
-            if options.data_path is not None:
-                again += ["--data", options.data_path]
-            print(f"Continue with: {shlex.join(again)}", flush=True)
+    if result.step < result.iters:
+        again = [PROG, str(result.iters), "--resume", str(result.checkpoint)]
+        if options.data_path is not None:
+            again += ["--data", options.data_path]
+        print(f"Continue with: {shlex.join(again)}", flush=True)
+    if result.interrupted:
         return EXIT_SIGTERM if result.interrupted == "SIGTERM" else EXIT_SIGINT
     return 0
 

@@ -115,6 +115,19 @@ def test_run_feeds_the_plot_eval_and_sample_commands(tmp_path, text_path, capsys
     capsys.readouterr()
 
 
+def test_stop_at_prints_how_to_continue(tmp_path, text_path, capsys):
+    argv = ["9", *TINY_FLAGS, "--threads", "1", "--data", str(text_path), "--out", "run",
+            "--eval-iters", "1", "--stop-at", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"Continue with: randygpt 9 --resume {Path('run') / 'ckpt.npz'} --data {text_path}" in out
+    assert checkpoint.load(tmp_path / "run" / "ckpt.npz").step == 4
+    assert cli.main(["9", "--threads", "1", "--resume", "run/ckpt.npz", "--data", str(text_path),
+                     "--eval-iters", "1", "--no-sample"]) == 0
+    assert "Continue with" not in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / "run" / "ckpt.npz").step == 9
+
+
 def test_loss_decreases_on_repetitive_text(tmp_path):
     p = tmp_path / "rep.txt"
     p.write_text("hello world, hello moon. " * 80)

@@ -458,9 +458,9 @@ def compare(ours, ref, rtol=1e-4):
     bad = ~(err <= atol + rtol * np.abs(ref))
     if not bad.any():
         return None
-    i = np.unravel_index(np.argmax(np.where(bad, err, -1.0)), err.shape)
+    i = tuple(int(k) for k in np.unravel_index(np.argmax(np.where(bad, err, -1.0)), err.shape))
     return (f"{int(bad.sum())} of {err.size} values differ, max abs diff {np.nanmax(err):.3e}, "
-            f"worst at {i}: {ours[i]!r} vs {ref[i]!r}")
+            f"worst at {i}: {float(ours[i]):.6g} vs reference {float(ref[i]):.6g}")
 
 
 def check(trial):

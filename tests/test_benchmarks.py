@@ -1,0 +1,168 @@
+"""Smoke tests of the benchmark scripts on their tiny --quick setting: they run, print their
+table or valid JSON, and report a wrong kernel as FAIL with a non-zero exit status.
+Kernel families that are not built are skipped (by the script, or here when it needs all)."""
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import randygpt
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
+
+
+def built_families():
+    built = []
+    for family in FAMILIES:
+        try:
+            importlib.import_module(f"randygpt._kernels.{family}")
+        except ImportError:
+            continue
+        built.append(family)
+    return built
+
+
+def run_script(name, *args, timeout=60):
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / name), *args], capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bench_kernels():
+    if not built_families():
+        pytest.skip("no kernel family is built")
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("bench_kernels")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def need_model():
+    missing = [f for f in FAMILIES if f not in built_families()]
+    if missing:
+        pytest.skip(f"the model needs every kernel family; not built: {', '.join(missing)}")
+
+
+def test_bench_kernels_json(bench_kernels):
+    proc = run_script("bench_kernels.py", "--quick", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True
+    assert doc["machine"]["threads"] == 1
+    assert set(doc["skipped"]) == set(FAMILIES) - set(built_families())
+    assert {r["family"] for r in doc["results"]} == set(built_families())
+    for r in doc["results"]:
+        assert r["status"] in ("PASS", "MISS", "-"), r
+        assert r["ours_ms"] > 0 and r["ref_ms"] > 0 and r["speedup"] > 0, r
+        assert r["shape"]
+    gemms = [r for r in doc["results"] if r["gemm"]]
+    if gemms:
+        # fwd, dX and dW of qkv, wo, fc1, fc2 and lm_head, each against NumPy's @.
+        assert len(gemms) == 15
+        assert all(r["vs_numpy_matmul"] > 0 for r in gemms)
+    assert doc["scaling"] is None  # one thread: nothing to scale
+
+
+def test_bench_kernels_table_and_scaling(bench_kernels):
+    if "matmul" not in built_families() or randygpt._kernels.usable_cpus() < 2 \
+            or not randygpt.openmp_enabled():
+        pytest.skip("thread scaling needs the matmul kernels, OpenMP and 2 CPUs")
+    proc = run_script("bench_kernels.py", "--quick", "--threads", "2", "--only", "matmul")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    for needle in ("CPU", "OpenMP on", "NumPy", "OPENBLAS_CORETYPE", "load average",
+                   "matmul qkv", "NT 16x32x96", "vs @", "matmul 1->2 thread scaling"):
+        assert needle in out, f"{needle!r} missing from:\n{out}"
+
+
+def test_bench_kernels_rejects_unknown_kernel():
+    proc = run_script("bench_kernels.py", "--quick", "--only", "no_such_kernel")
+    assert proc.returncode == 2
+    assert "no_such_kernel" in proc.stderr
+
+
+def test_bench_kernels_reports_a_wrong_kernel(bench_kernels, monkeypatch, capsys):
+    if "norm" not in built_families():
+        pytest.skip("norm kernels not built")
+    norm = importlib.import_module("randygpt._kernels.norm")
+    real = norm.rmsnorm_forward
+
+    def off_by_a_bit(out, rstd, x, eps, n_threads):
+        real(out, rstd, x, eps, n_threads)
+        out[0, 0] += 1.0
+
+    monkeypatch.setattr(norm, "rmsnorm_forward", off_by_a_bit)
+    status = bench_kernels.main(["--quick", "--threads", "1", "--only", "rmsnorm", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 1 and doc["ok"] is False
+    statuses = {r["direction"]: r for r in doc["results"]}
+    assert statuses["fwd"]["status"] == "FAIL" and "(0, 0)" in statuses["fwd"]["error"]
+    assert statuses["fwd"]["ours_ms"] is None  # a wrong kernel is not timed
+    assert statuses["bwd"]["status"] != "FAIL"  # the others still run
+    status = bench_kernels.main(["--quick", "--threads", "1", "--only", "rmsnorm"])
+    assert status == 1 and "FAIL rmsnorm fwd" in capsys.readouterr().out
+
+
+def test_bench_kernels_compare_reports_worst_element(bench_kernels):
+    ref = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert bench_kernels.compare(ref.copy(), ref) is None
+    bad = ref.copy()
+    bad[1, 2] += 0.5
+    assert "(1, 2)" in bench_kernels.compare(bad, ref)
+
+
+def test_bench_train_json():
+    need_model()
+    # PyTorch only when it is installed: its import alone takes seconds.
+    with_torch = importlib.util.find_spec("torch") is not None
+    proc = run_script("bench_train.py", "--quick", "--threads", "1", "--json",
+                      *([] if with_torch else ["--no-torch"]))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    (run,) = doc["runs"]
+    ours = run["ours"]
+    if with_torch:
+        torch_run = run["torch"]
+        assert "error" not in torch_run, torch_run
+        # Same model: the same parameter count, and a first loss near ln(vocab).
+        assert torch_run["num_params"] == ours["num_params"]
+        assert abs(torch_run["loss"] - np.log(doc["config"]["vocab_size"])) < 0.5
+        assert torch_run["step_ms"] > 0 and torch_run["peak_rss_mb"] > 0
+        assert run["speed_vs_torch"] > 0
+    assert ours["threads"] == 1 and ours["step_ms"] > 0 and ours["peak_rss_mb"] > 0
+    assert np.isfinite(ours["loss"])
+    assert ours["tokens_per_s"] > 0 and 0 < ours["share_of_numpy_gemm"]
+    assert run["numpy_gemm"]["gemm_ms"] > 0
+    assert doc["gemm_gflop_per_step"] > 0
+
+
+def test_bench_train_profile_table():
+    need_model()
+    proc = run_script("bench_train.py", "--quick", "--no-torch", "--threads", "1", "--profile")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    for needle in ("ms/step", "tok/s", "% of NumPy @", "peak RSS MB", "where our step's time goes",
+                   "matmul_backward", "adamw_step", "outside kernels"):
+        assert needle in out, f"{needle!r} missing from:\n{out}"
+
+
+def test_bench_train_step_gemm_flops():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        bench_train = importlib.import_module("bench_train")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    cfg = randygpt.Config()
+    # 3 GEMMs (forward, dX, dW) of 2*N*in*out flops per linear layer; N = 32*64 rows.
+    per_layer = 256 * 768 + 256 * 256 + 256 * 1024 + 1024 * 256
+    expected = 3 * 2 * 2048 * (6 * per_layer + 256 * 67)
+    assert bench_train.step_gemm_flops(cfg) == expected
+    assert len(bench_train.step_gemms(cfg)) == 15

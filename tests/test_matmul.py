@@ -22,7 +22,7 @@ LINEAR_SHAPES = [(1, 1, 1), (1, 5, 3), (7, 13, 5), (5, 1, 9), (13, 37, 67), (30,
                  (25, 530, 41)]
 
 # (M, K, N) for gemm, including small M with large N (the threads then split N).
-GEMM_SHAPES = [(1, 1, 1), (7, 13, 5), (3, 40, 70), (67, 20, 9), (19, 290, 33)]
+GEMM_SHAPES = [(1, 1, 1), (7, 13, 5), (3, 40, 70), (67, 20, 9), (19, 290, 33), (24, 40, 40), (12, 30, 48)]
 
 
 def _tol(k):

@@ -34,6 +34,7 @@ typedef struct {
     int mr, nr;          /* register tile */
     int mc;              /* rows of A packed per block (a multiple of mr) */
     rg_kernel_fn kernel;
+    rg_kernel_fn kernel_narrow; /* left nr/2 columns only, for a last strip that narrow */
     rg_pack_fn pack_a;   /* (dst, a, rs, cs, mc, kc) */
     rg_pack_fn pack_b;   /* (dst, b, rs, cs, kc, nc) */
 } rg_isa_t;
@@ -86,11 +87,11 @@ typedef struct {
 /* Fastest first; rg_isa_supported() says which ones this CPU runs. */
 static const rg_isa_t rg_isas[] = {
 #ifdef RG_X86
-    {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_pack_a, rg_avx512_pack_b},
-    {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_pack_a, rg_avx2_pack_b},
-    {"sse2", 6, 8, 144, rg_base_kernel, rg_base_pack_a, rg_base_pack_b},
+    {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_kernel_narrow, rg_avx512_pack_a, rg_avx512_pack_b},
+    {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_kernel_narrow, rg_avx2_pack_a, rg_avx2_pack_b},
+    {"sse2", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b},
 #else
-    {"generic", 6, 8, 144, rg_base_kernel, rg_base_pack_a, rg_base_pack_b},
+    {"generic", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b},
 #endif
 };
 

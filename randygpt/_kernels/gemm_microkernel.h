@@ -50,7 +50,8 @@ static inline RG_TARGET RG_NAME(vec) RG_NAME(sqrelu)(RG_NAME(vec) v)
  * the same product twice to zero gives exactly twice the product.
  * mr < RG_MR or nr < RG_NR marks an edge tile: it goes through a stack tile so nothing
  * outside the valid mr x nr corner of dst/init/c2 is read or written. */
-static RG_TARGET void RG_NAME(kernel)(
+static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
+    const int nv, /* vectors per row actually computed: RG_NV, or RG_NV / 2 (narrow) */
     Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
     const float *init, Py_ssize_t ld_init,
     float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
@@ -58,19 +59,19 @@ static RG_TARGET void RG_NAME(kernel)(
 {
     RG_NAME(vec) acc[RG_MR][RG_NV];
     float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
-    const int full = (mr == RG_MR && nr == RG_NR);
+    const int full = (mr == RG_MR && nr == nv * RG_VW);
 
     if (init == NULL) {
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
+            for (int j = 0; j < nv; j++)
                 acc[i][j] = (RG_NAME(vec)){0};
     } else if (full) {
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
+            for (int j = 0; j < nv; j++)
                 acc[i][j] = RG_NAME(loadu)(init + i * ld_init + j * RG_VW);
     } else {
         for (int i = 0; i < RG_MR * RG_NR; i++)
@@ -81,20 +82,20 @@ static RG_TARGET void RG_NAME(kernel)(
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
+            for (int j = 0; j < nv; j++)
                 acc[i][j] = RG_NAME(loadu)(tile + i * RG_NR + j * RG_VW);
     }
 
     for (Py_ssize_t k = 0; k < kc; k++) {
         RG_NAME(vec) b[RG_NV];
 #pragma GCC unroll 4
-        for (int j = 0; j < RG_NV; j++)
+        for (int j = 0; j < nv; j++)
             b[j] = *(const RG_NAME(vec) *)(bp + k * RG_NR + j * RG_VW);
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++) {
             const float a = ap[k * RG_MR + i];
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
+            for (int j = 0; j < nv; j++)
                 acc[i][j] += a * b[j]; /* contracted to one FMA where the target has it */
         }
     }
@@ -103,7 +104,7 @@ static RG_TARGET void RG_NAME(kernel)(
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++) {
+            for (int j = 0; j < nv; j++) {
                 float *d = dst + i * ld_dst + j * RG_VW;
                 RG_NAME(vec) v = acc[i][j];
                 if (add_dst)
@@ -116,7 +117,7 @@ static RG_TARGET void RG_NAME(kernel)(
 #pragma GCC unroll 16
         for (int i = 0; i < RG_MR; i++)
 #pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
+            for (int j = 0; j < nv; j++)
                 RG_NAME(storeu)(tile + i * RG_NR + j * RG_VW, acc[i][j]);
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++) {
@@ -128,6 +129,26 @@ static RG_TARGET void RG_NAME(kernel)(
                     c2[i * ld_dst + j] = v < 0.0f ? 0.0f : v * v;
             }
     }
+}
+
+static RG_TARGET void RG_NAME(kernel)(
+    Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
+    const float *init, Py_ssize_t ld_init,
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, int mr, int nr)
+{
+    RG_NAME(tile)(RG_NV, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, mr, nr);
+}
+
+/* The same tile with only the left half of the columns: for a last B strip of at most
+ * NR/2 valid columns (N = 67 leaves 3 on a 32-wide strip), half the FMAs. It reads the
+ * full-width packed B strip and sums each element in the same order, so the result is
+ * bit-identical to the full kernel's. */
+static RG_TARGET void RG_NAME(kernel_narrow)(
+    Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
+    const float *init, Py_ssize_t ld_init,
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, int mr, int nr)
+{
+    RG_NAME(tile)(RG_NV / 2, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, mr, nr);
 }
 
 /* Pack an mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/MR)
@@ -148,11 +169,15 @@ static RG_TARGET void RG_NAME(pack_a)(
                     d[k * RG_MR + r] = s[r];
             }
         } else if (mr == RG_MR && cs == 1) {
-            /* Rows contiguous along k: read MR rows side by side. */
-            for (Py_ssize_t k = 0; k < kc; k++)
-#pragma GCC unroll 16
-                for (int r = 0; r < RG_MR; r++)
-                    d[k * RG_MR + r] = a[(i0 + r) * rs + k];
+            /* Rows contiguous along k: stream one row at a time. Reading the MR rows side
+             * by side would touch MR lines a row stride apart, and at strides of 4 KiB
+             * (K = 1024) those all fall in one L1 set and evict each other. */
+#pragma GCC unroll 1
+            for (int r = 0; r < RG_MR; r++) {
+                const float *s = a + (i0 + r) * rs;
+                for (Py_ssize_t k = 0; k < kc; k++)
+                    d[k * RG_MR + r] = s[k];
+            }
         } else {
             for (Py_ssize_t k = 0; k < kc; k++) {
                 for (Py_ssize_t r = 0; r < mr; r++)
@@ -182,11 +207,14 @@ static RG_TARGET void RG_NAME(pack_b)(
                     *(RG_NAME(vec) *)(d + k * RG_NR + j * RG_VW) = RG_NAME(loadu)(s + j * RG_VW);
             }
         } else if (nr == RG_NR && rs == 1) {
-            /* op(B) = W^T with W stored (out, in) (the NT forward): NR weight rows side by side. */
-            for (Py_ssize_t k = 0; k < kc; k++)
-#pragma GCC unroll 32
-                for (int j = 0; j < RG_NR; j++)
-                    d[k * RG_NR + j] = b[k + (j0 + j) * cs];
+            /* op(B) = W^T with W stored (out, in) (the NT forward): one weight row at a
+             * time, for the same cache-set reason as in pack_a. */
+#pragma GCC unroll 1
+            for (int j = 0; j < RG_NR; j++) {
+                const float *s = b + (j0 + j) * cs;
+                for (Py_ssize_t k = 0; k < kc; k++)
+                    d[k * RG_NR + j] = s[k];
+            }
         } else {
             for (Py_ssize_t k = 0; k < kc; k++) {
                 for (Py_ssize_t j = 0; j < nr; j++)

@@ -46,6 +46,7 @@ cdef extern from "gemm_kernels.h" nogil:
         int nr
         int mc
         rg_kernel_fn kernel
+        rg_kernel_fn kernel_narrow
         rg_pack_fn pack_a
         rg_pack_fn pack_b
     int RG_KC
@@ -113,7 +114,8 @@ cdef void _gemm_part(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t
     cdef float *dst
     cdef float *c2_tile
     cdef Py_ssize_t ld_init, ld_dst
-    cdef int add_dst
+    cdef int add_dst, tile_n
+    cdef rg_kernel_fn kernel
     cdef Py_ssize_t kb, mb, jt, it
     for kb in range((K + RG_KC - 1) // RG_KC):
         pc = kb * RG_KC
@@ -149,9 +151,11 @@ cdef void _gemm_part(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t
                             ld_init = ldc
                         if c2 != NULL:
                             c2_tile = c2 + i * ldc + jr
-                    isa.kernel(kc, abuf + ir * kc, bbuf + jr * kc, init, ld_init,
-                               dst, ld_dst, add_dst, c2_tile,
-                               <int>min(<Py_ssize_t>mr, mc - ir), <int>min(<Py_ssize_t>nr, N - jr))
+                    tile_n = <int>min(<Py_ssize_t>nr, N - jr)
+                    kernel = isa.kernel_narrow if 2 * tile_n <= nr else isa.kernel
+                    kernel(kc, abuf + ir * kc, bbuf + jr * kc, init, ld_init,
+                           dst, ld_dst, add_dst, c2_tile,
+                           <int>min(<Py_ssize_t>mr, mc - ir), tile_n)
 
 
 cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,

@@ -432,6 +432,11 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
             best_val = min(best_val, last_val)
             log.line(f"Initial loss estimate: train {first_estimate['train']:.4f} | "
                      f"val {first_estimate['val']:.4f}")
+            if start == 0:
+                # The curve starts at the untrained model (a resumed run already has this row).
+                metrics.writerow([0, f"{first_estimate['train']:.6f}", f"{first_estimate['val']:.6f}",
+                                  f"{lr_at(0, opts.iters, config):.6e}", "", "0.000"])
+                metrics_file.flush()
             t_start = time.perf_counter()
             t_mark, it_mark, loss_sum = t_start, step, 0.0
             train_time = 0.0  # seconds spent in steps since t_mark (evaluation excluded)
@@ -458,11 +463,15 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                 losses.append(loss)
                 loss_sum += loss
 
-                evaluated = opts.eval_every > 0 and step % opts.eval_every == 0 and step < end
+                # The last iteration is always evaluated: that is the final loss estimate.
+                evaluated = step == end or (opts.eval_every > 0 and step % opts.eval_every == 0)
                 if evaluated:
-                    last_val = evaluate()["val"]
+                    estimate = evaluate()
+                    last_val = estimate["val"]
                     best_val = min(best_val, last_val)
-                if step % opts.log_every == 0 or evaluated or step == end:
+                    if step == end:
+                        final_estimate = estimate
+                if step % opts.log_every == 0 or evaluated:
                     n = step - it_mark
                     tok_s = n * B * T / train_time if train_time > 0 else math.inf
                     now = time.perf_counter()
@@ -472,9 +481,9 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                     log.progress(
                         f"Iter {step}/{opts.iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | "
                         f"LR {lr:.1e} | Best {best_val:.3f} | {_format_rate(tok_s)} | "
-                        f"ETA {format_duration(eta)}", keep=evaluated or step == end)
-                    metrics.writerow([step, f"{mean_loss:.6f}",
-                                      "" if math.isnan(last_val) else f"{last_val:.6f}",
+                        f"ETA {format_duration(eta)}", keep=evaluated)
+                    # val_loss only on rows where it was measured, so a plot shows real points.
+                    metrics.writerow([step, f"{mean_loss:.6f}", f"{last_val:.6f}" if evaluated else "",
                                       f"{lr:.6e}", f"{tok_s:.1f}", f"{now - t_start:.3f}"])
                     metrics_file.flush()
                     t_mark, it_mark, loss_sum, train_time = now, step, 0.0, 0.0
@@ -483,9 +492,6 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
             log.end_progress()
             interrupted = stop.signal_name
             if diverged is None:
-                if interrupted is None and step == end:
-                    final_estimate = evaluate()
-                    best_val = min(best_val, final_estimate["val"])
                 save(step)
     except KeyboardInterrupt:
         # A second Ctrl-C inside a step: the state may be half-updated, so nothing is saved.

@@ -79,9 +79,16 @@ def test_end_to_end_cli_run_writes_log_metrics_and_checkpoint(tmp_path, text_pat
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == train.METRICS_HEADER
-    assert [int(r[0]) for r in rows[1:]] == [5, 10, 15, 20, 25]
-    for r in rows[1:]:
-        assert float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0
+    assert [int(r[0]) for r in rows[1:]] == [0, 5, 10, 15, 20, 25]
+    # The validation loss appears where it was measured: at the start, every 10, and the end.
+    assert [r[2] != "" for r in rows[1:]] == [True, False, True, False, True, True]
+    assert rows[1][4] == ""  # no throughput before the first step
+    for r in rows[2:]:
+        assert float(r[1]) > 0 and float(r[3]) > 0 and float(r[4]) > 0
+    assert float(rows[1][2]) == pytest.approx(float(re.search(r"Initial.*val (\d\.\d{4})", out)[1]),
+                                              abs=1e-4)
+    assert float(rows[-1][2]) == pytest.approx(float(re.search(r"Final.*val (\d\.\d{4})", out)[1]),
+                                               abs=1e-4)
     elapsed = [float(r[5]) for r in rows[1:]]
     assert elapsed == sorted(elapsed)
     info = json.loads((run / "config.json").read_text())

@@ -24,11 +24,12 @@ cdef extern from "attention_impl.h" nogil:
     size_t attention_forward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
     size_t attention_backward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
     void attention_forward_task(float* out, float* att, const float* qkv, float* scratch,
-                                Py_ssize_t task, Py_ssize_t T, Py_ssize_t C,
-                                Py_ssize_t NH) noexcept
+                                Py_ssize_t task, Py_ssize_t n_tasks, Py_ssize_t T,
+                                Py_ssize_t C, Py_ssize_t NH) noexcept
     void attention_backward_task(float* dqkv, const float* dout, const float* qkv,
                                  const float* att, float* scratch, Py_ssize_t task,
-                                 Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH) noexcept
+                                 Py_ssize_t n_tasks, Py_ssize_t T, Py_ssize_t C,
+                                 Py_ssize_t NH) noexcept
     int attention_cpu_has_avx2() noexcept
     int attention_select_isa(int avx2) noexcept
     int attention_get_isa() noexcept
@@ -74,7 +75,7 @@ cdef void _forward_body(float* out,             # OUT (B*T, C)
         if scratch == NULL:
             abort()
         for task in prange(B * NH, schedule="static"):
-            attention_forward_task(out, att, qkv, scratch, task, T, C, NH)
+            attention_forward_task(out, att, qkv, scratch, task, B * NH, T, C, NH)
         free(scratch)
 
 
@@ -92,7 +93,8 @@ cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated
         if scratch == NULL:
             abort()
         for task in prange(B * NH, schedule="static"):
-            attention_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH)
+            attention_backward_task(dqkv, dout, qkv, att, scratch, task, B * NH, T,
+                                    C, NH)
         free(scratch)
 
 

@@ -37,40 +37,94 @@ ATTN_TARGET static inline void ATTN_STORE(float *p, ATTN_VEC v)
     memcpy(p, &v, sizeof v);
 }
 
-/* s[j] = sum_d x[d] * Xt[d * ldt + j] for j in [0, n) rounded up to whole vectors:
- * the entries past n are computed from Xt's padding and ignored by the callers. */
+/* s0[j] = sum_d x0[d] * Xt[d * ldt + j] and the same for s1 with x1, for j in [0, n)
+ * rounded up to whole vectors: the entries past n come from Xt's padding or from keys
+ * the caller ignores. Two query rows share every load of Xt; up to eight independent
+ * accumulators hide the latency of the d chain. */
+ATTN_TARGET static inline void ATTN_FN(row_scores2)(float *restrict s0, float *restrict s1,
+                                                    const float *restrict x0,
+                                                    const float *restrict x1,
+                                                    const float *restrict Xt, ptrdiff_t ldt,
+                                                    ptrdiff_t n, ptrdiff_t HS)
+{
+    const ptrdiff_t VW = ATTN_VW;
+    ptrdiff_t j = 0;
+    for (; n - j > 2 * VW; j += 4 * VW) {
+        ATTN_VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        ATTN_VEC b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        const float *xt = Xt + j;
+        for (ptrdiff_t d = 0; d < HS; ++d, xt += ldt) {
+            const ATTN_VEC k0 = ATTN_LOAD(xt), k1 = ATTN_LOAD(xt + VW);
+            const ATTN_VEC k2 = ATTN_LOAD(xt + 2 * VW), k3 = ATTN_LOAD(xt + 3 * VW);
+            const float u = x0[d], w = x1[d];
+            a0 += u * k0;
+            a1 += u * k1;
+            a2 += u * k2;
+            a3 += u * k3;
+            b0 += w * k0;
+            b1 += w * k1;
+            b2 += w * k2;
+            b3 += w * k3;
+        }
+        ATTN_STORE(s0 + j, a0);
+        ATTN_STORE(s0 + j + VW, a1);
+        ATTN_STORE(s0 + j + 2 * VW, a2);
+        ATTN_STORE(s0 + j + 3 * VW, a3);
+        ATTN_STORE(s1 + j, b0);
+        ATTN_STORE(s1 + j + VW, b1);
+        ATTN_STORE(s1 + j + 2 * VW, b2);
+        ATTN_STORE(s1 + j + 3 * VW, b3);
+    }
+    for (; n - j > VW; j += 2 * VW) {
+        ATTN_VEC a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+        const float *xt = Xt + j;
+        for (ptrdiff_t d = 0; d < HS; ++d, xt += ldt) {
+            const ATTN_VEC k0 = ATTN_LOAD(xt), k1 = ATTN_LOAD(xt + VW);
+            const float u = x0[d], w = x1[d];
+            a0 += u * k0;
+            a1 += u * k1;
+            b0 += w * k0;
+            b1 += w * k1;
+        }
+        ATTN_STORE(s0 + j, a0);
+        ATTN_STORE(s0 + j + VW, a1);
+        ATTN_STORE(s1 + j, b0);
+        ATTN_STORE(s1 + j + VW, b1);
+    }
+    for (; j < n; j += VW) {
+        ATTN_VEC a0 = {0}, b0 = {0};
+        const float *xt = Xt + j;
+        for (ptrdiff_t d = 0; d < HS; ++d, xt += ldt) {
+            const ATTN_VEC k0 = ATTN_LOAD(xt);
+            a0 += x0[d] * k0;
+            b0 += x1[d] * k0;
+        }
+        ATTN_STORE(s0 + j, a0);
+        ATTN_STORE(s1 + j, b0);
+    }
+}
+
+/* row_scores2 for a single query row (the last row when T is odd). */
 ATTN_TARGET static inline void ATTN_FN(row_scores)(float *restrict s, const float *restrict x,
                                                    const float *restrict Xt, ptrdiff_t ldt,
                                                    ptrdiff_t n, ptrdiff_t HS)
 {
     const ptrdiff_t VW = ATTN_VW;
     ptrdiff_t j = 0;
-    /* Four or two independent accumulators hide the add latency of the d chain. */
     for (; n - j > 2 * VW; j += 4 * VW) {
         ATTN_VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         const float *xt = Xt + j;
         for (ptrdiff_t d = 0; d < HS; ++d, xt += ldt) {
-            const float xd = x[d];
-            a0 += xd * ATTN_LOAD(xt);
-            a1 += xd * ATTN_LOAD(xt + VW);
-            a2 += xd * ATTN_LOAD(xt + 2 * VW);
-            a3 += xd * ATTN_LOAD(xt + 3 * VW);
+            const float u = x[d];
+            a0 += u * ATTN_LOAD(xt);
+            a1 += u * ATTN_LOAD(xt + VW);
+            a2 += u * ATTN_LOAD(xt + 2 * VW);
+            a3 += u * ATTN_LOAD(xt + 3 * VW);
         }
         ATTN_STORE(s + j, a0);
         ATTN_STORE(s + j + VW, a1);
         ATTN_STORE(s + j + 2 * VW, a2);
         ATTN_STORE(s + j + 3 * VW, a3);
-    }
-    for (; n - j > VW; j += 2 * VW) {
-        ATTN_VEC a0 = {0}, a1 = {0};
-        const float *xt = Xt + j;
-        for (ptrdiff_t d = 0; d < HS; ++d, xt += ldt) {
-            const float xd = x[d];
-            a0 += xd * ATTN_LOAD(xt);
-            a1 += xd * ATTN_LOAD(xt + VW);
-        }
-        ATTN_STORE(s + j, a0);
-        ATTN_STORE(s + j + VW, a1);
     }
     for (; j < n; j += VW) {
         ATTN_VEC a0 = {0};
@@ -81,23 +135,100 @@ ATTN_TARGET static inline void ATTN_FN(row_scores)(float *restrict s, const floa
     }
 }
 
-/* y[d] = sum_{r = r0}^{r1 - 1} w[r * ws] * X[r * HS + d] for d in [0, HS), each
- * summed in r order; blocks of four vectors of columns keep the sums in registers. */
-ATTN_TARGET static inline void ATTN_FN(weighted_rows)(float *restrict y, const float *restrict w,
-                                                      ptrdiff_t ws, const float *restrict X,
-                                                      ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t HS)
+/* y0[d] += sum_{r = r0}^{r1 - 1} w0[r * ws] * X[r * HS + d] and the same for y1 with
+ * w1, for d in [0, HS): each element is summed onto its starting value in r order.
+ * Two outputs share every load of X; blocks of columns keep the sums in registers. */
+ATTN_TARGET static inline void ATTN_FN(rows_acc2)(float *restrict y0, float *restrict y1,
+                                                  const float *restrict w0,
+                                                  const float *restrict w1, ptrdiff_t ws,
+                                                  const float *restrict X, ptrdiff_t r0,
+                                                  ptrdiff_t r1, ptrdiff_t HS)
 {
     const ptrdiff_t VW = ATTN_VW;
     ptrdiff_t d = 0;
     for (; d + 4 * VW <= HS; d += 4 * VW) {
-        ATTN_VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        ATTN_VEC a0 = ATTN_LOAD(y0 + d), a1 = ATTN_LOAD(y0 + d + VW);
+        ATTN_VEC a2 = ATTN_LOAD(y0 + d + 2 * VW), a3 = ATTN_LOAD(y0 + d + 3 * VW);
+        ATTN_VEC b0 = ATTN_LOAD(y1 + d), b1 = ATTN_LOAD(y1 + d + VW);
+        ATTN_VEC b2 = ATTN_LOAD(y1 + d + 2 * VW), b3 = ATTN_LOAD(y1 + d + 3 * VW);
         for (ptrdiff_t r = r0; r < r1; ++r) {
-            const float wr = w[r * ws];
             const float *xr = X + r * HS + d;
-            a0 += wr * ATTN_LOAD(xr);
-            a1 += wr * ATTN_LOAD(xr + VW);
-            a2 += wr * ATTN_LOAD(xr + 2 * VW);
-            a3 += wr * ATTN_LOAD(xr + 3 * VW);
+            const ATTN_VEC x0 = ATTN_LOAD(xr), x1 = ATTN_LOAD(xr + VW);
+            const ATTN_VEC x2 = ATTN_LOAD(xr + 2 * VW), x3 = ATTN_LOAD(xr + 3 * VW);
+            const float u = w0[r * ws], w = w1[r * ws];
+            a0 += u * x0;
+            a1 += u * x1;
+            a2 += u * x2;
+            a3 += u * x3;
+            b0 += w * x0;
+            b1 += w * x1;
+            b2 += w * x2;
+            b3 += w * x3;
+        }
+        ATTN_STORE(y0 + d, a0);
+        ATTN_STORE(y0 + d + VW, a1);
+        ATTN_STORE(y0 + d + 2 * VW, a2);
+        ATTN_STORE(y0 + d + 3 * VW, a3);
+        ATTN_STORE(y1 + d, b0);
+        ATTN_STORE(y1 + d + VW, b1);
+        ATTN_STORE(y1 + d + 2 * VW, b2);
+        ATTN_STORE(y1 + d + 3 * VW, b3);
+    }
+    for (; d + 2 * VW <= HS; d += 2 * VW) {
+        ATTN_VEC a0 = ATTN_LOAD(y0 + d), a1 = ATTN_LOAD(y0 + d + VW);
+        ATTN_VEC b0 = ATTN_LOAD(y1 + d), b1 = ATTN_LOAD(y1 + d + VW);
+        for (ptrdiff_t r = r0; r < r1; ++r) {
+            const float *xr = X + r * HS + d;
+            const ATTN_VEC x0 = ATTN_LOAD(xr), x1 = ATTN_LOAD(xr + VW);
+            const float u = w0[r * ws], w = w1[r * ws];
+            a0 += u * x0;
+            a1 += u * x1;
+            b0 += w * x0;
+            b1 += w * x1;
+        }
+        ATTN_STORE(y0 + d, a0);
+        ATTN_STORE(y0 + d + VW, a1);
+        ATTN_STORE(y1 + d, b0);
+        ATTN_STORE(y1 + d + VW, b1);
+    }
+    for (; d + VW <= HS; d += VW) {
+        ATTN_VEC a0 = ATTN_LOAD(y0 + d), b0 = ATTN_LOAD(y1 + d);
+        for (ptrdiff_t r = r0; r < r1; ++r) {
+            const ATTN_VEC x0 = ATTN_LOAD(X + r * HS + d);
+            a0 += w0[r * ws] * x0;
+            b0 += w1[r * ws] * x0;
+        }
+        ATTN_STORE(y0 + d, a0);
+        ATTN_STORE(y1 + d, b0);
+    }
+    for (; d < HS; ++d) {
+        float a0 = y0[d], b0 = y1[d];
+        for (ptrdiff_t r = r0; r < r1; ++r) {
+            a0 += w0[r * ws] * X[r * HS + d];
+            b0 += w1[r * ws] * X[r * HS + d];
+        }
+        y0[d] = a0;
+        y1[d] = b0;
+    }
+}
+
+/* rows_acc2 for one output: y[d] += sum_{r = r0}^{r1 - 1} w[r * ws] * X[r * HS + d]. */
+ATTN_TARGET static inline void ATTN_FN(rows_acc)(float *restrict y, const float *restrict w,
+                                                 ptrdiff_t ws, const float *restrict X,
+                                                 ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t HS)
+{
+    const ptrdiff_t VW = ATTN_VW;
+    ptrdiff_t d = 0;
+    for (; d + 4 * VW <= HS; d += 4 * VW) {
+        ATTN_VEC a0 = ATTN_LOAD(y + d), a1 = ATTN_LOAD(y + d + VW);
+        ATTN_VEC a2 = ATTN_LOAD(y + d + 2 * VW), a3 = ATTN_LOAD(y + d + 3 * VW);
+        for (ptrdiff_t r = r0; r < r1; ++r) {
+            const float *xr = X + r * HS + d;
+            const float u = w[r * ws];
+            a0 += u * ATTN_LOAD(xr);
+            a1 += u * ATTN_LOAD(xr + VW);
+            a2 += u * ATTN_LOAD(xr + 2 * VW);
+            a3 += u * ATTN_LOAD(xr + 3 * VW);
         }
         ATTN_STORE(y + d, a0);
         ATTN_STORE(y + d + VW, a1);
@@ -105,24 +236,26 @@ ATTN_TARGET static inline void ATTN_FN(weighted_rows)(float *restrict y, const f
         ATTN_STORE(y + d + 3 * VW, a3);
     }
     for (; d + VW <= HS; d += VW) {
-        ATTN_VEC a0 = {0};
+        ATTN_VEC a0 = ATTN_LOAD(y + d);
         for (ptrdiff_t r = r0; r < r1; ++r)
             a0 += w[r * ws] * ATTN_LOAD(X + r * HS + d);
         ATTN_STORE(y + d, a0);
     }
     for (; d < HS; ++d) {
-        float a0 = 0.0f;
+        float a0 = y[d];
         for (ptrdiff_t r = r0; r < r1; ++r)
             a0 += w[r * ws] * X[r * HS + d];
         y[d] = a0;
     }
 }
 
-/* Forward for pair task = b * NH + h; see attention_forward_task in attention_impl.h. */
+/* Forward for pair task = b * NH + h; see attention_forward_task in attention_impl.h.
+ * Query rows go two at a time (i, i + 1): both take scores for keys 0..i+1 (row i's
+ * extra score is dropped) and the weighted sums share their loads of v. */
 ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restrict att,
                                               const float *restrict qkv, float *restrict scratch,
-                                              ptrdiff_t task, ptrdiff_t T, ptrdiff_t C,
-                                              ptrdiff_t NH)
+                                              ptrdiff_t task, ptrdiff_t n_tasks, ptrdiff_t T,
+                                              ptrdiff_t C, ptrdiff_t NH)
 {
     const ptrdiff_t b = task / NH, h = task % NH;
     const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
@@ -130,77 +263,141 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     const float *base = qkv + b * T * ld + h * HS; /* q of this pair's row 0 */
     float *kt = scratch;         /* (HS, Tp): k transposed, zero padded */
     float *vp = kt + HS * Tp;    /* (T, HS) */
-    float *s = vp + T * HS;      /* (Tp,): one row of scores */
+    float *s0 = vp + T * HS;     /* (Tp,): scores of row i */
+    float *s1 = s0 + Tp;         /* (Tp,): scores of row i + 1 */
+    const int prefetch = task + 1 < n_tasks;
+    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
+    const float *next = qkv + bn * T * ld + hn * HS;
     attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
     attn_pack(vp, base + 2 * C, ld, T, HS);
     float *A = att + task * T * T;
-    for (ptrdiff_t i = 0; i < T; ++i) {
-        /* Causal: only keys j <= i get a score; the rest of the row is exactly 0. */
-        ATTN_FN(row_scores)(s, base + i * ld, kt, Tp, i + 1, HS);
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            s[j] *= scale;
-        /* Max subtraction keeps every exponent <= 0. */
-        const float m = attn_max(s, i + 1);
-        const float inv = (float)(1.0 / attn_exp_sum(s, i + 1, m));
-        float *p = A + i * T;
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            p[j] = s[j] * inv;
-        for (ptrdiff_t j = i + 1; j < T; ++j)
-            p[j] = 0.0f;
-        /* y_i = sum_j P_ij v_j */
-        ATTN_FN(weighted_rows)(out + (b * T + i) * C + h * HS, p, 1, vp, 0, i + 1, HS);
+    float *y = out + b * T * C + h * HS;
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
+        if (prefetch) {
+            for (ptrdiff_t r = i; r < i + rows; ++r) {
+                attn_prefetch(next + r * ld, (size_t)HS * sizeof(float));
+                attn_prefetch(next + r * ld + C, (size_t)HS * sizeof(float));
+                attn_prefetch(next + r * ld + 2 * C, (size_t)HS * sizeof(float));
+            }
+        }
+        float *p0 = A + i * T, *y0 = y + i * C;
+        memset(y0, 0, (size_t)HS * sizeof(float));
+        if (rows == 2) {
+            float *p1 = p0 + T, *y1 = y0 + C;
+            ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
+            attn_softmax_row(p0, s0, i + 1, T, scale);
+            attn_softmax_row(p1, s1, i + 2, T, scale);
+            /* y_i = sum_{j <= i} P_ij v_j, and y_{i+1} likewise with one more term */
+            memset(y1, 0, (size_t)HS * sizeof(float));
+            ATTN_FN(rows_acc2)(y0, y1, p0, p1, 1, vp, 0, i + 1, HS);
+            ATTN_FN(rows_acc)(y1, p1, 1, vp, i + 1, i + 2, HS);
+        } else {
+            ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
+            attn_softmax_row(p0, s0, i + 1, T, scale);
+            ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS);
+        }
     }
 }
 
-/* Backward for pair task = b * NH + h; see attention_backward_task in attention_impl.h. */
+/* Backward for pair task = b * NH + h; see attention_backward_task in attention_impl.h.
+ * Rows, and then key columns, go two at a time as in the forward. */
 ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float *restrict dout,
                                                const float *restrict qkv,
                                                const float *restrict att,
                                                float *restrict scratch, ptrdiff_t task,
-                                               ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
+                                               ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
+                                               ptrdiff_t NH)
 {
     const ptrdiff_t b = task / NH, h = task % NH;
     const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
     const float scale = attn_scale(HS);
     const float *base = qkv + b * T * ld + h * HS;
+    const float *dy = dout + b * T * C + h * HS;
     float *gbase = dqkv + b * T * ld + h * HS;
     float *vt = scratch;        /* (HS, Tp): v transposed, zero padded */
     float *qp = vt + HS * Tp;   /* (T, HS) */
     float *kp = qp + T * HS;    /* (T, HS) */
     float *dyp = kp + T * HS;   /* (T, HS) */
     float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
-    float *tmp = ds + T * Tp;   /* (HS,) */
+    float *g0 = ds + T * Tp;    /* (HS,): one finished gradient row */
+    float *g1 = g0 + HS;        /* (HS,): the next one */
+    const int prefetch = task + 1 < n_tasks;
+    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
+    const float *next = qkv + bn * T * ld + hn * HS;
+    const float *next_dy = dout + bn * T * C + hn * HS;
+    const float *next_g = dqkv + bn * T * ld + hn * HS;
     attn_pack_transposed(vt, base + 2 * C, ld, T, HS, Tp);
     attn_pack(qp, base, ld, T, HS);
     attn_pack(kp, base + C, ld, T, HS);
-    attn_pack(dyp, dout + b * T * C + h * HS, C, T, HS);
+    attn_pack(dyp, dy, C, T, HS);
     const float *A = att + task * T * T;
-    for (ptrdiff_t i = 0; i < T; ++i) {
-        const float *p = A + i * T;
-        float *dsi = ds + i * Tp;
-        /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j */
-        ATTN_FN(row_scores)(dsi, dyp + i * HS, vt, Tp, i + 1, HS);
-        /* P_i = softmax(S_i)  =>  dS_ij = P_ij (dP_ij - D_i), D_i = sum_j P_ij dP_ij */
-        const float D = (float)attn_dot_double(p, dsi, i + 1);
-        for (ptrdiff_t j = 0; j <= i; ++j)
-            dsi[j] = p[j] * (dsi[j] - D);
-        /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_j dS_ij k_j */
-        ATTN_FN(weighted_rows)(tmp, dsi, 1, kp, 0, i + 1, HS);
+    const size_t row_bytes = (size_t)HS * sizeof(float);
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
+        if (prefetch) {
+            for (ptrdiff_t r = i; r < i + rows; ++r) {
+                attn_prefetch(next + r * ld, row_bytes);
+                attn_prefetch(next + r * ld + C, row_bytes);
+                attn_prefetch(next + r * ld + 2 * C, row_bytes);
+                attn_prefetch(next_dy + r * C, row_bytes);
+                attn_prefetch(A + T * T + r * T, (size_t)T * sizeof(float));
+            }
+        }
+        const float *p0 = A + i * T;
+        float *d0 = ds + i * Tp;
+        memset(g0, 0, row_bytes);
+        /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j; then dS from the softmax */
+        if (rows == 2) {
+            const float *p1 = p0 + T;
+            float *d1 = d0 + Tp;
+            ATTN_FN(row_scores2)(d0, d1, dyp + i * HS, dyp + (i + 1) * HS, vt, Tp, i + 2, HS);
+            attn_softmax_grad_row(d0, p0, i + 1);
+            attn_softmax_grad_row(d1, p1, i + 2);
+            /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_{j <= i} dS_ij k_j */
+            memset(g1, 0, row_bytes);
+            ATTN_FN(rows_acc2)(g0, g1, d0, d1, 1, kp, 0, i + 1, HS);
+            ATTN_FN(rows_acc)(g1, d1, 1, kp, i + 1, i + 2, HS);
+            float *dq = gbase + (i + 1) * ld;
+            for (ptrdiff_t d = 0; d < HS; ++d)
+                dq[d] += g1[d] * scale;
+        } else {
+            ATTN_FN(row_scores)(d0, dyp + i * HS, vt, Tp, i + 1, HS);
+            attn_softmax_grad_row(d0, p0, i + 1);
+            ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS);
+        }
         float *dq = gbase + i * ld;
         for (ptrdiff_t d = 0; d < HS; ++d)
-            dq[d] += tmp[d] * scale;
+            dq[d] += g0[d] * scale;
     }
-    for (ptrdiff_t j = 0; j < T; ++j) {
-        /* dk_j = scale * sum_{i >= j} dS_ij q_i */
-        ATTN_FN(weighted_rows)(tmp, ds + j, Tp, qp, j, T, HS);
-        float *dk = gbase + j * ld + C;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dk[d] += tmp[d] * scale;
-        /* dv_j = sum_{i >= j} P_ij dy_i */
-        ATTN_FN(weighted_rows)(tmp, A + j, T, dyp, j, T, HS);
-        float *dv = gbase + j * ld + 2 * C;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dv[d] += tmp[d];
+    for (ptrdiff_t j = 0; j < T; j += 2) {
+        const ptrdiff_t cols = j + 1 < T ? 2 : 1;
+        if (prefetch) {
+            for (ptrdiff_t r = j; r < j + cols; ++r) {
+                attn_prefetch(next_g + r * ld, row_bytes);
+                attn_prefetch(next_g + r * ld + C, row_bytes);
+                attn_prefetch(next_g + r * ld + 2 * C, row_bytes);
+            }
+        }
+        /* dk_j = scale * sum_{i >= j} dS_ij q_i, and dv_j = sum_{i >= j} P_ij dy_i;
+         * column j + 1 starts one row later. */
+        for (int which = 0; which < 2; ++which) {
+            const float *w = which == 0 ? ds + j : A + j;
+            const ptrdiff_t ws = which == 0 ? Tp : T;
+            const float *X = which == 0 ? qp : dyp;
+            const float factor = which == 0 ? scale : 1.0f;
+            float *g = gbase + j * ld + (which == 0 ? C : 2 * C);
+            memset(g0, 0, row_bytes);
+            ATTN_FN(rows_acc)(g0, w, ws, X, j, j + 1, HS);
+            if (cols == 2) {
+                memset(g1, 0, row_bytes);
+                ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS);
+                for (ptrdiff_t d = 0; d < HS; ++d)
+                    g[ld + d] += g1[d] * factor;
+            }
+            for (ptrdiff_t d = 0; d < HS; ++d)
+                g[d] += g0[d] * factor;
+        }
     }
 }
 

@@ -36,13 +36,13 @@ static inline ptrdiff_t attn_tpad(ptrdiff_t T)
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
-    return (size_t)(HS * Tp + T * HS + Tp);
+    return (size_t)(HS * Tp + T * HS + 2 * Tp);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
-    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + HS);
+    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS);
 }
 
 /* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
@@ -153,6 +153,48 @@ static inline double attn_exp_sum(float *x, ptrdiff_t n, float m)
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
+/* One row of the causal softmax: p[j] = softmax(scale * s[0..n))_j for j < n and
+ * p[j] = 0 for n <= j < T (the masked keys). s is clobbered. */
+static inline void attn_softmax_row(float *restrict p, float *restrict s, ptrdiff_t n,
+                                    ptrdiff_t T, float scale)
+{
+    for (ptrdiff_t j = 0; j < n; ++j)
+        s[j] *= scale;
+    /* Max subtraction keeps every exponent <= 0. */
+    const float m = attn_max(s, n);
+    const float inv = (float)(1.0 / attn_exp_sum(s, n, m));
+    for (ptrdiff_t j = 0; j < n; ++j)
+        p[j] = s[j] * inv;
+    for (ptrdiff_t j = n; j < T; ++j)
+        p[j] = 0.0f;
+}
+
+/* Softmax backward on one row, in place: given dP in ds and P in p (n entries),
+ * P = softmax(S)  =>  dS_j = P_j (dP_j - D), D = sum_l P_l dP_l (in double). */
+static inline void attn_softmax_grad_row(float *restrict ds, const float *restrict p,
+                                         ptrdiff_t n)
+{
+    const float D = (float)attn_dot_double(p, ds, n);
+    for (ptrdiff_t j = 0; j < n; ++j)
+        ds[j] = p[j] * (ds[j] - D);
+}
+
+/* Hints the cache lines of [p, p + bytes) into L1/L2. The tasks of one thread run in
+ * order, so each task fetches the next task's rows while it computes its own: the
+ * rows are 3C floats apart and a cold task otherwise waits on memory row by row. */
+static inline void attn_prefetch(const void *p, size_t bytes)
+{
+#if defined(__GNUC__)
+    const char *c = (const char *)p;
+    const char *end = c + bytes;
+    for (; c < end; c += 64)
+        __builtin_prefetch(c);
+    __builtin_prefetch(end - 1);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
 
 #define ATTN_FN(name) attn_base_##name
 #define ATTN_TARGET
@@ -205,38 +247,40 @@ static inline int attention_get_isa(void)
     return attn_isa_avx2;
 }
 
-/* Forward for pair task = b * NH + h.
+/* Forward for pair task = b * NH + h of n_tasks = B * NH (tasks run in order on a
+ * thread, so each prefetches the next one's rows).
  * out (B*T, C) written at columns h*HS..; att (B, NH, T, T) written (zeros above the
  * diagonal); qkv (B*T, 3C) read; scratch: attention_forward_scratch(T, HS) floats. */
 static inline void attention_forward_task(float *out, float *att, const float *qkv,
-                                          float *scratch, ptrdiff_t task, ptrdiff_t T,
-                                          ptrdiff_t C, ptrdiff_t NH)
+                                          float *scratch, ptrdiff_t task, ptrdiff_t n_tasks,
+                                          ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
 {
 #if ATTN_HAVE_AVX2
     if (attn_isa_avx2) {
-        attn_avx2_forward_task(out, att, qkv, scratch, task, T, C, NH);
+        attn_avx2_forward_task(out, att, qkv, scratch, task, n_tasks, T, C, NH);
         return;
     }
 #endif
-    attn_base_forward_task(out, att, qkv, scratch, task, T, C, NH);
+    attn_base_forward_task(out, att, qkv, scratch, task, n_tasks, T, C, NH);
 }
 
-/* Backward for pair task = b * NH + h, accumulating into dqkv (B*T, 3C).
+/* Backward for pair task = b * NH + h of n_tasks, accumulating into dqkv (B*T, 3C).
  * dout (B*T, C) read; att (B, NH, T, T) as saved by the forward, entries above the
  * diagonal never read. scratch: attention_backward_scratch(T, HS) floats. Each
  * gradient element is finished in scratch and added to dqkv once, so two calls add
  * exactly twice the gradient. */
 static inline void attention_backward_task(float *dqkv, const float *dout, const float *qkv,
                                            const float *att, float *scratch, ptrdiff_t task,
-                                           ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
+                                           ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
+                                           ptrdiff_t NH)
 {
 #if ATTN_HAVE_AVX2
     if (attn_isa_avx2) {
-        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH);
+        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH);
         return;
     }
 #endif
-    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, T, C, NH);
+    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH);
 }
 
 #endif /* RANDYGPT_ATTENTION_IMPL_H */

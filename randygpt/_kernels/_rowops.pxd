@@ -9,6 +9,13 @@
 # let gcc keep the lanes in SSE2 registers, and make the result a function of the row alone:
 # the same for any thread count, call order or schedule.
 
+# Two sums of one row, returned by value: a helper called inside a prange body cannot write
+# through pointers to the body's locals (Cython would not make those locals thread-private).
+cdef struct DoublePair:
+    double a
+    double b
+
+
 cdef enum:
     ROW_LANES = 8   # written as the literal 8 in range() steps, where Cython needs a literal
 

@@ -20,7 +20,7 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
-from randygpt._kernels._rowops cimport (ROW_LANES, lanes_total, row_dot, row_sum, row_sumsq,
+from randygpt._kernels._rowops cimport (ROW_LANES, DoublePair, lanes_total, row_dot, row_sum, row_sumsq,
                                         row_sumsq_centered)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward", "layernorm_forward", "layernorm_backward",
@@ -209,42 +209,53 @@ cdef void _layernorm_forward(float* out, float* mean, float* rstd, const float* 
             outr[c] = (xr[c] - m) * rs * weight[c] + bias[c]
 
 
+cdef inline DoublePair _layernorm_backward_sums(const float* doutr, const float* xr,
+                                                const float* weight, float m, float rs,
+                                                Py_ssize_t C) noexcept nogil:
+    # (sum(dxhat), sum(dxhat * xhat)) in double, with xhat = (x - mean) * rstd and
+    # dxhat = dout * weight formed in float32 exactly as the dx loop forms them.
+    cdef double a1[8]
+    cdef double a2[8]
+    cdef DoublePair sums
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t nv = C - C % ROW_LANES
+    cdef float dxh
+    for j in range(ROW_LANES):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    for i in range(0, nv, 8):
+        for j in range(ROW_LANES):
+            dxh = doutr[i + j] * weight[i + j]
+            a1[j] += <double>dxh
+            a2[j] += <double>dxh * <double>((xr[i + j] - m) * rs)
+    for i in range(nv, C):
+        dxh = doutr[i] * weight[i]
+        a1[i - nv] += <double>dxh
+        a2[i - nv] += <double>dxh * <double>((xr[i] - m) * rs)
+    sums.a = lanes_total(a1)
+    sums.b = lanes_total(a2)
+    return sums
+
+
 cdef inline void _layernorm_backward_row(float* dxr, double* pw, double* pb, const float* doutr,
                                          const float* xr, const float* weight, float m, float rs,
                                          Py_ssize_t C) noexcept nogil:
     # xhat = (x - mean) * rstd; dxhat = dout * weight
     # dx += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     # dweight (chunk partial pw) += dout * xhat; dbias (partial pb) += dout
-    cdef double a1[8]
-    cdef double a2[8]
-    cdef Py_ssize_t i, j, c
-    cdef Py_ssize_t nv = C - C % ROW_LANES
-    cdef float xh, g, dxh, m1, m2
-    for j in range(ROW_LANES):
-        a1[j] = 0.0
-        a2[j] = 0.0
-    for i in range(0, nv, 8):
-        for j in range(ROW_LANES):
-            xh = (xr[i + j] - m) * rs
-            g = doutr[i + j]
-            dxh = g * weight[i + j]
-            a1[j] += <double>dxh
-            a2[j] += <double>dxh * <double>xh
-            pw[i + j] += <double>g * <double>xh
-            pb[i + j] += <double>g
-    for c in range(nv, C):
-        xh = (xr[c] - m) * rs
-        g = doutr[c]
-        dxh = g * weight[c]
-        a1[c - nv] += <double>dxh
-        a2[c - nv] += <double>dxh * <double>xh
-        pw[c] += <double>g * <double>xh
-        pb[c] += <double>g
-    m1 = <float>(lanes_total(a1) / C)
-    m2 = <float>(lanes_total(a2) / C)
+    # Three plain loops over the row (it stays in L1) rather than one fused loop: each is
+    # simple enough for gcc to vectorize.
+    cdef Py_ssize_t c
+    cdef float xh, m1, m2
+    cdef DoublePair sums = _layernorm_backward_sums(doutr, xr, weight, m, rs, C)
+    m1 = <float>(sums.a / C)
+    m2 = <float>(sums.b / C)
     for c in range(C):
         xh = (xr[c] - m) * rs
         dxr[c] += rs * ((doutr[c] * weight[c] - m1) - xh * m2)
+    for c in range(C):
+        pw[c] += <double>doutr[c] * <double>((xr[c] - m) * rs)
+        pb[c] += <double>doutr[c]
 
 
 cdef void _layernorm_backward(float* dx, float* dweight, float* dbias, double* partials,

@@ -367,6 +367,10 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
         out_dir = _default_out_dir()
     out_dir = _prepare_out_dir(out_dir)
     ckpt_path = out_dir / "ckpt.npz"
+    if resumed is None and ckpt_path.exists():
+        # A fresh run would overwrite that run's weights and metrics.
+        raise TrainError(f"{str(out_dir)!r} already holds a run (ckpt.npz); continue it with "
+                         f"--resume {ckpt_path} or choose another --out")
     metrics_path = out_dir / "metrics.csv"
 
     # ---- start-up report ----

@@ -135,6 +135,14 @@ def test_stop_at_prints_how_to_continue(tmp_path, text_path, capsys):
     assert checkpoint.load(tmp_path / "run" / "ckpt.npz").step == 9
 
 
+def test_fresh_run_refuses_to_overwrite_a_run(tmp_path, text_path):
+    _run(tmp_path / "r", 3, text_path, eval_every=0)
+    before = (tmp_path / "r" / "ckpt.npz").read_bytes()
+    with pytest.raises(TrainError, match="already holds a run.*--resume"):
+        _run(tmp_path / "r", 3, text_path, eval_every=0)
+    assert (tmp_path / "r" / "ckpt.npz").read_bytes() == before
+
+
 def test_loss_decreases_on_repetitive_text(tmp_path):
     p = tmp_path / "rep.txt"
     p.write_text("hello world, hello moon. " * 80)

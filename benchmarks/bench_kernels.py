@@ -1,9 +1,10 @@
 """Time every randygpt kernel against its NumPy reference on the model's real shapes.
 
 Usage:
-    python benchmarks/bench_kernels.py [--threads N] [--repeat R] [--json] [--only NAME,...] [--quick]
+    python benchmarks/bench_kernels.py [--threads N] [--repeat R] [--json] [--only NAME,...]
+                                       [--quick]
 
-    --threads N   threads for randygpt's kernels and for NumPy's BLAS alike (default: all usable CPUs)
+    --threads N   threads for randygpt's kernels and NumPy's BLAS alike (default: all usable CPUs)
     --repeat R    timed samples per kernel; the median is reported (default 7)
     --json        print one JSON document instead of the table
     --only LIST   comma-separated kernel families or names, e.g. matmul,rmsnorm,adamw_step
@@ -425,7 +426,7 @@ def all_cases(d):
 # --- running --------------------------------------------------------------------------------
 
 def load_families(wanted):
-    """{family: (kernel module, reference module)} for those built; {family: reason} for the rest."""
+    """({family: (kernel module, reference module)} of those built, {family: why} of the rest)."""
     loaded, skipped = {}, {}
     for family in wanted:
         try:

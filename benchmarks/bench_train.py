@@ -85,16 +85,21 @@ def blas_worker(cfg, n_threads, repeat):
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
+
+    def randn(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
     total = 0.0
     with threadpool_limits(limits=n_threads, user_api="blas"):
         for _, M, K, N, layout, count in step_gemms(cfg):
-            # Operands stored as the model stores them; NumPy sees the same transposes.
+            # Operands stored as the model stores them, so NumPy sees the same transposes:
+            # NT x (M, K) . W^T with W (N, K); NN dy (M, K) . W (K, N); TN dy^T with dy (K, M).
             if layout == "NT":
-                a, b = rng.standard_normal((M, K), np.float32), rng.standard_normal((N, K), np.float32).T
+                a, b = randn(M, K), randn(N, K).T
             elif layout == "NN":
-                a, b = rng.standard_normal((M, K), np.float32), rng.standard_normal((K, N), np.float32)
+                a, b = randn(M, K), randn(K, N)
             else:
-                a, b = rng.standard_normal((K, M), np.float32).T, rng.standard_normal((K, N), np.float32)
+                a, b = randn(K, M).T, randn(K, N)
             c = np.empty((M, N), np.float32)
             (seconds,) = time_interleaved([lambda: np.matmul(a, b, out=c)], repeat)
             total += seconds * count
@@ -134,6 +139,7 @@ class KernelProfiler:
         return timed
 
     def install(self):
+        wrappers = {}  # id(kernel) -> its timed wrapper
         for family in KERNEL_FAMILIES:
             module = importlib.import_module(f"randygpt._kernels.{family}")
             for name in dir(module):
@@ -141,8 +147,19 @@ class KernelProfiler:
                 if name.startswith("_") or name in NOT_KERNELS or isinstance(fn, type) \
                         or not callable(fn):
                     continue
-                self._saved.append((module, name, fn))
-                setattr(module, name, self._wrap(name, fn))
+                wrappers[id(fn)] = self._wrap(name, fn)
+                self._replace(module, name, wrappers[id(fn)])
+        # A module that bound a kernel by name at import (from .matmul import gemm) holds its
+        # own reference: replace those too.
+        for caller in ("randygpt.model", "randygpt.optim"):
+            module = importlib.import_module(caller)
+            for name, obj in list(vars(module).items()):
+                if id(obj) in wrappers:
+                    self._replace(module, name, wrappers[id(obj)])
+
+    def _replace(self, module, name, new):
+        self._saved.append((module, name, getattr(module, name)))
+        setattr(module, name, new)
 
     def uninstall(self):
         for module, name, fn in reversed(self._saved):

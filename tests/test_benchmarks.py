@@ -123,7 +123,7 @@ def test_bench_train_json():
     need_model()
     # PyTorch only when it is installed: its import alone takes seconds.
     with_torch = importlib.util.find_spec("torch") is not None
-    proc = run_script("bench_train.py", "--quick", "--threads", "1", "--json",
+    proc = run_script("bench_train.py", "--quick", "--threads", "1", "--json", "--profile",
                       *([] if with_torch else ["--no-torch"]))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
@@ -142,6 +142,13 @@ def test_bench_train_json():
     assert ours["tokens_per_s"] > 0 and 0 < ours["share_of_numpy_gemm"]
     assert run["numpy_gemm"]["gemm_ms"] > 0
     assert doc["gemm_gflop_per_step"] > 0
+    # The profile sees every kernel call: per step, one lm_head plus 4 linear layers per block
+    # go backward through matmul_backward, and the kernels fit inside the step's time.
+    profile = ours["profile"]
+    calls = {(r["phase"], r["kernel"]): r["calls"] for r in profile["kernels"]}
+    assert calls[("backward", "matmul_backward")] == 4 * doc["config"]["n_layer"] + 1
+    assert calls[("optimizer", "adamw_step")] == 1
+    assert 0 < sum(r["ms"] for r in profile["kernels"]) <= profile["step_ms"]
 
 
 def test_bench_train_profile_table():

@@ -193,6 +193,8 @@ def test_bad_dtype_shape_contiguity(rng):
         xent.cross_entropy_forward(losses, logits.reshape(7, 11, 1), targets, 1)
     with pytest.raises(ValueError, match="dloss must be finite"):
         xent.cross_entropy_backward(np.zeros_like(logits), logits, targets, np.nan, 1)
+    with pytest.raises(TypeError, match="dloss must be a real number"):
+        xent.cross_entropy_backward(np.zeros_like(logits), logits, targets, "1.0", 1)
 
 
 def test_aliasing_rejected(rng):
@@ -205,7 +207,7 @@ def test_aliasing_rejected(rng):
         xent.cross_entropy_forward(logits.reshape(-1)[:7], logits, targets, 1)
 
 
-@pytest.mark.parametrize("n_threads,exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+@pytest.mark.parametrize("n_threads,exc", [(0, ValueError), (-2, ValueError), (2**40, ValueError), (1.5, TypeError),
                                            (True, TypeError), (None, TypeError)])
 def test_bad_n_threads(rng, n_threads, exc):
     logits, targets = make_case(rng, 7, 11)

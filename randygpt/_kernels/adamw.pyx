@@ -120,8 +120,8 @@ def _check_flat(name, a, dtype, P=None):
 def _check_threads(n_threads):
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
         raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if not 1 <= n_threads <= 1 << 16:
+        raise ValueError(f"n_threads must be between 1 and 65536, got {n_threads}")
     return int(n_threads)
 
 

@@ -6,6 +6,8 @@
 # Parallel over rows: each row's max, log-sum-exp, loss and gradient row depend on that row
 # only, so threads write disjoint memory. The mean loss is summed afterwards, serially in row
 # order, which makes it independent of the thread count.
+import math
+
 import numpy as np
 
 from cython.parallel cimport prange
@@ -198,8 +200,8 @@ def _check_array(name, a, dtype, ndim):
 def _check_threads(n_threads):
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
         raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if not 1 <= n_threads <= 1 << 16:
+        raise ValueError(f"n_threads must be between 1 and 65536, got {n_threads}")
     return int(n_threads)
 
 
@@ -284,8 +286,10 @@ def cross_entropy_backward(dlogits, logits, targets, dloss, n_threads):
     cdef int nt = _check_threads(n_threads)
     N, V = _check_inputs(logits, targets)
     _check_grad("dlogits", dlogits, logits, targets)
+    if isinstance(dloss, bool) or not isinstance(dloss, (int, float, np.integer, np.floating)):
+        raise TypeError(f"dloss must be a real number, got {type(dloss).__name__}")
     dloss = float(dloss)
-    if not np.isfinite(dloss):
+    if not math.isfinite(dloss):
         raise ValueError(f"dloss must be finite, got {dloss}")
     cdef float[:, ::1] dz = dlogits
     cdef const float[:, ::1] z = logits

@@ -278,6 +278,25 @@ def test_overfits_one_batch(rng):
     assert loss < 0.5, loss
 
 
+def test_training_step_allocates_nothing(rng):
+    import tracemalloc
+
+    model = GPT(Config(vocab_size=11, n_embd=32, n_head=4, n_layer=2, block_size=16))
+    idx, targets = batch(rng, model.config, 4, 16)  # int64: converted into the arena's int32
+    model.forward(idx, targets, step=0)
+    model.backward()
+    tracemalloc.start()  # NumPy reports its array buffers to tracemalloc
+    try:
+        model.forward(idx, targets, step=1)
+        model.backward()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A few Python objects per call, but no activation-sized array (the smallest, one
+    # (N, C) buffer, is 8 KB here; the arena is hundreds of KB).
+    assert peak < 8192, peak
+
+
 def test_arena_is_reallocated_only_when_shape_changes(rng):
     model = GPT(tiny_config())
     idx, targets = batch(rng, model.config, 2, 5)

@@ -140,7 +140,8 @@ def format_table(headers, rows):
     def is_number(cell):
         return cell[:1].isdigit() or (cell[:1] in "-+." and cell[1:2].isdigit())
 
-    numeric = [any(is_number(row[i]) for row in rows) for i in range(len(headers))]
+    numeric = [all(is_number(row[i]) or row[i] == "-" for row in rows)
+               for i in range(len(headers))]
 
     def line(cells):
         return "  ".join(c.rjust(w) if num else c.ljust(w)

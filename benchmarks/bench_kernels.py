@@ -606,6 +606,10 @@ def main(argv=None):
 
     randygpt.set_num_threads(args.threads if args.threads is not None else -1)
     n_threads = randygpt.effective_n_threads()
+    if args.threads is not None and n_threads != args.threads:
+        print(f"note: --threads {args.threads} runs as {n_threads} thread(s) "
+              f"({randygpt._kernels.usable_cpus()} usable CPUs, OpenMP "
+              f"{'on' if randygpt.openmp_enabled() else 'off'})", file=sys.stderr)
     families = [f for f in FAMILIES if any(c.family == f for c in cases)]
     loaded, skipped = load_families(families)
     rng = np.random.default_rng(SEED)

@@ -312,3 +312,11 @@ def test_ctrl_c_in_subprocess_exits_130_with_summary(tmp_path, text_path):
     assert m, rest
     assert checkpoint.load(tmp_path / m.group(2)).step == int(m.group(1))
     assert "--resume" in rest
+
+
+def test_format_duration():
+    assert train.format_duration(0) == "0s"
+    assert train.format_duration(59.4) == "59s"
+    assert train.format_duration(250) == "4m10s"
+    assert train.format_duration(3725) == "1h02m"
+    assert train.format_duration(float("inf")) == "?"

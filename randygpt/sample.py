@@ -48,8 +48,14 @@ class KVCache:
     Only eval-mode forward is possible (no dropout): this is for generation.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, use_kernel=False):
         cfg = model.config
+        # use_kernel: run the products through our GEMM kernel instead of NumPy's BLAS; only
+        # for the benchmark that justifies the default (see the module docstring).
+        self.use_kernel = bool(use_kernel)
+        if self.use_kernel:
+            from ._kernels.matmul import matmul_forward
+            self._matmul_forward = matmul_forward
         self.model = model
         self.config = cfg
         C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
@@ -96,6 +102,14 @@ class KVCache:
     def reset(self):
         self.length = 0
 
+    def _linear(self, x, w):
+        """x (n, IC) @ w (OC, IC)^T -> (n, OC) float32, reading w in place."""
+        if not self.use_kernel:
+            return x @ w.T
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        self._matmul_forward(out, np.ascontiguousarray(x), w, 1)
+        return out
+
     def _norm(self, x, params):
         # Mean and variance in float64, as the kernels do; the result is stored as float32.
         eps = self.config.norm_eps
@@ -130,10 +144,10 @@ class KVCache:
         for li, w in enumerate(self._layers):
             h = self._norm(x, w["norm1"])
             if w["wqkv"] is not None:
-                qkv = h @ w["wqkv"].T                                         # (n, 3C)
+                qkv = self._linear(h, w["wqkv"])                              # (n, 3C)
                 q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
             else:
-                q, k, v = h @ w["wq"].T, h @ w["wk"].T, h @ w["wv"].T
+                q, k, v = (self._linear(h, w[name]) for name in ("wq", "wk", "wv"))
             self.k[li, t0:t1] = k
             self.v[li, t0:t1] = v
             qh = q.reshape(n, NH, HS).transpose(1, 0, 2)                      # (NH, n, HS)
@@ -146,14 +160,14 @@ class KVCache:
             att = np.exp(scores)
             att /= att.sum(axis=-1, keepdims=True)
             y = (att.astype(np.float32) @ vh).transpose(1, 0, 2).reshape(n, C)  # (n, C)
-            x += y @ w["wo"].T
+            x += self._linear(y, w["wo"])
             h = self._norm(x, w["norm2"])
-            hidden = h @ w["fc1"].T                                           # (n, 4C)
+            hidden = self._linear(h, w["fc1"])                                # (n, 4C)
             np.maximum(hidden, 0, out=hidden)
             hidden *= hidden
-            x += hidden @ w["fc2"].T
+            x += self._linear(hidden, w["fc2"])
         self.length = t1
-        return x @ self._lm_head.T                                            # (n, V)
+        return self._linear(x, self._lm_head)                                 # (n, V)
 
 
 class ContextWindow:
@@ -164,11 +178,11 @@ class ContextWindow:
     whole window (the reference, and the slow path the benchmark compares against).
     """
 
-    def __init__(self, model, use_cache=True):
+    def __init__(self, model, use_cache=True, use_kernel=False):
         self.model = model
         self.block_size = model.config.block_size
         self.keep = window_keep(self.block_size)
-        self.cache = KVCache(model) if use_cache else None
+        self.cache = KVCache(model, use_kernel=use_kernel) if use_cache else None
         self.tokens = []
         self.rebuilds = 0
 

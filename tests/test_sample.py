@@ -62,6 +62,16 @@ def test_cached_logits_match_full_forward(norm, prompt_len, rng):
     assert window.rebuilds >= 3  # the comparison ran well past the context, across slides
 
 
+def test_kernel_products_give_the_same_logits(rng):
+    # The benchmark's alternative: our GEMM kernel (M = 1 row) instead of NumPy's BLAS.
+    model, tok = tiny_model()
+    ids = rng.integers(0, tok.vocab_size, 20)
+    a, b = KVCache(model), KVCache(model, use_kernel=True)
+    assert_close(b.forward(ids[:5]), a.forward(ids[:5]), rtol=1e-5, atol=1e-5)
+    for t in ids[5:8]:
+        assert_close(b.forward(np.array([t])), a.forward(np.array([t])), rtol=1e-5, atol=1e-5)
+
+
 def test_window_rule(rng):
     model, tok = tiny_model(block_size=8)
     T, keep = 8, window_keep(8)

@@ -15,6 +15,7 @@
  */
 
 #define ATTN_VEC ATTN_FN(vec)
+#define ATTN_IVEC ATTN_FN(ivec)
 #define ATTN_LOAD ATTN_FN(load)
 #define ATTN_STORE ATTN_FN(store)
 
@@ -249,6 +250,92 @@ ATTN_TARGET static inline void ATTN_FN(rows_acc)(float *restrict y, const float 
     }
 }
 
+#if ATTN_VW > 1
+typedef int32_t ATTN_IVEC __attribute__((vector_size(ATTN_VW * 4)));
+
+/* mask ? a : b, lane by lane (a mask lane is all ones or all zeros). */
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(select)(ATTN_IVEC mask, ATTN_VEC a, ATTN_VEC b)
+{
+    return (ATTN_VEC)((mask & (ATTN_IVEC)a) | (~mask & (ATTN_IVEC)b));
+}
+
+/* attn_exp_nonpos on every lane (see attention_impl.h for the method and its error). */
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(exp_nonpos)(ATTN_VEC x)
+{
+    const ATTN_VEC zero = {0};
+    const ATTN_VEC lo = zero - 87.0f;
+    const ATTN_VEC xc = ATTN_FN(select)(x >= lo, x, lo);
+    const ATTN_VEC n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    ATTN_VEC r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    ATTN_VEC p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const ATTN_IVEC bits = (__builtin_convertvector(n, ATTN_IVEC) + 127) << 23;
+    const ATTN_VEC e = p * (ATTN_VEC)bits;
+    return ATTN_FN(select)(x >= lo, e, ATTN_FN(select)(x < lo, zero, x));
+}
+
+/* max(m, x) lane by lane, keeping m where x is NaN. */
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)
+{
+    return ATTN_FN(select)(x > m, x, m);
+}
+#else
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(exp_nonpos)(ATTN_VEC x)
+{
+    return attn_exp_nonpos(x);
+}
+
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)
+{
+    return x > m ? x : m;
+}
+#endif
+
+/* One row of the causal softmax: p[j] = softmax(scale * s[0..n))_j for j < n and
+ * p[j] = 0 for n <= j < T (the masked keys). s (padded to whole vectors) is
+ * clobbered. The loops run over whole vectors: the masked keys inside the last vector
+ * are set to -inf and come out of the exponential as exactly 0. */
+ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *restrict s,
+                                                    ptrdiff_t n, ptrdiff_t T, float scale)
+{
+    const ptrdiff_t VW = ATTN_VW, nf = (n + VW - 1) / VW * VW;
+    for (ptrdiff_t j = n; j < nf; ++j)
+        s[j] = -INFINITY;
+    const ATTN_VEC zero = {0};
+    ATTN_VEC m = zero - INFINITY;
+    for (ptrdiff_t j = 0; j < nf; j += VW) {
+        const ATTN_VEC x = ATTN_LOAD(s + j) * scale;
+        ATTN_STORE(s + j, x);
+        m = ATTN_FN(max)(m, x);
+    }
+    /* Max subtraction keeps every exponent <= 0. A NaN may be skipped by the max, but
+     * it still reaches the whole row through the sum. */
+    float lanes[ATTN_VW];
+    ATTN_STORE(lanes, m);
+    float mx = lanes[0];
+    for (int l = 1; l < ATTN_VW; ++l)
+        mx = lanes[l] > mx ? lanes[l] : mx;
+    for (ptrdiff_t j = 0; j < nf; j += VW)
+        ATTN_STORE(s + j, ATTN_FN(exp_nonpos)(ATTN_LOAD(s + j) - mx));
+    const float inv = (float)(1.0 / attn_sum_double(s, nf));
+    ptrdiff_t j = 0;
+    if (nf <= T) {
+        for (; j < nf; j += VW)
+            ATTN_STORE(p + j, ATTN_LOAD(s + j) * inv);
+    } else {
+        for (; j < n; ++j)
+            p[j] = s[j] * inv;
+    }
+    for (; j < T; ++j)
+        p[j] = 0.0f;
+}
+
 /* Forward for pair task = b * NH + h; see attention_forward_task in attention_impl.h.
  * Query rows go two at a time (i, i + 1): both take scores for keys 0..i+1 (row i's
  * extra score is dropped) and the weighted sums share their loads of v. */
@@ -286,15 +373,15 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
         if (rows == 2) {
             float *p1 = p0 + T, *y1 = y0 + C;
             ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
-            attn_softmax_row(p0, s0, i + 1, T, scale);
-            attn_softmax_row(p1, s1, i + 2, T, scale);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
+            ATTN_FN(softmax_row)(p1, s1, i + 2, T, scale);
             /* y_i = sum_{j <= i} P_ij v_j, and y_{i+1} likewise with one more term */
             memset(y1, 0, (size_t)HS * sizeof(float));
             ATTN_FN(rows_acc2)(y0, y1, p0, p1, 1, vp, 0, i + 1, HS);
             ATTN_FN(rows_acc)(y1, p1, 1, vp, i + 1, i + 2, HS);
         } else {
             ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
-            attn_softmax_row(p0, s0, i + 1, T, scale);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
             ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS);
         }
     }
@@ -402,5 +489,6 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
 }
 
 #undef ATTN_VEC
+#undef ATTN_IVEC
 #undef ATTN_LOAD
 #undef ATTN_STORE

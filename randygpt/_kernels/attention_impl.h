@@ -85,25 +85,6 @@ static inline double attn_dot_double(const float *a, const float *b, ptrdiff_t n
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
-/* max of x[0..n), n >= 1, over lanes. A NaN may be skipped here, but it still
- * reaches every probability of its row through x - max. */
-static inline float attn_max(const float *x, ptrdiff_t n)
-{
-    float m[8];
-    for (int l = 0; l < 8; ++l)
-        m[l] = x[0];
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; ++l)
-            m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (int l = 0; j < n; ++j, ++l)
-        m[l] = x[j] > m[l] ? x[j] : m[l];
-    float r = m[0];
-    for (int l = 1; l < 8; ++l)
-        r = m[l] > r ? m[l] : r;
-    return r;
-}
-
 /* e^x for x <= 0 (scores minus their row max), as a loop gcc can vectorize: libm's
  * expf is a scalar call and was the largest cost of the forward. Cody-Waite
  * reduction x = n ln2 + r with |r| <= ln2/2, then a degree-6 polynomial for e^r
@@ -136,13 +117,10 @@ static inline float attn_exp_nonpos(float x)
     return x >= lo ? e : (x < lo ? 0.0f : x);
 }
 
-/* x[j] = e^(x[j] - m) in place; returns the sum of the new values, taken in double
- * over lanes (a row of T terms in (0, 1]; double keeps the normalizer exact to float
- * precision for any T). */
-static inline double attn_exp_sum(float *x, ptrdiff_t n, float m)
+/* sum_j x[j] in double over 4 lanes added in a fixed order: the softmax normalizer,
+ * exact to float precision for any T. */
+static inline double attn_sum_double(const float *x, ptrdiff_t n)
 {
-    for (ptrdiff_t j = 0; j < n; ++j)
-        x[j] = attn_exp_nonpos(x[j] - m);
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     ptrdiff_t j = 0;
     for (; j + 4 <= n; j += 4)
@@ -151,22 +129,6 @@ static inline double attn_exp_sum(float *x, ptrdiff_t n, float m)
     for (int l = 0; j < n; ++j, ++l)
         acc[l] += (double)x[j];
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
-}
-
-/* One row of the causal softmax: p[j] = softmax(scale * s[0..n))_j for j < n and
- * p[j] = 0 for n <= j < T (the masked keys). s is clobbered. */
-static inline void attn_softmax_row(float *restrict p, float *restrict s, ptrdiff_t n,
-                                    ptrdiff_t T, float scale)
-{
-    for (ptrdiff_t j = 0; j < n; ++j)
-        s[j] *= scale;
-    /* Max subtraction keeps every exponent <= 0. */
-    const float m = attn_max(s, n);
-    const float inv = (float)(1.0 / attn_exp_sum(s, n, m));
-    for (ptrdiff_t j = 0; j < n; ++j)
-        p[j] = s[j] * inv;
-    for (ptrdiff_t j = n; j < T; ++j)
-        p[j] = 0.0f;
 }
 
 /* Softmax backward on one row, in place: given dP in ds and P in p (n entries),

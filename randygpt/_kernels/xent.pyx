@@ -147,24 +147,38 @@ cdef void xent_rows(float* losses, float* dlogits, const float* logits, const in
         losses[i] = row_loss(logits + i * V, targets[i], dz, inv_n, write_grad, V)
 
 
+# Rows up to this long keep their exponentials in a stack buffer during backward (16 KiB);
+# longer rows compute each exponential twice rather than allocate.
+DEF ROW_BUFFER = 4096
+
+
+cdef inline void backward_row(float* dz, const float* z, int y, double g,
+                              Py_ssize_t V) noexcept nogil:
+    # Differentiates loss = mean_i (lse(z_i) - z_i[y_i]):
+    # d/dz_ij = dloss * (exp(z_ij - lse_i) - [j == y_i]) / N, with g = dloss / N.
+    cdef float e[ROW_BUFFER]
+    cdef float mx = row_max(z, V)
+    cdef double s
+    cdef float scale
+    cdef Py_ssize_t j
+    if V <= ROW_BUFFER:
+        s = sum_exp(e, z, mx, V)
+        scale = <float>(g / s)
+        for j in range(V):
+            dz[j] += e[j] * scale
+    else:
+        s = sum_exp(NULL, z, mx, V)
+        add_scaled_exp(dz, z, mx, <float>(g / s), V)
+    dz[y] -= <float>g
+
+
 cdef void xent_backward_rows(float* dlogits, const float* logits, const int* targets,
                              double dloss, Py_ssize_t N, Py_ssize_t V,
                              int n_threads) noexcept nogil:
-    # Differentiates loss = mean_i (lse(z_i) - z_i[y_i]):
-    # d/dz_ij = dloss * (exp(z_ij - lse_i) - [j == y_i]) / N.
     cdef Py_ssize_t i
-    cdef const float* z
-    cdef float* dz
-    cdef float mx
-    cdef double s
     cdef double g = dloss / <double>N
     for i in prange(N, schedule="static", num_threads=n_threads):
-        z = logits + i * V
-        dz = dlogits + i * V
-        mx = row_max(z, V)
-        s = sum_exp(NULL, z, mx, V)
-        add_scaled_exp(dz, z, mx, <float>(g / s), V)
-        dz[targets[i]] -= <float>g
+        backward_row(dlogits + i * V, logits + i * V, targets[i], g, V)
 
 
 cdef double mean_in_row_order(const float* losses, Py_ssize_t N) noexcept nogil:

@@ -22,6 +22,15 @@ THREAD_SHAPES = [(5, 7), (37, 129)]
 COUNTERS = dict(seed=1234, step=7, layer=3, site=1)
 
 
+@pytest.fixture(params=act.available_isas())
+def isa(request):
+    """Run a dropout test on each SIMD path this CPU has, then restore the default."""
+    before = act.get_isa()
+    act.set_isa(request.param)
+    yield request.param
+    act.set_isa(before)
+
+
 def _f32(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
@@ -119,7 +128,7 @@ def test_dropout_threshold_rounds_half_up(p, threshold):
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES)
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
-def test_dropout_mask_matches_reference_bit_for_bit(shape, p):
+def test_dropout_mask_matches_reference_bit_for_bit(isa, shape, p):
     mask = _mask(shape, p, 2**63 + 5, 4242, 5, 1, n_threads=2)
     mask_ref = np.empty(shape, np.float32)
     dropout_mask_ref(mask_ref, p, 2**63 + 5, 4242, 5, 1)
@@ -175,7 +184,7 @@ def test_dropout_mask_is_a_function_of_the_flat_index():
     assert_bitwise_equal(c.reshape(-1), b, name="(4,15) vs (60,)")
 
 
-def test_dropout_p_zero_is_identity(rng):
+def test_dropout_p_zero_is_identity(isa, rng):
     x, r0 = _f32(rng, 7, 9), _f32(rng, 7, 9)
     assert np.all(_mask((7, 9), 0.0, **COUNTERS) == 1)
     out = np.empty_like(x)
@@ -192,7 +201,7 @@ def test_dropout_p_zero_is_identity(rng):
 # ------------------------------------------------------------------------------- dropout kernels
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES)
-def test_dropout_forward_matches_reference(rng, shape):
+def test_dropout_forward_matches_reference(isa, rng, shape):
     x = _f32(rng, *shape)
     out = np.empty_like(x)
     act.dropout_forward(out, x, 0.2, **COUNTERS, n_threads=2)
@@ -203,27 +212,36 @@ def test_dropout_forward_matches_reference(rng, shape):
 
 
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES)
-def test_dropout_backward_and_add_match_reference(rng, shape):
+def test_dropout_backward_and_add_match_reference(isa, rng, shape):
+    # Bit for bit: the kernels never fuse a += b * mask into an FMA (fp-contract is off), so
+    # they round exactly as NumPy does (a product, then a sum).
     dout, start = _f32(rng, *shape), _f32(rng, *shape)
     dx = start.copy()
     act.dropout_backward(dx, dout, 0.2, **COUNTERS, n_threads=2)
     dx_ref = start.copy()
     dropout_backward_ref(dx_ref, dout, 0.2, **COUNTERS)
-    assert_close(dx, dx_ref, name="dx")
+    assert_bitwise_equal(dx, dx_ref, name="dx")
     resid = start.copy()
     act.dropout_add_forward(resid, dout, 0.2, **COUNTERS, n_threads=2)
     resid_ref = start.copy()
     dropout_add_forward_ref(resid_ref, dout, 0.2, **COUNTERS)
-    assert_close(resid, resid_ref, name="resid")
+    assert_bitwise_equal(resid, resid_ref, name="resid")
 
 
-def test_dropout_add_equals_resid_plus_dropout_forward(rng):
+def test_dropout_add_equals_resid_plus_dropout_forward(isa, rng):
     x, r0 = _f32(rng, 33, 17), _f32(rng, 33, 17)
     y = np.empty_like(x)
     act.dropout_forward(y, x, 0.25, **COUNTERS, n_threads=1)
     resid = r0.copy()
     act.dropout_add_forward(resid, x, 0.25, **COUNTERS, n_threads=1)
-    assert_close(resid, r0 + y, rtol=1e-6, name="resid")
+    assert_bitwise_equal(resid, r0 + y, name="resid")
+
+
+def test_dropout_isa_selection():
+    isas = act.available_isas()
+    assert isas[-1] == "sse2" and act.get_isa() in isas
+    with pytest.raises(ValueError, match="set_isa: isa must be one of"):
+        act.set_isa("avx9000")
 
 
 def test_dropout_backward_ref_matches_finite_differences(rng):
@@ -242,7 +260,7 @@ def test_dropout_backward_ref_matches_finite_differences(rng):
 
 
 @pytest.mark.parametrize("shape", THREAD_SHAPES)
-def test_dropout_bit_identical_across_threads(rng, shape):
+def test_dropout_bit_identical_across_threads(isa, rng, shape):
     x, start = _f32(rng, *shape), _f32(rng, *shape)
 
     def run(nt):

@@ -31,20 +31,155 @@ import numbers
 import numpy as np
 
 from cython.parallel cimport prange
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 __all__ = ["squared_relu_forward", "squared_relu_backward", "dropout_mask", "dropout_forward",
-           "dropout_backward", "dropout_add_forward", "dropout_key", "dropout_threshold"]
+           "dropout_backward", "dropout_add_forward", "dropout_key", "dropout_threshold",
+           "available_isas", "get_isa", "set_isa"]
 
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* The dropout loops are written in C because the hash is their whole cost (scalar code
+       spends ~6 cycles per element on it) and it vectorizes well once the CPU can multiply
+       64-bit lanes: the same body is compiled three times, for baseline SSE2, AVX2 (64-bit
+       multiplies emulated) and AVX-512 (native vpmullq), and one is picked at import
+       (available_isas / set_isa let tests run each path). The module stays baseline x86-64.
+       fp-contract is off so that no path fuses a += b * mask into an FMA: every path then
+       rounds like the NumPy reference, and dropout_add equals resid + dropout_forward bit for
+       bit, on any CPU. */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    #define RANDYGPT_DROPOUT_X86 1
+    #pragma GCC push_options
+    #pragma GCC optimize("fp-contract=off")
+    #endif
+
     #define RANDYGPT_DROPOUT_GOLDEN 0x9E3779B97F4A7C15ULL
-    #define RANDYGPT_DROPOUT_MIX1 0xBF58476D1CE4E5B9ULL
-    #define RANDYGPT_DROPOUT_MIX2 0x94D049BB133111EBULL
+
+    static inline uint64_t randygpt_mix64(uint64_t z) {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+
+    /* The mask value of element i: scale's bits AND-ed with all ones (kept) or all zeros
+       (dropped). A ternary would become a branch, mispredicted on about every dropped element. */
+    static inline float randygpt_dropout_at(uint64_t key, int64_t i, uint32_t threshold,
+                                            uint32_t scale_bits) {
+        uint32_t top = (uint32_t)(randygpt_mix64(key + (uint64_t)(i + 1) * RANDYGPT_DROPOUT_GOLDEN) >> 40);
+        uint32_t u = scale_bits & (0u - (uint32_t)(top >= threshold));
+        float m;
+        memcpy(&m, &u, sizeof m);
+        return m;
+    }
+
+    /* op 0: a = mask; op 1: a = b * mask; op 2: a += b * mask, for i in [lo, hi).
+       a and b never overlap (the wrappers check), hence restrict. */
+    static inline __attribute__((always_inline)) void randygpt_dropout_body(
+            int op, float *restrict a, const float *restrict b, int64_t lo, int64_t hi,
+            uint64_t key, uint32_t threshold, float scale) {
+        uint32_t sb;
+        memcpy(&sb, &scale, sizeof sb);
+        if (threshold == 0) {  /* nothing is dropped (p == 0, or p < 2**-25): skip the hash */
+            if (op == 0)      for (int64_t i = lo; i < hi; i++) a[i] = scale;
+            else if (op == 1) for (int64_t i = lo; i < hi; i++) a[i] = b[i] * scale;
+            else              for (int64_t i = lo; i < hi; i++) a[i] += b[i] * scale;
+            return;
+        }
+        if (op == 0)      for (int64_t i = lo; i < hi; i++) a[i] = randygpt_dropout_at(key, i, threshold, sb);
+        else if (op == 1) for (int64_t i = lo; i < hi; i++) a[i] = b[i] * randygpt_dropout_at(key, i, threshold, sb);
+        else              for (int64_t i = lo; i < hi; i++) a[i] += b[i] * randygpt_dropout_at(key, i, threshold, sb);
+    }
+
+    typedef void (*randygpt_dropout_fn)(int, float *, const float *, int64_t, int64_t, uint64_t,
+                                        uint32_t, float);
+
+    static void randygpt_dropout_sse2(int op, float *a, const float *b, int64_t lo, int64_t hi,
+                                      uint64_t key, uint32_t threshold, float scale) {
+        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    }
+
+    #ifdef RANDYGPT_DROPOUT_X86
+    __attribute__((target("avx2")))
+    static void randygpt_dropout_avx2(int op, float *a, const float *b, int64_t lo, int64_t hi,
+                                      uint64_t key, uint32_t threshold, float scale) {
+        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    }
+
+    __attribute__((target("avx2,avx512f,avx512dq,avx512vl,avx512bw")))
+    static void randygpt_dropout_avx512(int op, float *a, const float *b, int64_t lo, int64_t hi,
+                                        uint64_t key, uint32_t threshold, float scale) {
+        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    }
+    #pragma GCC pop_options
+    #endif
+
+    /* Paths, fastest first: 0 avx512, 1 avx2, 2 sse2. */
+    static int randygpt_dropout_isa_supported(int isa) {
+    #ifdef RANDYGPT_DROPOUT_X86
+        __builtin_cpu_init();
+        if (isa == 0)
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+        if (isa == 1)
+            return __builtin_cpu_supports("avx2");
+    #endif
+        return isa == 2;
+    }
+
+    static randygpt_dropout_fn randygpt_dropout_impl = randygpt_dropout_sse2;
+
+    static void randygpt_dropout_set_isa(int isa) {
+    #ifdef RANDYGPT_DROPOUT_X86
+        if (isa == 0) { randygpt_dropout_impl = randygpt_dropout_avx512; return; }
+        if (isa == 1) { randygpt_dropout_impl = randygpt_dropout_avx2; return; }
+    #endif
+        randygpt_dropout_impl = randygpt_dropout_sse2;
+    }
+
+    static void randygpt_dropout_span(int op, float *a, const float *b, int64_t lo, int64_t hi,
+                                      uint64_t key, uint32_t threshold, float scale) {
+        randygpt_dropout_impl(op, a, b, lo, hi, key, threshold, scale);
+    }
     """
     const uint64_t GOLDEN "RANDYGPT_DROPOUT_GOLDEN"
-    const uint64_t MIX1 "RANDYGPT_DROPOUT_MIX1"
-    const uint64_t MIX2 "RANDYGPT_DROPOUT_MIX2"
+    uint64_t _mix64 "randygpt_mix64"(uint64_t z) noexcept nogil
+    void _dropout_span "randygpt_dropout_span"(int op, float* a, const float* b, int64_t lo,
+                                               int64_t hi, uint64_t key, uint32_t threshold,
+                                               float scale) noexcept nogil
+    bint _isa_supported "randygpt_dropout_isa_supported"(int isa) noexcept
+    void _set_isa_code "randygpt_dropout_set_isa"(int isa) noexcept
+
+# Dropout's SIMD paths, fastest first; the index is the code the C dispatcher uses.
+_ISA_NAMES = ("avx512", "avx2", "sse2")
+_isa = "sse2"
+
+
+def available_isas():
+    """Names of the dropout paths this CPU runs, fastest first (e.g. ["avx512", "avx2", "sse2"])."""
+    return [name for code, name in enumerate(_ISA_NAMES) if _isa_supported(code)]
+
+
+def get_isa():
+    """Name of the dropout path in use."""
+    return _isa
+
+
+def set_isa(name):
+    """Use the dropout path `name` (one of available_isas()) from now on. All paths give
+    bit-identical results; this exists so tests can run each one."""
+    global _isa
+    choices = available_isas()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"set_isa: isa must be one of {choices} on this CPU, got {name!r}")
+    _set_isa_code(_ISA_NAMES.index(name))
+    _isa = name
+
+
+set_isa(available_isas()[0])
+
 
 # Largest value of each counter: they are hashed as unsigned 64-bit integers.
 _U64_LIMIT = 1 << 64
@@ -190,28 +325,6 @@ def squared_relu_backward(dx, dout, x, n_threads):
 # ---------------------------------------------------------------------------------------------
 # Dropout
 
-cdef union FloatBits:
-    float f
-    uint32_t u
-
-
-cdef inline uint64_t _mix64(uint64_t z) noexcept nogil:
-    z = (z ^ (z >> 30)) * MIX1
-    z = (z ^ (z >> 27)) * MIX2
-    return z ^ (z >> 31)
-
-
-cdef inline float _mask_at(uint64_t key, Py_ssize_t i, uint64_t threshold,
-                           float scale) noexcept nogil:
-    cdef uint64_t bits = _mix64(key + (<uint64_t>i + 1) * GOLDEN)
-    # Select by masking scale's bits, not by a branch: drops come at random, so a branch would
-    # be mispredicted on about every dropped element (gcc turns a ternary back into a branch).
-    cdef FloatBits m
-    m.f = scale
-    m.u &= <uint32_t>0 - <uint32_t>((bits >> 40) >= threshold)
-    return m.f
-
-
 def dropout_key(seed, step, layer, site):
     """The 64-bit key of one dropout call (see the module header); for tests and the reference."""
     cdef uint64_t key = GOLDEN
@@ -225,43 +338,15 @@ def dropout_threshold(p):
     return int(np.floor(_check_p(p) * 16777216.0 + 0.5))
 
 
-# Which elementwise operation _dropout applies: all four share the hash and the span loop.
+# Which elementwise operation _dropout applies (the op argument of randygpt_dropout_span).
 cdef enum DropoutOp:
     DROP_MASK = 0         # a = mask
     DROP_FORWARD = 1      # a = b * mask
     DROP_ACCUMULATE = 2   # a += b * mask (backward into dx, or the residual update)
 
 
-cdef void _dropout_span(DropoutOp op, float* a, const float* b, Py_ssize_t lo, Py_ssize_t hi,
-                        uint64_t key, uint64_t threshold, float scale) noexcept nogil:
-    # One loop per operation so each stays a simple loop gcc can pipeline; the branch on op is
-    # taken once per span, not per element.
-    cdef Py_ssize_t i
-    if threshold == 0:
-        # p == 0: every element is kept with scale 1, no bits needed.
-        if op == DROP_MASK:
-            for i in range(lo, hi):
-                a[i] = scale
-        elif op == DROP_FORWARD:
-            for i in range(lo, hi):
-                a[i] = b[i] * scale
-        else:
-            for i in range(lo, hi):
-                a[i] += b[i] * scale
-        return
-    if op == DROP_MASK:
-        for i in range(lo, hi):
-            a[i] = _mask_at(key, i, threshold, scale)
-    elif op == DROP_FORWARD:
-        for i in range(lo, hi):
-            a[i] = b[i] * _mask_at(key, i, threshold, scale)
-    else:
-        for i in range(lo, hi):
-            a[i] += b[i] * _mask_at(key, i, threshold, scale)
-
-
 cdef void _dropout(DropoutOp op, float* a, const float* b, Py_ssize_t n, uint64_t key,
-                   uint64_t threshold, float scale, int n_spans) noexcept nogil:
+                   uint32_t threshold, float scale, int n_spans) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(n_spans, schedule="static", num_threads=n_spans):
         _dropout_span(op, a, b, _span_lo(k, n, n_spans), _span_lo(k + 1, n, n_spans),
@@ -272,7 +357,7 @@ cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads):
     cdef double q = _check_p(p)
     cdef uint64_t key = <uint64_t>dropout_key(seed, step, layer, site)
     cdef int nt = _check_threads(n_threads)
-    cdef uint64_t threshold = <uint64_t>dropout_threshold(q)
+    cdef uint32_t threshold = <uint32_t>dropout_threshold(q)  # <= 2**24
     cdef float scale = <float>(1.0 / (1.0 - q))
     cdef Py_ssize_t n = a.size
     if n == 0:

@@ -352,8 +352,10 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     float *vp = kt + HS * Tp;    /* (T, HS) */
     float *s0 = vp + T * HS;     /* (Tp,): scores of row i */
     float *s1 = s0 + Tp;         /* (Tp,): scores of row i + 1 */
+    /* The next task's rows (the last task points at its own, and skips the hints). */
     const int prefetch = task + 1 < n_tasks;
-    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
+    const ptrdiff_t next_task = prefetch ? task + 1 : task;
+    const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
     const float *next = qkv + bn * T * ld + hn * HS;
     attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
     attn_pack(vp, base + 2 * C, ld, T, HS);
@@ -366,6 +368,8 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
                 attn_prefetch(next + r * ld, (size_t)HS * sizeof(float));
                 attn_prefetch(next + r * ld + C, (size_t)HS * sizeof(float));
                 attn_prefetch(next + r * ld + 2 * C, (size_t)HS * sizeof(float));
+                attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
+                attn_prefetch(out + (bn * T + r) * C + hn * HS, (size_t)HS * sizeof(float));
             }
         }
         float *p0 = A + i * T, *y0 = y + i * C;
@@ -409,8 +413,10 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
     float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
     float *g0 = ds + T * Tp;    /* (HS,): one finished gradient row */
     float *g1 = g0 + HS;        /* (HS,): the next one */
+    /* The next task's rows (the last task points at its own, and skips the hints). */
     const int prefetch = task + 1 < n_tasks;
-    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
+    const ptrdiff_t next_task = prefetch ? task + 1 : task;
+    const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
     const float *next = qkv + bn * T * ld + hn * HS;
     const float *next_dy = dout + bn * T * C + hn * HS;
     const float *next_g = dqkv + bn * T * ld + hn * HS;
@@ -428,7 +434,7 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
                 attn_prefetch(next + r * ld + C, row_bytes);
                 attn_prefetch(next + r * ld + 2 * C, row_bytes);
                 attn_prefetch(next_dy + r * C, row_bytes);
-                attn_prefetch(A + T * T + r * T, (size_t)T * sizeof(float));
+                attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
             }
         }
         const float *p0 = A + i * T;

@@ -130,9 +130,27 @@ def test_cli_prints_loss_and_perplexity(run, capsys):
     assert float(out3.split()[2]) == pytest.approx(evaluate(model, train, 8, 4), abs=1e-4)
 
 
-def test_cli_data_from_a_description_that_is_a_path(run, capsys):
+def test_cli_data_as_the_trainer_records_it(run, capsys):
     _, _, data, make = run
+    recorded = {"data": {"path": str(data), "description": f"{data} (372 characters)"}}
+    code, out, _ = run_main(capsys, "--checkpoint", make(recorded))
+    assert code == 0 and out.rstrip().endswith(f"data {data}")
     assert run_main(capsys, "--checkpoint", make({"data": str(data)}))[0] == 0
+
+
+def test_cli_builtin_sample(tmp_path, capsys):
+    from randygpt.data import BUILTIN_TEXT
+
+    tok = CharTokenizer.from_text(BUILTIN_TEXT)
+    config = Config(vocab_size=tok.vocab_size, n_embd=12, n_head=3, n_layer=1, block_size=8)
+    model = GPT(config, seed=0)
+    path = tmp_path / "ckpt.npz"
+    save(path, model=model, optimizer=None, tokenizer=tok, step=1, rng_state=None,
+         extra={"data": {"path": None, "description": "built-in sample (1,234 characters)"}})
+    code, out, err = run_main(capsys, "--checkpoint", path)
+    assert code == 0, err
+    val = Dataset(BUILTIN_TEXT, tok, 8).val
+    assert float(out.split()[2]) == pytest.approx(evaluate(model, val, 8, config.batch_size), abs=1e-4)
 
 
 def test_cli_needs_data_when_the_checkpoint_does_not_say(run, capsys):

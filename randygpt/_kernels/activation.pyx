@@ -25,6 +25,9 @@ with key: a decision is a pure function of (seed, step, layer, site, i), compute
 backward instead of stored, identical for any thread count or schedule. The top 24 bits are
 compared so that p is resolved to 2**-24. p == 0 gives threshold 0 and scale 1: the identity.
 _ref_activation.py computes the same bits with NumPy uint64 arrays.
+
+The dropout loops exist in three builds (SSE2, AVX2, AVX-512; see available_isas/set_isa),
+the fastest one this CPU runs chosen at import. They give bit-identical results.
 """
 import numbers
 
@@ -181,7 +184,7 @@ def set_isa(name):
 set_isa(available_isas()[0])
 
 
-# Largest value of each counter: they are hashed as unsigned 64-bit integers.
+# Dropout's counters are hashed as unsigned 64-bit integers, so each must be below this.
 _U64_LIMIT = 1 << 64
 
 

@@ -99,7 +99,8 @@ class ActivationArena:
             ("att", (L, B, NH, T, T)),      # softmax probabilities, saved for attention backward
             ("atty", (L, B, T, C)),         # attention output, the input of wo
             ("fc1_pre", (L, N, H)),         # fc1 output before relu^2, for its backward
-            ("fc1_act", (L, N, H)),         # relu(fc1_pre)^2, the input of fc2
+            ("act", (N, H)),                # relu(fc1_pre)^2, fc2's input: backward recomputes
+                                            # it from fc1_pre (one cheap pass saves L*N*H floats)
             ("proj", (N, C)),               # wo / fc2 output before dropout (not needed later)
             ("logits", (N, V)),
             ("losses", (N,)),
@@ -287,11 +288,11 @@ class GPT:
             self._norm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b,
                                nt)
             if _FUSED_SQRELU:
-                matmul.matmul_sqrelu_forward(a.fc1_act[l], a.fc1_pre[l], a.ln2[l], w.fc1, nt)
+                matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln2[l], w.fc1, nt)
             else:
                 matmul.matmul_forward(a.fc1_pre[l], a.ln2[l], w.fc1, nt)
-                activation.squared_relu_forward(a.fc1_act[l], a.fc1_pre[l], nt)
-            matmul.matmul_forward(a.proj, a.fc1_act[l], w.fc2, nt)
+                activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)
+            matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
             np.copyto(x_out, x_mid)
             activation.dropout_add_forward(x_out, a.proj, drop, seed, step, l, 1, nt)
         matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)
@@ -346,8 +347,9 @@ class GPT:
             w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
             dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 1, nt)
+            activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)  # bit-identical to fused
             a.dact.fill(0.0)
-            matmul.matmul_backward(a.dact, gw.fc2, dproj, a.fc1_act[l], w.fc2, nt)
+            matmul.matmul_backward(a.dact, gw.fc2, dproj, a.act, w.fc2, nt)
             a.dpre.fill(0.0)
             activation.squared_relu_backward(a.dpre, a.dact, a.fc1_pre[l], nt)
             a.dln.fill(0.0)

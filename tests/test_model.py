@@ -187,6 +187,21 @@ def test_reference_gradients_match_finite_differences(rng, norm, dropout):
         assert_grad_close(grads[name], numeric, rel=1e-6, name=name)
 
 
+def test_recomputed_activation_is_bit_identical(rng):
+    # Backward recomputes relu(fc1_pre)^2 with squared_relu_forward instead of storing what
+    # the fused GEMM wrote in forward; the gradient is exact only if both agree to the bit.
+    from randygpt._kernels import activation, matmul
+
+    x = rng.standard_normal((37, 24)).astype(np.float32)
+    w = rng.standard_normal((96, 24)).astype(np.float32)
+    fused, pre, again = (np.empty((37, 96), dtype=np.float32) for _ in range(3))
+    if not hasattr(matmul, "matmul_sqrelu_forward"):
+        pytest.skip("no fused matmul + squared ReLU: forward uses squared_relu_forward itself")
+    matmul.matmul_sqrelu_forward(fused, pre, x, w, 2)
+    activation.squared_relu_forward(again, pre, 2)
+    assert_bitwise_equal(again, fused, name="relu(pre)^2")
+
+
 def test_backward_twice_gives_same_gradient(rng):
     model = GPT(tiny_config(dropout=0.1))
     load_random(model, rng)

@@ -18,7 +18,9 @@ Config, dropout on), backward, global gradient norm and clip, one AdamW update. 
 implementation runs in its own worker process (this script re-invoked with --worker), so
 PyTorch's OpenMP runtime and MKL never share a process with our kernels and the peak RSS of
 each (getrusage ru_maxrss) is its own. Our worker runs under threadpool_limits(1, "blas"),
-as the trainer does; the PyTorch worker sets torch.set_num_threads(n).
+as the trainer does; the PyTorch worker sets torch.set_num_threads(n). The driver asks the
+workers for one step at a time in turn (ours, PyTorch, NumPy, ours, ...), so load from other
+jobs on the machine hits them alike; each worker times its own steps.
 
 "% of NumPy @" is NumPy's time for the step's GEMMs (every forward NT, input-gradient NN
 and weight-gradient TN product, measured in the same run at the same thread count) divided
@@ -32,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -39,7 +42,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from _common import (REPO_ROOT, dump_json, fmt, fmt_ratio, format_machine, format_table,
-                     machine_info, parse_threads, time_interleaved)
+                     machine_info, parse_threads)
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
@@ -47,7 +50,6 @@ NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads"}
 
 WARMUP_STEPS = 2
 QUICK_CONFIG = {"n_embd": 32, "n_head": 2, "n_layer": 1, "block_size": 16, "batch_size": 4}
-WORKER_TIMEOUT_S = 1800
 
 
 def make_config(quick):
@@ -80,8 +82,8 @@ def step_gemm_flops(cfg):
     return sum(2.0 * M * K * N * count for _, M, K, N, _, count in step_gemms(cfg))
 
 
-def blas_worker(cfg, n_threads, repeat):
-    """NumPy @ time for one step's GEMMs (each distinct product timed, times its count)."""
+def blas_session(cfg, n_threads):
+    """A step is NumPy @ on every GEMM of one training step, as many times as the step has it."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
@@ -89,21 +91,29 @@ def blas_worker(cfg, n_threads, repeat):
     def randn(*shape):
         return rng.standard_normal(shape, dtype=np.float32)
 
-    total = 0.0
-    with threadpool_limits(limits=n_threads, user_api="blas"):
-        for _, M, K, N, layout, count in step_gemms(cfg):
-            # Operands stored as the model stores them, so NumPy sees the same transposes:
-            # NT x (M, K) . W^T with W (N, K); NN dy (M, K) . W (K, N); TN dy^T with dy (K, M).
-            if layout == "NT":
-                a, b = randn(M, K), randn(N, K).T
-            elif layout == "NN":
-                a, b = randn(M, K), randn(K, N)
-            else:
-                a, b = randn(K, M).T, randn(K, N)
-            c = np.empty((M, N), np.float32)
-            (seconds,) = time_interleaved([lambda: np.matmul(a, b, out=c)], repeat)
-            total += seconds * count
-    return {"impl": "numpy @", "threads": n_threads, "gemm_ms": total * 1e3}
+    products = []
+    for _, M, K, N, layout, count in step_gemms(cfg):
+        # Operands stored as the model stores them, so NumPy sees the same transposes:
+        # NT x (M, K) . W^T with W (N, K); NN dy (M, K) . W (K, N); TN dy^T with dy (K, M).
+        if layout == "NT":
+            a, b = randn(M, K), randn(N, K).T
+        elif layout == "NN":
+            a, b = randn(M, K), randn(K, N)
+        else:
+            a, b = randn(K, M).T, randn(K, N)
+        products.append((a, b, np.empty((M, N), np.float32), count))
+    limits = threadpool_limits(limits=n_threads, user_api="blas")
+
+    def step():
+        for a, b, c, count in products:
+            for _ in range(count):
+                np.matmul(a, b, out=c)
+
+    def finish():
+        limits.restore_original_limits()
+        return {"impl": "numpy @", "threads": n_threads}
+
+    return step, finish
 
 
 # --- our step -------------------------------------------------------------------------------
@@ -181,18 +191,6 @@ class KernelProfiler:
         self.calls.clear()
 
 
-def _time_steps(step, repeat):
-    """Seconds of each of `repeat` steps, after WARMUP_STEPS untimed ones; and the last loss."""
-    for it in range(WARMUP_STEPS):
-        step(it)
-    times = []
-    for it in range(WARMUP_STEPS, WARMUP_STEPS + repeat):
-        t0 = time.perf_counter()
-        loss = step(it)
-        times.append(time.perf_counter() - t0)
-    return times, loss
-
-
 def make_step(cfg, x, y, forward, backward, grad_norm, update):
     """The trainer's iteration (at the peak learning rate) from the given callables."""
     from randygpt.optim import clip_scale
@@ -206,7 +204,7 @@ def make_step(cfg, x, y, forward, backward, grad_norm, update):
     return step
 
 
-def ours_worker(cfg, n_threads, repeat, profile):
+def ours_session(cfg, n_threads, profile_steps):
     from threadpoolctl import threadpool_limits
 
     import randygpt
@@ -220,34 +218,42 @@ def ours_worker(cfg, n_threads, repeat, profile):
     shape = (cfg.batch_size, cfg.block_size)
     x = rng.integers(0, cfg.vocab_size, shape, dtype=np.int32)
     y = rng.integers(0, cfg.vocab_size, shape, dtype=np.int32)
-    result = {"impl": "ours", "threads": randygpt.effective_n_threads(),
-              "num_params": model.num_params}
+    train_step = make_step(cfg, x, y, model.forward, model.backward, optimizer.grad_norm,
+                           optimizer.step)
     # Our kernels never call BLAS; a stray NumPy matmul must not wake OpenBLAS's threads.
-    with threadpool_limits(limits=1, user_api="blas"):
-        step = make_step(cfg, x, y, model.forward, model.backward, optimizer.grad_norm,
-                         optimizer.step)
-        times, loss = _time_steps(step, repeat)
-        result.update(step_times_ms=[t * 1e3 for t in times], loss=loss)
-        if profile:
+    limits = threadpool_limits(limits=1, user_api="blas")
+    state = {"it": 0, "loss": None}
+
+    def step():
+        state["loss"] = train_step(state["it"])
+        state["it"] += 1
+
+    def finish():
+        result = {"impl": "ours", "threads": randygpt.effective_n_threads(),
+                  "num_params": model.num_params, "loss": state["loss"]}
+        if profile_steps:
             profiler = KernelProfiler()
-            step = make_step(cfg, x, y,
-                             profiler.in_phase("forward", model.forward),
-                             profiler.in_phase("backward", model.backward),
-                             profiler.in_phase("optimizer", optimizer.grad_norm),
-                             profiler.in_phase("optimizer", optimizer.step))
-            result["profile"] = profile_steps(profiler, step, repeat)
-    return result
+            profiled = make_step(cfg, x, y,
+                                 profiler.in_phase("forward", model.forward),
+                                 profiler.in_phase("backward", model.backward),
+                                 profiler.in_phase("optimizer", optimizer.grad_norm),
+                                 profiler.in_phase("optimizer", optimizer.step))
+            result["profile"] = run_profiled(profiler, profiled, state["it"], profile_steps)
+        limits.restore_original_limits()
+        return result
+
+    return step, finish
 
 
-def profile_steps(profiler, step, repeat):
-    """Run `repeat` steps with every kernel call timed; mean milliseconds per step."""
+def run_profiled(profiler, step, first_it, repeat):
+    """Run `repeat` steps with every kernel call timed (after one untimed, to settle the
+    wrappers in); mean milliseconds per step, per (phase, kernel)."""
     profiler.install()
     try:
-        for it in range(WARMUP_STEPS):
-            step(it)
+        step(first_it)
         profiler.reset()
         t0 = time.perf_counter()
-        for it in range(WARMUP_STEPS, WARMUP_STEPS + repeat):
+        for it in range(first_it + 1, first_it + 1 + repeat):
             step(it)
         seconds = time.perf_counter() - t0
     finally:
@@ -270,7 +276,7 @@ def _load_torch_ref():
     return module
 
 
-def torch_worker(cfg, n_threads, repeat):
+def torch_session(cfg, n_threads):
     import torch
 
     torch.set_num_threads(n_threads)
@@ -291,20 +297,22 @@ def torch_worker(cfg, n_threads, repeat):
     shape = (cfg.batch_size, cfg.block_size)
     x = torch.randint(0, cfg.vocab_size, shape, generator=gen)
     y = torch.randint(0, cfg.vocab_size, shape, generator=gen)
+    state = {"loss": None}
 
-    def step(it):
+    def step():
         optimizer.zero_grad(set_to_none=False)
         loss = model(x, y)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        return float(loss)
+        state["loss"] = float(loss)
 
-    times, loss = _time_steps(step, repeat)
-    return {"impl": "torch", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "step_times_ms": [t * 1e3 for t in times], "loss": loss,
-            "num_params": sum(p.numel() for p in params)}
+    def finish():
+        return {"impl": "torch", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "num_params": sum(p.numel() for p in params), "loss": state["loss"]}
+
+    return step, finish
 
 
 def peak_rss_mb():
@@ -313,58 +321,165 @@ def peak_rss_mb():
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+# Lines a worker sends the driver start with this, so stray prints cannot be mistaken for them.
+REPLY = "@bench "
+
+
+def reply(obj):
+    print(REPLY + json.dumps(obj), flush=True)
+
+
 def worker_main(args):
-    """Body of a --worker process: run one measurement, print it as one JSON line."""
+    """Body of a --worker process: set up, then answer the driver's commands on stdin:
+    'step' runs one step and replies its seconds, 'finish' replies the results and exits."""
     settings = json.loads(args.config_json)
+    n_threads = args.threads[0]
     if args.worker == "ours":
         from randygpt.config import Config
-        result = ours_worker(Config.from_dict(settings), args.threads[0], args.repeat,
-                             args.profile)
+        step, finish = ours_session(Config.from_dict(settings), n_threads,
+                                    args.repeat if args.profile else 0)
     elif args.worker == "torch":
-        result = torch_worker(SimpleNamespace(**settings), args.threads[0], args.repeat)
+        step, finish = torch_session(SimpleNamespace(**settings), n_threads)
     else:
-        result = blas_worker(SimpleNamespace(**settings), args.threads[0], args.repeat)
-    result["peak_rss_mb"] = peak_rss_mb()
-    if "step_times_ms" in result:
-        result["step_ms"] = float(np.median(result["step_times_ms"]))
-    print(json.dumps(result))
-    return 0
+        step, finish = blas_session(SimpleNamespace(**settings), n_threads)
+    reply({"ready": True})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            t0 = time.perf_counter()
+            step()
+            reply({"seconds": time.perf_counter() - t0})
+        elif command == "finish":
+            result = finish()
+            result["peak_rss_mb"] = peak_rss_mb()
+            reply(result)
+            return 0
+        else:
+            raise ValueError(f"unknown worker command {command!r}")
+    return 1  # the driver went away
 
 
 # --- the driver -----------------------------------------------------------------------------
 
-def spawn(kind, cfg, n_threads, repeat, profile=False):
-    """Run this script as a --worker of `kind`; its JSON result, or {"error": why}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind,
-           "--threads", str(n_threads), "--repeat", str(repeat),
-           "--config-json", json.dumps(cfg.to_dict())] + (["--profile"] if profile else [])
-    env = dict(os.environ)
-    if kind == "torch":
-        # torch.set_num_threads covers its intra-op pool; these cover MKL and OpenMP's defaults.
-        env.update(OMP_NUM_THREADS=str(n_threads), MKL_NUM_THREADS=str(n_threads))
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One implementation in its own process (this script with --worker), driven over pipes."""
+
+    def __init__(self, kind, cfg, n_threads, repeat, profile=False):
+        self.kind = kind
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind,
+               "--threads", str(n_threads), "--repeat", str(repeat),
+               "--config-json", json.dumps(cfg.to_dict())] + (["--profile"] if profile else [])
+        env = dict(os.environ)
+        if kind == "torch":
+            # torch.set_num_threads covers its intra-op pool; these cover MKL's and OpenMP's
+            # defaults.
+            env.update(OMP_NUM_THREADS=str(n_threads), MKL_NUM_THREADS=str(n_threads))
+        # stderr goes to a file: a pipe nobody reads could fill up and stall the worker.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, env=env)
+        self.step_seconds = []
+        try:
+            self._read()  # "ready": the worker has built its model
+        except WorkerError:
+            self.close()
+            raise
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.proc.wait()
+        self._stderr.seek(0)
+        tail = (self._stderr.read().strip().splitlines() or ["no output"])[-1]
+        raise WorkerError(f"{self.kind} worker exited with status {self.proc.returncode}: "
+                          f"{tail}")
+
+    def ask(self, command):
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker died; _read reports why
+        return self._read()
+
+    def step(self, timed):
+        seconds = self.ask("step")["seconds"]
+        if timed:
+            self.step_seconds.append(seconds)
+
+    def finish(self):
+        result = self.ask("finish")
+        self.close()
+        return result
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+# Pause between two workers' steps: an OpenMP or OpenBLAS team spins for a while after its
+# last parallel region, and must not steal the next worker's cores.
+SWITCH_PAUSE_S = 0.05
+
+
+def measure_threads(cfg, n_threads, repeat, profile, with_torch):
+    """Ours, PyTorch and NumPy's GEMMs at one thread count, one step each in turn."""
+    kinds = ["ours"] + (["torch"] if with_torch else []) + ["blas"]
+    workers, results = {}, {}
+    for kind in kinds:
+        try:
+            workers[kind] = Worker(kind, cfg, n_threads, repeat, profile and kind == "ours")
+        except WorkerError as e:
+            results[kind] = {"error": str(e)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{kind} worker timed out after {WORKER_TIMEOUT_S} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"{kind} worker exited with status {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+        for round_ in range(WARMUP_STEPS + repeat):
+            for kind, worker in list(workers.items()):
+                time.sleep(SWITCH_PAUSE_S)
+                try:
+                    worker.step(timed=round_ >= WARMUP_STEPS)
+                except WorkerError as e:
+                    results[kind] = {"error": str(e)}
+                    del workers[kind]
+        for kind, worker in workers.items():
+            try:
+                results[kind] = worker.finish()
+            except WorkerError as e:
+                results[kind] = {"error": str(e)}
+                continue
+            times = worker.step_seconds
+            results[kind].update(step_times_ms=[t * 1e3 for t in times],
+                                 step_ms=float(np.median(times)) * 1e3)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return results
 
 
 def measure(cfg, threads, repeat, profile, with_torch):
-    """One run per thread count: ours, PyTorch and NumPy's GEMMs, each in its own process."""
+    """One run per thread count; derived rates, ratios and scaling."""
     tokens = cfg.batch_size * cfg.block_size
     flops = step_gemm_flops(cfg)
     runs = []
     for n in threads:
-        run = {"threads": n, "ours": spawn("ours", cfg, n, repeat, profile),
-               "numpy_gemm": spawn("blas", cfg, n, repeat)}
+        results = measure_threads(cfg, n, repeat, profile, with_torch)
+        run = {"threads": n, "ours": results["ours"], "numpy_gemm": results["blas"]}
         if with_torch:
-            run["torch"] = spawn("torch", cfg, n, repeat)
-        gemm_ms = run["numpy_gemm"].get("gemm_ms")
+            run["torch"] = results["torch"]
+        gemm_ms = run["numpy_gemm"].get("step_ms")
+        if gemm_ms:
+            run["numpy_gemm"]["gemm_ms"] = gemm_ms
+            run["numpy_gemm"]["gemm_gflops"] = flops / (gemm_ms / 1e3) / 1e9
         for impl in ("ours", "torch"):
             r = run.get(impl)
             if not r or "error" in r:
@@ -374,11 +489,9 @@ def measure(cfg, threads, repeat, profile, with_torch):
             r["share_of_numpy_gemm"] = gemm_ms / r["step_ms"] if gemm_ms else None
         if with_torch and "error" not in run["ours"] and "error" not in run["torch"]:
             run["speed_vs_torch"] = run["torch"]["step_ms"] / run["ours"]["step_ms"]
-        if gemm_ms:
-            run["numpy_gemm"]["gemm_gflops"] = flops / (gemm_ms / 1e3) / 1e9
         runs.append(run)
     base = runs[0]
-    for run in runs[1:] if len(runs) > 1 else []:
+    for run in runs[1:]:
         for impl in ("ours", "torch"):
             r, b = run.get(impl), base.get(impl)
             if r and b and "error" not in r and "error" not in b:

@@ -161,12 +161,22 @@ def test_bench_train_profile_table():
         assert needle in out, f"{needle!r} missing from:\n{out}"
 
 
-def test_bench_train_step_gemm_flops():
+@pytest.fixture(scope="module")
+def bench_train():
     sys.path.insert(0, str(BENCH_DIR))
     try:
-        bench_train = importlib.import_module("bench_train")
+        yield importlib.import_module("bench_train")
     finally:
         sys.path.remove(str(BENCH_DIR))
+
+
+def test_bench_train_reports_a_dead_worker(bench_train):
+    # A worker that cannot start (here: an unknown kind) is an error naming it, not a hang.
+    with pytest.raises(bench_train.WorkerError, match="nonsense worker exited with status 2"):
+        bench_train.Worker("nonsense", randygpt.Config(), 1, 1)
+
+
+def test_bench_train_step_gemm_flops(bench_train):
     cfg = randygpt.Config()
     # 3 GEMMs (forward, dX, dW) of 2*N*in*out flops per linear layer; N = 32*64 rows.
     per_layer = 256 * 768 + 256 * 256 + 256 * 1024 + 1024 * 256

@@ -16,13 +16,13 @@ SHAPES = [(2, 5, 12, 3), (1, 1, 4, 1), (3, 1, 12, 3), (1, 7, 10, 1), (2, 33, 72,
 REAL = (32, 64, 256, 8)
 
 
-@pytest.fixture(params=attention._available_isas())
+@pytest.fixture(params=attention.available_isas())
 def isa(request):
     """Runs a test once per vector path this CPU can run, restoring the default after."""
-    before = attention._get_isa()
-    attention._set_isa(request.param)
+    before = attention.get_isa()
+    attention.set_isa(request.param)
     yield request.param
-    attention._set_isa(before)
+    attention.set_isa(before)
 
 
 def make_qkv(rng, B, T, C, scale=1.0, dtype=np.float32):
@@ -276,6 +276,12 @@ def test_backward_rejects_aliased_gradient(other):
     args[other] = flat[start:start + args[other].size].reshape(args[other].shape)
     with pytest.raises(ValueError, match="dqkv.*shares memory with " + other):
         attention.attention_backward(**args)
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="isa"):
+        attention.set_isa("avx1024")
+    assert attention.get_isa() in attention.available_isas()
 
 
 def test_read_only_inputs_are_accepted(rng):

@@ -11,9 +11,11 @@ Parallel axis: the B*NH (batch, head) pairs, in a static prange. A pair's work i
 independent of every other pair's and writes disjoint slices of out, att and dqkv,
 so there are no atomics and no shared reductions: every element is computed by one
 thread in an order set by the shapes alone, and results are bit-identical for any
-thread count. Each thread mallocs its scratch once per call (the pair's q, k, v and
-dy rows packed contiguously, plus dS in the backward); the loops themselves live in
-attention_impl.h and attention_body.h.
+thread count. Each thread mallocs its scratch once per call: the pair's rows of q, k,
+v, dy packed contiguously (keys or values also transposed, so scores need no
+horizontal sums), plus dS in the backward. The loops live in attention_impl.h and
+attention_body.h, compiled for AVX2 + FMA and for the baseline ISA; the fastest one
+this CPU runs is chosen at import (available_isas / set_isa let tests run each).
 """
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport abort, free, malloc
@@ -34,32 +36,36 @@ cdef extern from "attention_impl.h" nogil:
     int attention_select_isa(int avx2) noexcept
     int attention_get_isa() noexcept
 
-__all__ = ["attention_forward", "attention_backward"]
+__all__ = ["attention_forward", "attention_backward", "available_isas", "get_isa", "set_isa"]
 
-_ISAS = ("avx2", "baseline")
-
-
-def _available_isas():
-    """The vector paths this CPU runs, fastest first (for tests and benchmarks)."""
-    return list(_ISAS) if attention_cpu_has_avx2() else ["baseline"]
+# Names of the vector paths: the AVX2 + FMA copy and the baseline copy (SSE2 on
+# x86-64; generic 4-float vectors elsewhere, where "avx2" is never available).
+_ISAS = ("avx2", "sse2")
 
 
-def _get_isa():
-    """The vector path the kernels use now."""
-    return "avx2" if attention_get_isa() else "baseline"
+def available_isas():
+    """Names of the attention paths this CPU runs, fastest first (e.g. ["avx2", "sse2"])."""
+    return list(_ISAS) if attention_cpu_has_avx2() else ["sse2"]
 
 
-def _set_isa(name):
-    """Switch the vector path ("avx2" or "baseline"). Not thread-safe: call it only
-    while no attention kernel runs. The paths round differently (FMA), so a training
-    run must keep one."""
-    if name not in _ISAS:
-        raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
-    if attention_select_isa(name == "avx2") != 0:
-        raise ValueError(f"this CPU cannot run the {name!r} attention path")
+def get_isa():
+    """Name of the attention path in use."""
+    return "avx2" if attention_get_isa() else "sse2"
 
 
-_set_isa(_available_isas()[0])
+def set_isa(name):
+    """Use the attention path `name` (one of available_isas()) from now on.
+
+    Process-wide and not thread-safe: call it only while no attention kernel runs. The
+    paths round differently (FMA), so one training run keeps one path.
+    """
+    choices = available_isas()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"set_isa: isa must be one of {choices} on this CPU, got {name!r}")
+    attention_select_isa(name == "avx2")
+
+
+set_isa(available_isas()[0])
 
 
 cdef void _forward_body(float* out,             # OUT (B*T, C)

@@ -222,6 +222,12 @@ def _check_array(arr, name, n, path):
     if arr.dtype != np.float32 or arr.shape != (n,):
         _fail(path, f"array {name!r} has dtype {arr.dtype} and shape {arr.shape}, expected "
                     f"float32 ({n},) for this config")
+    # NaN or inf can only come from a run that diverged: neither sampling nor resuming from
+    # it can give anything meaningful, so say so here rather than produce garbage later.
+    if not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        _fail(path, f"array {name!r} holds {bad:,} non-finite values (NaN or inf): the run that "
+                    "saved it had diverged")
 
 
 def load(path):
@@ -231,7 +237,7 @@ def load(path):
     or truncated, of another format version, or inconsistent: a config that does not validate,
     a vocabulary whose size differs from config.vocab_size, a parameter table (names, shapes)
     that differs from the one this version of randygpt builds for that config, or arrays of the
-    wrong size or dtype.
+    wrong size or dtype, or holding NaN or inf.
     """
     from .config import Config
     from .tokenizer import CharTokenizer

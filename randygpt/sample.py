@@ -316,6 +316,9 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
             window = ContextWindow(model, use_cache=use_cache)
             logits = window.start(ids)
             for i in range(max_new_tokens):
+                if not np.isfinite(logits).all():
+                    raise ValueError("the model's logits are not finite (NaN or inf): its "
+                                     "weights are broken")
                 # BOS marks a start, never a continuation: it is not a candidate.
                 logits[tokenizer.BOS] = -np.inf
                 token = sample_token(logits, temperature, top_p, top_k, rng)

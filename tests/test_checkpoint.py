@@ -277,6 +277,20 @@ def test_shape_mismatches(tmp_path):
     assert_one_line_error(path, "only one of the two AdamW moments")
 
 
+def test_non_finite_values(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_tiny(path)
+    good = path.read_bytes()
+    for name, value in (("params", np.nan), ("adam_v", np.inf)):
+        path.write_bytes(good)
+
+        def poison(a, name=name, value=value):
+            a[name] = a[name].copy()
+            a[name][[3, 17]] = value
+        rewrite(path, arrays_change=poison)
+        assert_one_line_error(path, f"array '{name}' holds 2 non-finite values")
+
+
 def test_bad_header_fields(tmp_path):
     path = tmp_path / "ckpt.npz"
     save_tiny(path)

@@ -161,6 +161,13 @@ def test_eos_stops_generation(monkeypatch):
     assert generate(model, tok, "To", 10) == tok.decode([2, 3])
 
 
+def test_broken_weights_are_reported_not_sampled():
+    model, tok = tiny_model()
+    model.params["lm_head"][5, 2] = np.nan
+    with pytest.raises(ValueError, match="logits are not finite"):
+        generate(model, tok, "To", 5)
+
+
 def test_unknown_characters_are_named():
     model, tok = tiny_model()
     with pytest.raises(ValueError, match=r"not in the model's vocabulary: 'Z', 'é'"):

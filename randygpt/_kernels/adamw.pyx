@@ -14,12 +14,13 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport pow, sqrt, sqrtf
 
-# At most this many partial sums for grad_norm; small arrays get fewer chunks of at least
-# MIN_CHUNK elements, so that tiny calls do not pay for 64 nearly empty tasks.
-DEF MAX_CHUNKS = 64
-DEF MIN_CHUNK = 4096
-# Elements per adamw_step task: large enough to amortize scheduling, small enough to balance.
-DEF STEP_CHUNK = 16384
+cdef enum:
+    # At most this many partial sums for grad_norm; small arrays get fewer chunks of at least
+    # MIN_CHUNK elements, so that tiny calls do not pay for 64 nearly empty tasks.
+    MAX_CHUNKS = 64
+    MIN_CHUNK = 4096
+    # Elements per adamw_step task: large enough to amortize scheduling, small enough to balance.
+    STEP_CHUNK = 16384
 
 
 cdef inline double lanes_total(const double* acc) noexcept nogil:

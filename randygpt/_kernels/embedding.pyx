@@ -5,8 +5,10 @@
 # Forward runs in parallel over the N token positions (each writes its own output row).
 # Backward is a scatter: many positions hold the same token, so splitting tokens between
 # threads would race on dwte rows. Instead:
-#   - dwte runs in parallel over blocks of columns: each thread owns whole columns and walks
-#     the tokens in position order, so every element is summed by one thread in one order;
+#   - dwte runs in parallel over blocks of columns: each thread owns whole columns. The
+#     positions are first grouped by token (a stable counting sort, done once per call), and
+#     each dwte row's block is the sum of its token's positions in position order, so every
+#     element is summed by one thread in one fixed order;
 #   - dwpe runs in parallel over positions t (each owns row t) and sums over b in order.
 # Both are therefore bit-identical for any thread count.
 import numpy as np
@@ -15,7 +17,8 @@ from cython.parallel cimport prange
 
 # Columns per dwte task: 32 floats = two cache lines, so threads never share a line of dwte
 # or dout, and C = 256 still splits into 8 tasks.
-DEF COL_BLOCK = 32
+cdef enum:
+    COL_BLOCK = 32
 
 
 cdef inline void add_rows(float* out, const float* a, const float* b, Py_ssize_t C) noexcept nogil:
@@ -61,8 +64,9 @@ cdef inline void dwpe_row(float* dwpe_t, const float* dout_t, Py_ssize_t B, Py_s
     # Differentiates out[b, t] = ... + wpe[t]: dwpe[t] += sum over b of dout[b, t], summed in b
     # order in a block of columns at a time and added once.
     cdef float acc[COL_BLOCK]
-    cdef Py_ssize_t b, c, c0, width
-    for c0 in range(0, C, COL_BLOCK):
+    cdef Py_ssize_t b, c, c0, width, blk
+    for blk in range((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
         width = min(COL_BLOCK, C - c0)
         for c in range(width):
             acc[c] = 0.0

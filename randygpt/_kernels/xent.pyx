@@ -149,7 +149,8 @@ cdef void xent_rows(float* losses, float* dlogits, const float* logits, const in
 
 # Rows up to this long keep their exponentials in a stack buffer during backward (16 KiB);
 # longer rows compute each exponential twice rather than allocate.
-DEF ROW_BUFFER = 4096
+cdef enum:
+    ROW_BUFFER = 4096
 
 
 cdef inline void backward_row(float* dz, const float* z, int y, double g,

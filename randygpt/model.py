@@ -8,7 +8,11 @@ Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and
     resid[2l+1] = resid[2l]   + dropout(attn(norm(resid[2l])) wo^T)          site 0
     resid[2l+2] = resid[2l+1] + dropout(relu(norm(resid[2l+1]) fc1^T)^2 fc2^T)  site 1
 with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
-Every residual stream is kept because it is the input of a norm (or of lm_head) in backward.
+Forward saves what backward cannot cheaply redo: every residual stream (the norms' inputs and
+lm_head's), the norms' rstd (and mean), qkv, the attention probabilities, the attention output and
+fc1's pre-activation. The norm outputs and relu(fc1)^2 are recomputed in backward by the same
+deterministic kernels (bit-identical, one cheap elementwise pass each), which keeps the arena
+about a quarter smaller.
 Backward reads the forward in reverse, one kernel per forward kernel; backward kernels accumulate,
 so the residual fan-out needs no special case and flat_grads is zeroed once per step.
 """
@@ -89,8 +93,8 @@ class ActivationArena:
         layernorm = config.norm == "layernorm"
         table = [
             ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
-            ("ln1", (L, N, C)),             # norm outputs: the inputs of the qkv and fc1 matmuls
-            ("ln2", (L, N, C)),
+            ("ln", (N, C)),                 # a norm's output, the input of the qkv or fc1 matmul:
+                                            # backward recomputes it from the saved residual
             ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
             ("ln2_rstd", (L, N)),
             ("ln1_mean", (L, N if layernorm else 0)),  # LayerNorm only
@@ -278,19 +282,18 @@ class GPT:
             w = self._layers_p[l]
             x, x_mid, x_out = a.resid[2 * l], a.resid[2 * l + 1], a.resid[2 * l + 2]
             # x_mid = x + dropout(attn(norm(x)) wo^T)
-            self._norm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
-            matmul.matmul_forward(a.qkv2[l], a.ln1[l], w.wqkv, nt)
+            self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
+            matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt)
             attention.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, nt)
             matmul.matmul_forward(a.proj, a.atty2[l], w.wo, nt)
             np.copyto(x_mid, x)
             activation.dropout_add_forward(x_mid, a.proj, drop, seed, step, l, 0, nt)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
-            self._norm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b,
-                               nt)
+            self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
             if _FUSED_SQRELU:
-                matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln2[l], w.fc1, nt)
+                matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt)
             else:
-                matmul.matmul_forward(a.fc1_pre[l], a.ln2[l], w.fc1, nt)
+                matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt)
                 activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)
             matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
             np.copyto(x_out, x_mid)
@@ -352,8 +355,10 @@ class GPT:
             matmul.matmul_backward(a.dact, gw.fc2, dproj, a.act, w.fc2, nt)
             a.dpre.fill(0.0)
             activation.squared_relu_backward(a.dpre, a.dact, a.fc1_pre[l], nt)
+            self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
+                               w.ln2_b, nt)  # recompute fc1's input
             a.dln.fill(0.0)
-            matmul.matmul_backward(a.dln, gw.fc1, a.dpre, a.ln2[l], w.fc1, nt)
+            matmul.matmul_backward(a.dln, gw.fc1, a.dpre, a.ln, w.fc1, nt)
             self._norm_backward(dresid, a.dln, a.resid[2 * l + 1], a.ln2_mean[l],
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
@@ -362,8 +367,10 @@ class GPT:
             matmul.matmul_backward(a.datty2, gw.wo, dproj, a.atty2[l], w.wo, nt)
             a.dqkv.fill(0.0)
             attention.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, nt)
+            self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
+                               w.ln1_b, nt)  # recompute the qkv matmul's input
             a.dln.fill(0.0)
-            matmul.matmul_backward(a.dln, gw.wqkv, a.dqkv2, a.ln1[l], w.wqkv, nt)
+            matmul.matmul_backward(a.dln, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt)
             self._norm_backward(dresid, a.dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
                                 l, "ln1", nt)
         # resid[0] = wte[idx] + wpe[:T]

@@ -28,6 +28,12 @@ if str(REPO_ROOT) not in sys.path:
 MIN_SAMPLE_S = 0.005
 MAX_CALLS_PER_SAMPLE = 1000
 
+# After its last call, a thread pool keeps its workers spinning for a while: measured here,
+# libgomp burnt ~8 ms of CPU and OpenBLAS 30-40 ms. With more than one thread, the next
+# implementation timed would share its cores with those spinners, so the samplers wait this
+# long before each sample.
+SPIN_SETTLE_S = 0.05
+
 
 def calls_per_sample(fn):
     """Run fn twice (warm-up, then a timed call) and return how many calls make one sample."""
@@ -38,11 +44,12 @@ def calls_per_sample(fn):
     return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(once, 1e-9))))
 
 
-def time_interleaved(fns, repeat):
+def time_interleaved(fns, repeat, settle_s=0.0):
     """Median seconds per call of each function in fns.
 
     The functions are warmed up, then sampled round-robin (ours, reference, ours, ...)
     so that a burst of load on the machine hits all of them alike rather than one.
+    settle_s: pause before each sample (SPIN_SETTLE_S when the pools have several threads).
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -50,6 +57,8 @@ def time_interleaved(fns, repeat):
     samples = [[] for _ in fns]
     for _ in range(repeat):
         for fn, k, out in zip(fns, numbers, samples):
+            if settle_s:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()

@@ -32,8 +32,8 @@ from typing import Callable, Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from _common import (dump_json, fmt, fmt_ratio, format_machine, format_table, machine_info,
-                     time_interleaved)
+from _common import (SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine, format_table,
+                     machine_info, time_interleaved)
 import randygpt  # noqa: E402  (after _common, which puts the checkout on sys.path)
 
 FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
@@ -479,7 +479,7 @@ def check(trial):
     return None
 
 
-def run_case(case, kernels, reference, n_threads, repeat, rng):
+def run_case(case, kernels, reference, n_threads, repeat, rng, settle_s):
     """Check then time one case; returns its result row as a dict."""
     row = {"kernel": case.name, "direction": case.direction, "shape": case.shape,
            "family": case.family, "threads": n_threads, "gemm": case.gemm,
@@ -495,7 +495,7 @@ def run_case(case, kernels, reference, n_threads, repeat, rng):
         row["status"], row["error"] = "FAIL", problem
         return row, None
     fns = [trial.ours, trial.ref] + ([trial.numpy_matmul] if trial.numpy_matmul else [])
-    times = time_interleaved(fns, repeat)
+    times = time_interleaved(fns, repeat, settle_s)
     row["ours_ms"], row["ref_ms"] = times[0] * 1e3, times[1] * 1e3
     row["speedup"] = times[1] / times[0]
     if case.flops:
@@ -613,6 +613,8 @@ def main(argv=None):
     families = [f for f in FAMILIES if any(c.family == f for c in cases)]
     loaded, skipped = load_families(families)
     rng = np.random.default_rng(SEED)
+    # One thread leaves no idle core for a spinning pool to take; --quick is no measurement.
+    settle_s = SPIN_SETTLE_S if n_threads > 1 and not args.quick else 0.0
     rows, gemm_trials = [], []
     with threadpool_limits(limits=n_threads, user_api="blas"):
         info = machine_info(n_threads)
@@ -620,7 +622,7 @@ def main(argv=None):
             if case.family not in loaded:
                 continue
             kernels, reference = loaded[case.family]
-            row, trial = run_case(case, kernels, reference, n_threads, repeat, rng)
+            row, trial = run_case(case, kernels, reference, n_threads, repeat, rng, settle_s)
             rows.append(row)
             if case.gemm and trial is not None:
                 gemm_trials.append(

@@ -41,8 +41,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from _common import (REPO_ROOT, dump_json, fmt, fmt_ratio, format_machine, format_table,
-                     machine_info, parse_threads)
+from _common import (REPO_ROOT, SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine,
+                     format_table, machine_info, parse_threads)
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
@@ -428,11 +428,6 @@ class Worker:
         self._stderr.close()
 
 
-# Pause between two workers' steps: an OpenMP or OpenBLAS team spins for a while after its
-# last parallel region, and must not steal the next worker's cores.
-SWITCH_PAUSE_S = 0.05
-
-
 def measure_threads(cfg, n_threads, repeat, profile, with_torch):
     """Ours, PyTorch and NumPy's GEMMs at one thread count, one step each in turn."""
     kinds = ["ours"] + (["torch"] if with_torch else []) + ["blas"]
@@ -445,7 +440,7 @@ def measure_threads(cfg, n_threads, repeat, profile, with_torch):
     try:
         for round_ in range(WARMUP_STEPS + repeat):
             for kind, worker in list(workers.items()):
-                time.sleep(SWITCH_PAUSE_S)
+                time.sleep(SPIN_SETTLE_S)  # let the last worker's thread pool go idle
                 try:
                     worker.step(timed=round_ >= WARMUP_STEPS)
                 except WorkerError as e:

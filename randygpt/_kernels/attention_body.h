@@ -38,6 +38,34 @@ ATTN_TARGET static inline void ATTN_STORE(float *p, ATTN_VEC v)
     memcpy(p, &v, sizeof v);
 }
 
+/* y[0..n) = 0, without a call to memset for a row of a few vectors. */
+ATTN_TARGET static inline void ATTN_FN(zero)(float *y, ptrdiff_t n)
+{
+    const ATTN_VEC zero = {0};
+    ptrdiff_t d = 0;
+    for (; d + ATTN_VW <= n; d += ATTN_VW)
+        ATTN_STORE(y + d, zero);
+    for (; d < n; ++d)
+        y[d] = 0.0f;
+}
+
+/* Copies HS columns of T rows (row stride ld) into dst, rows HS apart: the head's
+ * rows become one contiguous block that stays in L1 (rows 3C floats apart all fall
+ * into a few cache sets). */
+ATTN_TARGET static inline void ATTN_FN(pack)(float *restrict dst, const float *restrict src,
+                                             ptrdiff_t ld, ptrdiff_t T, ptrdiff_t HS)
+{
+    for (ptrdiff_t t = 0; t < T; ++t) {
+        const float *row = src + t * ld;
+        float *out = dst + t * HS;
+        ptrdiff_t d = 0;
+        for (; d + ATTN_VW <= HS; d += ATTN_VW)
+            ATTN_STORE(out + d, ATTN_LOAD(row + d));
+        for (; d < HS; ++d)
+            out[d] = row[d];
+    }
+}
+
 /* s0[j] = sum_d x0[d] * Xt[d * ldt + j] and the same for s1 with x1, for j in [0, n)
  * rounded up to whole vectors: the entries past n come from Xt's padding or from keys
  * the caller ignores. Two query rows share every load of Xt; up to eight independent
@@ -136,15 +164,20 @@ ATTN_TARGET static inline void ATTN_FN(row_scores)(float *restrict s, const floa
     }
 }
 
-/* y0[d] += sum_{r = r0}^{r1 - 1} w0[r * ws] * X[r * HS + d] and the same for y1 with
- * w1, for d in [0, HS): each element is summed onto its starting value in r order.
- * Two outputs share every load of X; blocks of columns keep the sums in registers. */
+/* y0[d] (+)= sum_{r = r0}^{r1 - 1} w0[r * ws] * X[r * HS + d] and the same for y1 with
+ * w1, for d in [0, HS): each element is summed in r order onto 0 (from_zero) or onto
+ * its value in y. Two outputs share every load of X; blocks of columns keep the sums
+ * in registers. */
 ATTN_TARGET static inline void ATTN_FN(rows_acc2)(float *restrict y0, float *restrict y1,
                                                   const float *restrict w0,
                                                   const float *restrict w1, ptrdiff_t ws,
                                                   const float *restrict X, ptrdiff_t r0,
-                                                  ptrdiff_t r1, ptrdiff_t HS)
+                                                  ptrdiff_t r1, ptrdiff_t HS, int from_zero)
 {
+    if (from_zero) {
+        ATTN_FN(zero)(y0, HS);
+        ATTN_FN(zero)(y1, HS);
+    }
     const ptrdiff_t VW = ATTN_VW;
     ptrdiff_t d = 0;
     for (; d + 4 * VW <= HS; d += 4 * VW) {
@@ -213,11 +246,14 @@ ATTN_TARGET static inline void ATTN_FN(rows_acc2)(float *restrict y0, float *res
     }
 }
 
-/* rows_acc2 for one output: y[d] += sum_{r = r0}^{r1 - 1} w[r * ws] * X[r * HS + d]. */
+/* rows_acc2 for one output: y[d] (+)= sum_{r = r0}^{r1 - 1} w[r * ws] * X[r * HS + d]. */
 ATTN_TARGET static inline void ATTN_FN(rows_acc)(float *restrict y, const float *restrict w,
                                                  ptrdiff_t ws, const float *restrict X,
-                                                 ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t HS)
+                                                 ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t HS,
+                                                 int from_zero)
 {
+    if (from_zero)
+        ATTN_FN(zero)(y, HS);
     const ptrdiff_t VW = ATTN_VW;
     ptrdiff_t d = 0;
     for (; d + 4 * VW <= HS; d += 4 * VW) {
@@ -358,7 +394,7 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
     const float *next = qkv + bn * T * ld + hn * HS;
     attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
-    attn_pack(vp, base + 2 * C, ld, T, HS);
+    ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
     float *A = att + task * T * T;
     float *y = out + b * T * C + h * HS;
     for (ptrdiff_t i = 0; i < T; i += 2) {
@@ -373,20 +409,18 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
             }
         }
         float *p0 = A + i * T, *y0 = y + i * C;
-        memset(y0, 0, (size_t)HS * sizeof(float));
         if (rows == 2) {
             float *p1 = p0 + T, *y1 = y0 + C;
             ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
             ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
             ATTN_FN(softmax_row)(p1, s1, i + 2, T, scale);
             /* y_i = sum_{j <= i} P_ij v_j, and y_{i+1} likewise with one more term */
-            memset(y1, 0, (size_t)HS * sizeof(float));
-            ATTN_FN(rows_acc2)(y0, y1, p0, p1, 1, vp, 0, i + 1, HS);
-            ATTN_FN(rows_acc)(y1, p1, 1, vp, i + 1, i + 2, HS);
+            ATTN_FN(rows_acc2)(y0, y1, p0, p1, 1, vp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(y1, p1, 1, vp, i + 1, i + 2, HS, 0);
         } else {
             ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
             ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
-            ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS);
+            ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS, 1);
         }
     }
 }
@@ -421,9 +455,9 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
     const float *next_dy = dout + bn * T * C + hn * HS;
     const float *next_g = dqkv + bn * T * ld + hn * HS;
     attn_pack_transposed(vt, base + 2 * C, ld, T, HS, Tp);
-    attn_pack(qp, base, ld, T, HS);
-    attn_pack(kp, base + C, ld, T, HS);
-    attn_pack(dyp, dy, C, T, HS);
+    ATTN_FN(pack)(qp, base, ld, T, HS);
+    ATTN_FN(pack)(kp, base + C, ld, T, HS);
+    ATTN_FN(pack)(dyp, dy, C, T, HS);
     const float *A = att + task * T * T;
     const size_t row_bytes = (size_t)HS * sizeof(float);
     for (ptrdiff_t i = 0; i < T; i += 2) {
@@ -439,7 +473,6 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
         }
         const float *p0 = A + i * T;
         float *d0 = ds + i * Tp;
-        memset(g0, 0, row_bytes);
         /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j; then dS from the softmax */
         if (rows == 2) {
             const float *p1 = p0 + T;
@@ -448,16 +481,15 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
             attn_softmax_grad_row(d0, p0, i + 1);
             attn_softmax_grad_row(d1, p1, i + 2);
             /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_{j <= i} dS_ij k_j */
-            memset(g1, 0, row_bytes);
-            ATTN_FN(rows_acc2)(g0, g1, d0, d1, 1, kp, 0, i + 1, HS);
-            ATTN_FN(rows_acc)(g1, d1, 1, kp, i + 1, i + 2, HS);
+            ATTN_FN(rows_acc2)(g0, g1, d0, d1, 1, kp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(g1, d1, 1, kp, i + 1, i + 2, HS, 0);
             float *dq = gbase + (i + 1) * ld;
             for (ptrdiff_t d = 0; d < HS; ++d)
                 dq[d] += g1[d] * scale;
         } else {
             ATTN_FN(row_scores)(d0, dyp + i * HS, vt, Tp, i + 1, HS);
             attn_softmax_grad_row(d0, p0, i + 1);
-            ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS);
+            ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS, 1);
         }
         float *dq = gbase + i * ld;
         for (ptrdiff_t d = 0; d < HS; ++d)
@@ -480,11 +512,10 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
             const float *X = which == 0 ? qp : dyp;
             const float factor = which == 0 ? scale : 1.0f;
             float *g = gbase + j * ld + (which == 0 ? C : 2 * C);
-            memset(g0, 0, row_bytes);
-            ATTN_FN(rows_acc)(g0, w, ws, X, j, j + 1, HS);
+            ATTN_FN(rows_acc)(g0, w, ws, X, j, j + 1, HS, 1);
             if (cols == 2) {
-                memset(g1, 0, row_bytes);
-                ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS);
+                ATTN_FN(zero)(g1, HS);
+                ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS, 0);
                 for (ptrdiff_t d = 0; d < HS; ++d)
                     g[ld + d] += g1[d] * factor;
             }

@@ -51,16 +51,6 @@ static inline float attn_scale(ptrdiff_t HS)
     return (float)(1.0 / sqrt((double)HS));
 }
 
-/* Copies HS columns of T rows (row stride ld) into dst, rows HS apart: the head's
- * rows become one contiguous block that stays in L1 (rows 3C floats apart all fall
- * into a few cache sets). */
-static inline void attn_pack(float *restrict dst, const float *restrict src, ptrdiff_t ld,
-                             ptrdiff_t T, ptrdiff_t HS)
-{
-    for (ptrdiff_t t = 0; t < T; ++t)
-        memcpy(dst + t * HS, src + t * ld, (size_t)HS * sizeof(float));
-}
-
 /* dst (HS, Tp) = the same rows transposed, columns T..Tp-1 zero. */
 static inline void attn_pack_transposed(float *restrict dst, const float *restrict src,
                                         ptrdiff_t ld, ptrdiff_t T, ptrdiff_t HS, ptrdiff_t Tp)

@@ -144,6 +144,26 @@ def test_failed_write_leaves_old_checkpoint_and_no_temp_file(tmp_path, monkeypat
     assert load(path).step == 2
 
 
+def test_disk_full_halfway_through_the_bytes(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_tiny(path)
+    before = path.read_bytes()
+    real_savez = np.savez
+
+    def half_then_enospc(f, **arrays):
+        import io
+        buf = io.BytesIO()
+        real_savez(buf, **arrays)
+        f.write(buf.getvalue()[:len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.np, "savez", half_then_enospc)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_tiny(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+
+
 def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.npz"
     save_tiny(path)

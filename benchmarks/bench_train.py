@@ -83,7 +83,8 @@ def step_gemm_flops(cfg):
 
 
 def blas_session(cfg, n_threads):
-    """A step is NumPy @ on every GEMM of one training step, as many times as the step has it."""
+    """(step, finish) where a step is NumPy @ on every GEMM of one training step, each as
+    many times as the step has it."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
@@ -205,6 +206,8 @@ def make_step(cfg, x, y, forward, backward, grad_norm, update):
 
 
 def ours_session(cfg, n_threads, profile_steps):
+    """(step, finish) for our model: step() runs one training step; finish() returns the
+    results, after profile_steps profiled steps when that is not 0."""
     from threadpoolctl import threadpool_limits
 
     import randygpt
@@ -277,6 +280,7 @@ def _load_torch_ref():
 
 
 def torch_session(cfg, n_threads):
+    """(step, finish) for the PyTorch twin, with torch's own AdamW and clip_grad_norm_."""
     import torch
 
     torch.set_num_threads(n_threads)

@@ -123,6 +123,15 @@ static int rg_isa_supported(int i)
     return 1;
 }
 
+/* Cython's prange inside a parallel block ends with "omp for nowait": the GEMM's
+ * phases (pack a K block, then use it) need this explicit barrier between them. */
+static inline void rg_barrier(void)
+{
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
 /* n floats starting on a 64-byte boundary; *base is what to free(). NULL on failure. */
 static float *rg_alloc_floats(size_t n, void **base)
 {

@@ -9,23 +9,25 @@
 
 Dimension letters: N = B*T rows, IC/OC input/output channels; M, N, K for gemm.
 
-Structure (GotoBLAS/BLIS): the output is split into parts along whichever of M or N has
-more register tiles, one part per thread, in contiguous ranges of whole tiles (the weight
-grads have M = 256 or 67 but N up to 1024). Each part is a plain serial GEMM: for each
-K block of RG_KC, pack that block of op(B) into NR-wide strips; for each MC rows of op(A),
-pack them into MR-tall strips, then run the microkernel over every (NR strip, MR strip).
-Packing absorbs all transposes, so NT, NN and TN share one microkernel (gemm_kernels.h,
-chosen per CPU at run time).
+Structure (GotoBLAS/BLIS): for each K block of RG_KC, pack op(a) into MR-tall strips and
+op(b) into NR-wide strips (k-major, zero-padded at the edges; the strips are shared by all
+threads and packed in parallel), then run the register-tile microkernel over the tiles.
+Packing absorbs every transpose, so NT, NN and TN share one microkernel (gemm_kernels.h,
+compiled per ISA and chosen at run time). The tiles are handed out as work items:
+near-equal ranges of strips along whichever of M or N has more tiles (rows for the
+forward and the input grads, N = 2048; columns for weight grads with few output
+channels, M = 256 or 67), a few per thread, taken dynamically so a thread that loses its
+core on a shared machine leaves its remaining items to the others.
 
 K is never split between threads, and the microkernel sums each output element as one
 FMA chain in k order, continued across K blocks; so every element is computed the same
-way whatever the thread count or part boundaries: results are bit-identical for any
+way whatever the thread count or which thread ran it: results are bit-identical for any
 n_threads (and identical between the avx2 and avx512 paths; sse2 has no FMA).
 """
 import numpy as np
 
 cimport cython
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free
 
 
@@ -54,6 +56,7 @@ cdef extern from "gemm_kernels.h" nogil:
     const rg_isa_t *rg_isa_at(int i)
     int rg_isa_supported(int i)
     float *rg_alloc_floats(size_t n, void **base)
+    void rg_barrier()
 
 
 # The microkernel set every GEMM uses; set_isa() is the only writer. Process-wide by nature
@@ -88,6 +91,12 @@ set_isa(available_isas()[0])
 # ---------------------------------------------------------------------------------------
 # The nogil GEMM body.
 
+# Work items per thread in the tile phase. Items are near-equal contiguous ranges of
+# strips taken dynamically: on an idle machine every thread gets the same share; on a
+# shared one a thread that lost its core hands its remaining items to the others.
+cdef enum:
+    ITEMS_PER_THREAD = 4
+
 cdef struct _Operand:
     # op(X)[i, j] is at ptr[i * rs + j * cs]
     const float *ptr
@@ -95,81 +104,111 @@ cdef struct _Operand:
     Py_ssize_t cs
 
 
-cdef void _gemm_part(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                     _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
-                     bint accumulate, float *partial, Py_ssize_t ld_partial,
-                     float *abuf, float *bbuf) noexcept nogil:
-    """Serial c (M, N) (+)= op(a) (M, K) . op(b) (K, N); c2 = relu(c)^2 when given.
+cdef struct _Gemm:
+    # One call's problem, its packed K block and where each tile's sums go.
+    const rg_isa_t *isa
+    Py_ssize_t M, N, K
+    _Operand a, b
+    float *c            # (M, N), leading dimension ldc
+    float *c2           # relu(c)^2 written in the last K block, or NULL
+    Py_ssize_t ldc
+    bint accumulate
+    float *partial      # (M, N) running sums when accumulating over several K blocks
+    float *apack        # all MR strips of op(a)[:, pc:pc+kc], strip s at s * MR * kc
+    float *bpack        # all NR strips of op(b)[pc:pc+kc, :], strip t at t * NR * kc
+    Py_ssize_t m_tiles, n_tiles, n_items
+    bint split_m        # items are ranges of MR strips (else of NR strips)
 
-    With accumulate and K > RG_KC, the running sums of the earlier K blocks go to
-    `partial` (M x N, leading dimension ld_partial) instead of c, and the last block adds
-    the finished product to c in one rounding: accumulating the same product twice then
-    gives exactly twice it. In overwrite mode the running sums live in c itself, which is
-    therefore never read before it has been written.
+
+cdef void _pack_strip(const _Gemm *g, Py_ssize_t s, Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
+    """Strip s < m_tiles is A strip s, otherwise B strip s - m_tiles; edges zero-padded."""
+    cdef const rg_isa_t *isa = g.isa
+    cdef Py_ssize_t i, j
+    if s < g.m_tiles:
+        i = s * isa.mr
+        isa.pack_a(g.apack + i * kc, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
+                   min(<Py_ssize_t>isa.mr, g.M - i), kc)
+    else:
+        j = (s - g.m_tiles) * isa.nr
+        isa.pack_b(g.bpack + j * kc, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
+                   kc, min(<Py_ssize_t>isa.nr, g.N - j))
+
+
+cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
+    """All tiles of item p for the K block [pc, pc + kc).
+
+    Rows are walked in chunks of isa.mc so that a chunk of packed A stays in L2 while
+    every B strip of the item streams past it (BLIS's ic / jr / ir loop order).
+
+    With accumulate and more than one K block, the running sums of the earlier blocks go
+    to g.partial instead of c, and the last block adds the finished product to c in one
+    rounding: accumulating the same product twice then gives exactly twice it. In
+    overwrite mode the running sums live in c itself, which is therefore never read
+    before it has been written.
     """
-    cdef int mr = isa.mr, nr = isa.nr, mc_max = isa.mc
-    cdef Py_ssize_t pc, kc, ic, mc, jr, ir, i
-    cdef bint first, last
+    cdef const rg_isa_t *isa = g.isa
+    cdef Py_ssize_t tiles = g.m_tiles if g.split_m else g.n_tiles
+    cdef Py_ssize_t lo = p * tiles // g.n_items, hi = (p + 1) * tiles // g.n_items
+    cdef Py_ssize_t it_lo = 0, it_hi = g.m_tiles, jt_lo = 0, jt_hi = g.n_tiles
+    cdef Py_ssize_t chunk = isa.mc // isa.mr
+    cdef Py_ssize_t ic, it, jt, i, j, cb
+    cdef bint first = pc == 0, last = pc + kc >= g.K
     cdef const float *init
     cdef float *dst
     cdef float *c2_tile
     cdef Py_ssize_t ld_init, ld_dst
     cdef int add_dst, tile_n
     cdef rg_kernel_fn kernel
-    cdef Py_ssize_t kb, mb, jt, it
-    for kb in range((K + RG_KC - 1) // RG_KC):
-        pc = kb * RG_KC
-        kc = min(<Py_ssize_t>RG_KC, K - pc)
-        first = pc == 0
-        last = pc + kc >= K
-        isa.pack_b(bbuf, b.ptr + pc * b.rs, b.rs, b.cs, kc, N)
-        for mb in range((M + mc_max - 1) // mc_max):
-            ic = mb * mc_max
-            mc = min(<Py_ssize_t>mc_max, M - ic)
-            isa.pack_a(abuf, a.ptr + ic * a.rs + pc * a.cs, a.rs, a.cs, mc, kc)
-            for jt in range((N + nr - 1) // nr):
-                jr = jt * nr
-                for it in range((mc + mr - 1) // mr):
-                    ir = it * mr
-                    i = ic + ir
-                    add_dst = 0
-                    c2_tile = NULL
-                    if accumulate and not last:
-                        dst = partial + i * ld_partial + jr
-                        ld_dst = ld_partial
-                        init = NULL if first else dst
-                        ld_init = ld_partial
+    if g.split_m:
+        it_lo, it_hi = lo, hi
+    else:
+        jt_lo, jt_hi = lo, hi
+    for cb in range((it_hi - it_lo + chunk - 1) // chunk):
+        ic = it_lo + cb * chunk
+        for jt in range(jt_lo, jt_hi):
+            j = jt * isa.nr
+            tile_n = <int>min(<Py_ssize_t>isa.nr, g.N - j)
+            kernel = isa.kernel_narrow if 2 * tile_n <= isa.nr else isa.kernel
+            for it in range(ic, min(ic + chunk, it_hi)):
+                i = it * isa.mr
+                add_dst = 0
+                c2_tile = NULL
+                if g.accumulate and not last:
+                    dst = g.partial + i * g.N + j
+                    ld_dst = g.N
+                    init = NULL if first else dst
+                    ld_init = g.N
+                else:
+                    dst = g.c + i * g.ldc + j
+                    ld_dst = g.ldc
+                    if g.accumulate:
+                        add_dst = 1
+                        init = NULL if first else g.partial + i * g.N + j
+                        ld_init = g.N
                     else:
-                        dst = c + i * ldc + jr
-                        ld_dst = ldc
-                        if accumulate:
-                            add_dst = 1
-                            init = NULL if first else partial + i * ld_partial + jr
-                            ld_init = ld_partial
-                        else:
-                            init = NULL if first else dst
-                            ld_init = ldc
-                        if c2 != NULL:
-                            c2_tile = c2 + i * ldc + jr
-                    tile_n = <int>min(<Py_ssize_t>nr, N - jr)
-                    kernel = isa.kernel_narrow if 2 * tile_n <= nr else isa.kernel
-                    kernel(kc, abuf + ir * kc, bbuf + jr * kc, init, ld_init,
-                           dst, ld_dst, add_dst, c2_tile,
-                           <int>min(<Py_ssize_t>mr, mc - ir), tile_n)
+                        init = NULL if first else dst
+                        ld_init = g.ldc
+                    if g.c2 != NULL:
+                        c2_tile = g.c2 + i * g.ldc + j
+                kernel(kc, g.apack + i * kc, g.bpack + j * kc, init, ld_init,
+                       dst, ld_dst, add_dst, c2_tile,
+                       <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
 
 
 cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
                bint accumulate, int n_threads) noexcept nogil:
-    """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory."""
-    cdef Py_ssize_t i, j, p, lo, hi
-    cdef Py_ssize_t m_tiles, n_tiles, tiles, nparts, part_tiles, a_stride, b_stride
-    cdef bint split_m
+    """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory.
+
+    For each K block: pack every strip of op(a) and op(b) (shared by all threads), then
+    run the tiles in work items. A barrier ends each phase, so the packed block is
+    complete before use and is not overwritten while still being read.
+    """
+    cdef Py_ssize_t i, j, s, p, kb, pc, kc, nkb
     cdef void *base = NULL
     cdef void *partial_base = NULL
-    cdef float *work
-    cdef float *partial = NULL
-    cdef _Operand ap, bp
+    cdef Py_ssize_t a_size, b_size
+    cdef _Gemm g
     if M == 0 or N == 0:
         return 0
     if K == 0:
@@ -180,54 +219,52 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                     if c2 != NULL:
                         c2[i * ldc + j] = 0.0
         return 0
-    m_tiles = (M + isa.mr - 1) // isa.mr
-    n_tiles = (N + isa.nr - 1) // isa.nr
-    split_m = m_tiles >= n_tiles
-    tiles = m_tiles if split_m else n_tiles
-    nparts = min(<Py_ssize_t>n_threads, tiles)
-    part_tiles = (tiles + nparts - 1) // nparts
-    # Per-part packing buffers, each a multiple of 16 floats so every slice stays 64-byte aligned.
-    a_stride = (<Py_ssize_t>isa.mc * RG_KC + 15) // 16 * 16
-    if split_m:
-        b_stride = n_tiles * isa.nr * RG_KC
-    else:
-        b_stride = part_tiles * isa.nr * RG_KC
-    b_stride = (b_stride + 15) // 16 * 16
-    work = rg_alloc_floats(<size_t>(nparts * (a_stride + b_stride)), &base)
-    if work == NULL:
+    g.isa = isa
+    g.M, g.N, g.K = M, N, K
+    g.a, g.b = a, b
+    g.c, g.c2, g.ldc = c, c2, ldc
+    g.accumulate = accumulate
+    g.m_tiles = (M + isa.mr - 1) // isa.mr
+    g.n_tiles = (N + isa.nr - 1) // isa.nr
+    # Split whichever dimension has more tiles: rows for the forward and input grads
+    # (M = 2048), columns for weight grads with few output channels (M = 256 or 67).
+    g.split_m = g.m_tiles >= g.n_tiles
+    g.n_items = min(<Py_ssize_t>n_threads * ITEMS_PER_THREAD, g.m_tiles if g.split_m else g.n_tiles)
+    if n_threads == 1:
+        g.n_items = 1
+    # Packed blocks rounded to 16 floats so both start 64-byte aligned.
+    a_size = (g.m_tiles * isa.mr * RG_KC + 15) // 16 * 16
+    b_size = (g.n_tiles * isa.nr * RG_KC + 15) // 16 * 16
+    g.apack = rg_alloc_floats(<size_t>(a_size + b_size), &base)
+    if g.apack == NULL:
         return -1
+    g.bpack = g.apack + a_size
+    g.partial = NULL
     if accumulate and K > RG_KC:
-        partial = rg_alloc_floats(<size_t>(M * N), &partial_base)
-        if partial == NULL:
+        g.partial = rg_alloc_floats(<size_t>(M * N), &partial_base)
+        if g.partial == NULL:
             free(base)
             return -1
-    if nparts == 1:
-        _gemm_part(isa, M, N, K, a, b, c, ldc, c2, accumulate, partial, N,
-                   work, work + a_stride)
+    nkb = (K + RG_KC - 1) // RG_KC
+    kb = pc = kc = 0  # (the parallel block copies them in before each thread sets them)
+    if n_threads == 1:
+        for kb in range(nkb):
+            pc = kb * RG_KC
+            kc = min(<Py_ssize_t>RG_KC, K - pc)
+            for s in range(g.m_tiles + g.n_tiles):
+                _pack_strip(&g, s, pc, kc)
+            _run_item(&g, 0, pc, kc)
     else:
-        for p in prange(nparts, schedule="static", chunksize=1, num_threads=n_threads):
-            lo = p * tiles // nparts
-            hi = (p + 1) * tiles // nparts
-            ap = a
-            bp = b
-            if split_m:
-                lo = lo * isa.mr
-                hi = min(hi * isa.mr, M)
-                ap.ptr = a.ptr + lo * a.rs
-                _gemm_part(isa, hi - lo, N, K, ap, bp, c + lo * ldc, ldc,
-                           NULL if c2 == NULL else c2 + lo * ldc, accumulate,
-                           NULL if partial == NULL else partial + lo * N, N,
-                           work + p * (a_stride + b_stride),
-                           work + p * (a_stride + b_stride) + a_stride)
-            else:
-                lo = lo * isa.nr
-                hi = min(hi * isa.nr, N)
-                bp.ptr = b.ptr + lo * b.cs
-                _gemm_part(isa, M, hi - lo, K, ap, bp, c + lo, ldc,
-                           NULL if c2 == NULL else c2 + lo, accumulate,
-                           NULL if partial == NULL else partial + lo, N,
-                           work + p * (a_stride + b_stride),
-                           work + p * (a_stride + b_stride) + a_stride)
+        with parallel(num_threads=n_threads):
+            for kb in range(nkb):
+                pc = kb * RG_KC
+                kc = min(<Py_ssize_t>RG_KC, K - pc)
+                for s in prange(g.m_tiles + g.n_tiles, schedule="dynamic", chunksize=4):
+                    _pack_strip(&g, s, pc, kc)
+                rg_barrier()  # the whole K block is packed before any tile reads it
+                for p in prange(g.n_items, schedule="dynamic", chunksize=1):
+                    _run_item(&g, p, pc, kc)
+                rg_barrier()  # no tile still reads this block when the next is packed
     free(partial_base)
     free(base)
     return 0

@@ -289,6 +289,14 @@ def test_dropout_backward_twice_is_exactly_double(rng):
     assert_bitwise_equal(dx, 2 * once, name="dx after two calls")
 
 
+def test_empty_arrays_are_accepted():
+    x = np.empty((0, 5), np.float32)
+    act.squared_relu_forward(np.empty_like(x), x, 2)
+    act.squared_relu_backward(np.empty_like(x), x.copy(), x, 2)
+    act.dropout_mask(np.empty_like(x), 0.1, **COUNTERS, n_threads=2)
+    act.dropout_add_forward(np.empty_like(x), x, 0.1, **COUNTERS, n_threads=2)
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("change, error, match", [

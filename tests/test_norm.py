@@ -181,6 +181,12 @@ def test_layernorm_backward_ref_matches_finite_differences(rng):
     assert_grad_close(db, numerical_grad(loss, bias), name="layernorm dbias")
 
 
+def test_thread_shapes_cover_uneven_chunks():
+    chunks = norm.LN_ROW_CHUNKS
+    assert any(N < chunks for N, _ in THREAD_SHAPES)
+    assert any(N > chunks and N % chunks for N, _ in THREAD_SHAPES)
+
+
 @pytest.mark.parametrize("shape", THREAD_SHAPES)
 def test_layernorm_bit_identical_across_threads(rng, shape):
     N, C = shape
@@ -213,6 +219,19 @@ def test_layernorm_backward_twice_is_exactly_double(rng):
     norm.layernorm_backward(*grads, dout, x, mean, rstd, weight, 3)
     for name, g, g1 in zip(("dx", "dweight", "dbias"), grads, once):
         assert_bitwise_equal(g, 2 * g1, name=f"{name} after two calls")
+
+
+def test_empty_batch_is_accepted():
+    x = np.empty((0, 6), np.float32)
+    ones, zeros = np.ones(6, np.float32), np.zeros(6, np.float32)
+    norm.rmsnorm_forward(np.empty_like(x), np.empty(0, np.float32), x, EPS, 2)
+    norm.rmsnorm_backward(np.empty_like(x), x.copy(), x, np.empty(0, np.float32), 2)
+    norm.layernorm_forward(np.empty_like(x), np.empty(0, np.float32), np.empty(0, np.float32), x,
+                           ones, zeros, EPS, 2)
+    dw, db = zeros.copy(), zeros.copy()
+    norm.layernorm_backward(np.empty_like(x), dw, db, x.copy(), x, np.empty(0, np.float32),
+                            np.empty(0, np.float32), ones, 2)
+    assert np.all(dw == 0) and np.all(db == 0)
 
 
 # ------------------------------------------------------------------------------- bad inputs

@@ -9,6 +9,7 @@ rounding) and thread count.
 """
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -74,11 +75,9 @@ def evaluate(model, tokens, block_size, batch_size):
 def _recorded_data(extra):
     """Where the checkpoint's training text is, from what the trainer put in ``extra``.
 
-    Returns (path, None), ("<built-in>", None) for the built-in sample, or (None, what the
+    Returns (path, None), (BUILTIN, None) for the built-in sample, or (None, what the
     checkpoint records) when that is no readable file: a description alone is not enough.
     """
-    from pathlib import Path
-
     path = extra.get("data_path")
     if isinstance(path, str) and path:
         return path, None

@@ -11,31 +11,37 @@ import math
 import numpy as np
 
 from cython.parallel cimport prange
-from libc.math cimport log
 
 
 cdef extern from *:
     """
-    /* The exponential loops are the whole cost of this file, so they are written in C:
+    /* The row math is the whole cost of this file, so it is written in C:
        - exp() is our own (libm's expf is an opaque call that gcc will not vectorize without
          -ffast-math, which we refuse);
-       - on x86-64 Linux with gcc >= 12 each loop is also compiled for x86-64-v3 (AVX2 + FMA)
+       - on x86-64 Linux with gcc >= 12 each row function is also compiled for x86-64-v3 (AVX2 + FMA)
          and picked at load time, doubling the vector width on CPUs that have it while the
          module itself stays baseline x86-64.
        Row sums run on eight double accumulators: one running double sum is a chain of dependent
        adds that gcc will not reorder (and so not vectorize) without -ffast-math. The lanes are
        combined in a fixed tree, so a row's sum depends on the row alone, never on threads. */
+    #include <math.h>
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
     #define RANDYGPT_XENT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
     #else
     #define RANDYGPT_XENT_CLONES
+    #endif
+    /* Helpers must be inlined into each clone to get that clone's instruction set. */
+    #if defined(__GNUC__)
+    #define RANDYGPT_XENT_INLINE static inline __attribute__((always_inline))
+    #else
+    #define RANDYGPT_XENT_INLINE static inline
     #endif
 
     /* exp(x) for x <= 0, Cephes-style: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
        polynomial, 2^n built in the exponent bits. Relative error about 2 ulp. Inputs below -87
        (including -inf) give 0, where the true value is at most 1.7e-38 and would be a denormal
        or below. NaN stays NaN. */
-    static inline float randygpt_exp_nonpos(float x) {
+    RANDYGPT_XENT_INLINE float randygpt_exp_nonpos(float x) {
         const float magic = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
         float xc = x < -87.0f ? -87.0f : x;
         float n = (xc * 1.44269504088896341f + magic) - magic;
@@ -54,13 +60,12 @@ cdef extern from *:
         return x < -87.0f ? 0.0f : y;
     }
 
-    static inline double randygpt_lanes_total(const double *acc) {
+    RANDYGPT_XENT_INLINE double randygpt_lanes_total(const double *acc) {
         return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
 
     /* max_j z[j] over V >= 1 values, on eight lanes so that the compare chain vectorizes. */
-    RANDYGPT_XENT_CLONES
-    static float randygpt_row_max(const float *z, Py_ssize_t V) {
+    RANDYGPT_XENT_INLINE float randygpt_row_max(const float *z, Py_ssize_t V) {
         float acc[8], mx;
         Py_ssize_t j;
         int k;
@@ -73,68 +78,82 @@ cdef extern from *:
         return mx;
     }
 
-    /* sum_j exp(z[j] - mx) in double; also stores the exponentials in e unless e is NULL. */
-    RANDYGPT_XENT_CLONES
-    static double randygpt_sum_exp(float *e, const float *z, float mx, Py_ssize_t V) {
+    /* e[j] = exp(z[j] - mx) for j < V; returns their sum in double. */
+    RANDYGPT_XENT_INLINE double randygpt_store_exp(float *e, const float *z, float mx, Py_ssize_t V) {
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
         Py_ssize_t j;
         int k;
-        if (e != NULL) {
-            for (j = 0; j < V; j++) e[j] = randygpt_exp_nonpos(z[j] - mx);
-            for (j = 0; j + 8 <= V; j += 8)
-                for (k = 0; k < 8; k++) acc[k] += (double)e[j + k];
-            for (k = 0; j < V; j++, k++) acc[k] += (double)e[j];
-        } else {
-            /* Exponentials go through a small stack block: gcc vectorizes a plain exp loop,
-               not one fused with the float-to-double lane sums. */
-            float blk[64];
-            Py_ssize_t j0, n, i;
-            for (j0 = 0; j0 < V; j0 += 64) {
-                n = V - j0 < 64 ? V - j0 : 64;
-                for (i = 0; i < n; i++) blk[i] = randygpt_exp_nonpos(z[j0 + i] - mx);
-                for (i = 0; i + 8 <= n; i += 8)
-                    for (k = 0; k < 8; k++) acc[k] += (double)blk[i + k];
-                for (k = 0; i < n; i++, k++) acc[k] += (double)blk[i];
-            }
+        for (j = 0; j < V; j++) e[j] = randygpt_exp_nonpos(z[j] - mx);
+        for (j = 0; j + 8 <= V; j += 8)
+            for (k = 0; k < 8; k++) acc[k] += (double)e[j + k];
+        for (k = 0; j < V; j++, k++) acc[k] += (double)e[j];
+        return randygpt_lanes_total(acc);
+    }
+
+    /* The same sum without an output row: the exponentials go through a stack block (gcc
+       vectorizes a plain exp loop, not one fused with the float-to-double lane sums). Blocks
+       are a multiple of 8 long, so each lane adds the same terms in the same order as above. */
+    RANDYGPT_XENT_INLINE double randygpt_sum_exp(const float *z, float mx, Py_ssize_t V) {
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        float blk[64];
+        Py_ssize_t j0, n, i;
+        int k;
+        for (j0 = 0; j0 < V; j0 += 64) {
+            n = V - j0 < 64 ? V - j0 : 64;
+            for (i = 0; i < n; i++) blk[i] = randygpt_exp_nonpos(z[j0 + i] - mx);
+            for (i = 0; i + 8 <= n; i += 8)
+                for (k = 0; k < 8; k++) acc[k] += (double)blk[i + k];
+            for (k = 0; i < n; i++, k++) acc[k] += (double)blk[i];
         }
         return randygpt_lanes_total(acc);
     }
 
-    /* dz[j] += exp(z[j] - mx) * scale */
+    /* Loss of one row, lse(z) - z[y]. With dz != NULL, also writes
+       dz = (softmax(z) - onehot(y)) * inv_n, using dz to hold exp(z - max) in between.
+       The max is subtracted before exp so that large logits cannot overflow, and the sum of
+       exponentials is kept in double so that the log-sum-exp keeps float32 precision. */
     RANDYGPT_XENT_CLONES
-    static void randygpt_add_scaled_exp(float *dz, const float *z, float mx, float scale,
-                                        Py_ssize_t V) {
+    static float randygpt_xent_row(const float *z, int y, float *dz, double inv_n, Py_ssize_t V) {
+        float mx = randygpt_row_max(z, V);
+        double s;
         Py_ssize_t j;
-        for (j = 0; j < V; j++) dz[j] += randygpt_exp_nonpos(z[j] - mx) * scale;
+        if (dz != NULL) {
+            s = randygpt_store_exp(dz, z, mx, V);
+            float scale = (float)(inv_n / s);
+            for (j = 0; j < V; j++) dz[j] *= scale;
+            dz[y] -= (float)inv_n;
+        } else {
+            s = randygpt_sum_exp(z, mx, V);
+        }
+        return (float)((double)mx + log(s) - (double)z[y]);
+    }
+
+    /* Rows up to this long keep their exponentials in a stack buffer during backward
+       (16 KiB); longer rows compute each exponential twice rather than allocate. */
+    #define RANDYGPT_XENT_ROW_BUFFER 4096
+
+    /* Differentiates loss = mean_i (lse(z_i) - z_i[y_i]), with g = dloss / N:
+       dz[j] += g * (exp(z[j] - lse) - [j == y]). */
+    RANDYGPT_XENT_CLONES
+    static void randygpt_xent_row_backward(float *dz, const float *z, int y, double g,
+                                           Py_ssize_t V) {
+        float e[RANDYGPT_XENT_ROW_BUFFER];
+        float mx = randygpt_row_max(z, V), scale;
+        Py_ssize_t j;
+        if (V <= RANDYGPT_XENT_ROW_BUFFER) {
+            scale = (float)(g / randygpt_store_exp(e, z, mx, V));
+            for (j = 0; j < V; j++) dz[j] += e[j] * scale;
+        } else {
+            scale = (float)(g / randygpt_sum_exp(z, mx, V));
+            for (j = 0; j < V; j++) dz[j] += randygpt_exp_nonpos(z[j] - mx) * scale;
+        }
+        dz[y] -= (float)g;
     }
     """
-    float row_max "randygpt_row_max"(const float* z, Py_ssize_t V) noexcept nogil
-    double sum_exp "randygpt_sum_exp"(float* e, const float* z, float mx, Py_ssize_t V) noexcept nogil
-    void add_scaled_exp "randygpt_add_scaled_exp"(float* dz, const float* z, float mx, float scale,
-                                                  Py_ssize_t V) noexcept nogil
-
-
-cdef inline float row_loss(const float* z, int y, float* dz, double inv_n, bint write_grad,
-                           Py_ssize_t V) noexcept nogil:
-    """Loss of one row, lse(z) - z[y]; with write_grad, dz = (softmax(z) - onehot(y)) * inv_n.
-
-    The row max is subtracted before exp so that large logits cannot overflow, and the sum of
-    exponentials is kept in double so that the log-sum-exp keeps float32 precision.
-    """
-    cdef float mx = row_max(z, V)
-    cdef double s
-    cdef float scale
-    cdef Py_ssize_t j
-    if write_grad:
-        # dz holds exp(z - max) for a moment, then becomes the gradient in place.
-        s = sum_exp(dz, z, mx, V)
-        scale = <float>(inv_n / s)
-        for j in range(V):
-            dz[j] = dz[j] * scale
-        dz[y] -= <float>inv_n
-    else:
-        s = sum_exp(NULL, z, mx, V)
-    return <float>(<double>mx + log(s) - <double>z[y])
+    float xent_row "randygpt_xent_row"(const float* z, int y, float* dz, double inv_n,
+                                       Py_ssize_t V) noexcept nogil
+    void xent_row_backward "randygpt_xent_row_backward"(float* dz, const float* z, int y,
+                                                        double g, Py_ssize_t V) noexcept nogil
 
 
 cdef void xent_rows(float* losses, float* dlogits, const float* logits, const int* targets,
@@ -144,33 +163,7 @@ cdef void xent_rows(float* losses, float* dlogits, const float* logits, const in
     cdef double inv_n = 1.0 / <double>N
     for i in prange(N, schedule="static", num_threads=n_threads):
         dz = dlogits + i * V if write_grad else NULL
-        losses[i] = row_loss(logits + i * V, targets[i], dz, inv_n, write_grad, V)
-
-
-# Rows up to this long keep their exponentials in a stack buffer during backward (16 KiB);
-# longer rows compute each exponential twice rather than allocate.
-cdef enum:
-    ROW_BUFFER = 4096
-
-
-cdef inline void backward_row(float* dz, const float* z, int y, double g,
-                              Py_ssize_t V) noexcept nogil:
-    # Differentiates loss = mean_i (lse(z_i) - z_i[y_i]):
-    # d/dz_ij = dloss * (exp(z_ij - lse_i) - [j == y_i]) / N, with g = dloss / N.
-    cdef float e[ROW_BUFFER]
-    cdef float mx = row_max(z, V)
-    cdef double s
-    cdef float scale
-    cdef Py_ssize_t j
-    if V <= ROW_BUFFER:
-        s = sum_exp(e, z, mx, V)
-        scale = <float>(g / s)
-        for j in range(V):
-            dz[j] += e[j] * scale
-    else:
-        s = sum_exp(NULL, z, mx, V)
-        add_scaled_exp(dz, z, mx, <float>(g / s), V)
-    dz[y] -= <float>g
+        losses[i] = xent_row(logits + i * V, targets[i], dz, inv_n, V)
 
 
 cdef void xent_backward_rows(float* dlogits, const float* logits, const int* targets,
@@ -179,7 +172,7 @@ cdef void xent_backward_rows(float* dlogits, const float* logits, const int* tar
     cdef Py_ssize_t i
     cdef double g = dloss / <double>N
     for i in prange(N, schedule="static", num_threads=n_threads):
-        backward_row(dlogits + i * V, logits + i * V, targets[i], g, V)
+        xent_row_backward(dlogits + i * V, logits + i * V, targets[i], g, V)
 
 
 cdef double mean_in_row_order(const float* losses, Py_ssize_t N) noexcept nogil:

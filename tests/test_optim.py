@@ -4,12 +4,21 @@ import math
 import numpy as np
 import pytest
 
+import randygpt._kernels as kernels
 from conftest import assert_close
 from randygpt.config import Config
 from randygpt.model import GPT
 from randygpt.optim import AdamW, clip_scale, lr_at
 
 CONFIG = Config(lr=1e-3, warmup_iters=100, warmup_start=0.1, decay_start=0.8, min_lr_ratio=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # Tiny shapes: a thread team costs more than the work, and on a busy machine a descheduled
+    # team member stalls every kernel call (seconds per test). The thread-count test in
+    # test_model.py proves multithreaded results bit-identical to these.
+    monkeypatch.setattr(kernels, "_requested_threads", 1)
 
 
 def test_lr_warmup_plateau_and_cosine_to_min():

@@ -5,6 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import randygpt._kernels as kernels  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from randygpt.config import Config  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
@@ -12,6 +13,18 @@ from randygpt.optim import AdamW, clip_scale  # noqa: E402
 from randygpt.torch_ref import build_torch_gpt, export_grads, load_params, our_name, torch_name  # noqa: E402,E501
 
 NORMS = ["rmsnorm", "layernorm"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # Tiny shapes: a thread team costs more than the work, and on a busy machine a descheduled
+    # team member stalls every kernel call (seconds per test). The thread-count test in
+    # test_model.py proves multithreaded results bit-identical to these.
+    monkeypatch.setattr(kernels, "_requested_threads", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_config(norm, **kw):

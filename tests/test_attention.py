@@ -10,9 +10,10 @@ from randygpt._kernels import attention
 from randygpt._kernels._ref_attention import attention_backward_ref, attention_forward_ref
 
 # (B, T, C, NH): odd sizes, T = 1, B = 1, NH = 1, head sizes that are not a multiple of
-# the vector width (HS = 4, 10, 36, 13), T past one block of 32 keys.
+# the vector width (HS = 4, 10, 36, 13) or take each block width (HS = 24), T past one
+# block of 32 keys.
 SHAPES = [(2, 5, 12, 3), (1, 1, 4, 1), (3, 1, 12, 3), (1, 7, 10, 1), (2, 33, 72, 2),
-          (1, 17, 39, 3)]
+          (1, 17, 39, 3), (2, 9, 48, 2)]
 REAL = (32, 64, 256, 8)
 
 
@@ -74,6 +75,7 @@ def test_backward_matches_reference(rng, isa, B, T, C, NH):
     assert_close(dqkv, expected, rtol=1e-5, atol=1e-5, name="dqkv")
 
 
+@pytest.mark.slow
 def test_real_size_forward_and_backward(rng, isa):
     B, T, C, NH = REAL
     qkv = make_qkv(rng, B, T, C)
@@ -132,6 +134,18 @@ def test_future_positions_do_not_change_the_past(rng, isa):
     dqkv = run_backward(np.zeros_like(qkv), dout, qkv, att, NH)
     assert np.all(dqkv[:, t0:] == 0.0)
     assert np.any(dqkv[:, :t0] != 0.0)
+
+
+def test_backward_ignores_att_above_the_diagonal(rng, isa):
+    B, T, C, NH = 2, 7, 12, 3
+    qkv = make_qkv(rng, B, T, C)
+    _, att = run_forward(qkv, NH)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    expected = run_backward(np.zeros_like(qkv), dout, qkv, att, NH)
+    poisoned = att.copy()
+    poisoned[:, :, np.triu(np.ones((T, T), dtype=bool), k=1)] = np.nan
+    dqkv = run_backward(np.zeros_like(qkv), dout, qkv, poisoned, NH)
+    assert_bitwise_equal(dqkv, expected, name="dqkv with NaN above the diagonal of att")
 
 
 def test_large_scores_stay_finite(rng, isa):

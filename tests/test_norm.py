@@ -259,7 +259,7 @@ def _ln_bwd_args(rng, N=4, C=6):
     (dict(x="no_columns"), ValueError, "x must have at least one column"),
     (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
     (dict(eps="1e-5"), TypeError, "eps must be a real number"),
-    (dict(n_threads=0), ValueError, "n_threads must be >= 1"),
+    (dict(n_threads=0), ValueError, r"n_threads must be in \[1, "),
     (dict(n_threads=2.0), TypeError, "n_threads must be an int"),
 ])
 def test_rmsnorm_forward_rejects_bad_input(rng, change, error, match):
@@ -300,7 +300,7 @@ def test_rmsnorm_backward_rejects_aliased_dx(rng):
     (dict(mean="short_rows"), ValueError, r"mean has shape \(3,\), expected \(4,\)"),
     (dict(dweight="is_dbias"), ValueError, "dweight .* must not share memory with dbias"),
     (dict(dx="overlaps_dout"), ValueError, "dx .* must not share memory with dout"),
-    (dict(n_threads=-1), ValueError, "n_threads must be >= 1"),
+    (dict(n_threads=-1), ValueError, r"n_threads must be in \[1, "),
     (dict(n_threads=True), TypeError, "n_threads must be an int"),
 ])
 def test_layernorm_backward_rejects_bad_input(rng, change, error, match):

@@ -218,11 +218,15 @@ def _check_arrays(outputs, inputs):
                                  f"{aname} (shape {a.shape})")
 
 
+# OpenMP takes the team size as a C int.
+_MAX_THREADS = 2**31 - 1
+
+
 def _check_threads(n_threads):
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
         raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if not 1 <= n_threads <= _MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {_MAX_THREADS}], got {n_threads}")
     return int(n_threads)
 
 

@@ -25,7 +25,10 @@ cdef extern from *:
        adds that gcc will not reorder (and so not vectorize) without -ffast-math. The lanes are
        combined in a fixed tree, so a row's sum depends on the row alone, never on threads. */
     #include <math.h>
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+    /* Building with -DRANDYGPT_BASELINE_ONLY skips the clones (to test the baseline path on
+       a CPU that has AVX2). */
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) \
+        && defined(__linux__) && !defined(RANDYGPT_BASELINE_ONLY)
     #define RANDYGPT_XENT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
     #else
     #define RANDYGPT_XENT_CLONES

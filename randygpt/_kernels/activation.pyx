@@ -71,7 +71,8 @@ cdef extern from *:
        (dropped). A ternary would become a branch, mispredicted on about every dropped element. */
     static inline float randygpt_dropout_at(uint64_t key, int64_t i, uint32_t threshold,
                                             uint32_t scale_bits) {
-        uint32_t top = (uint32_t)(randygpt_mix64(key + (uint64_t)(i + 1) * RANDYGPT_DROPOUT_GOLDEN) >> 40);
+        uint64_t bits = randygpt_mix64(key + (uint64_t)(i + 1) * RANDYGPT_DROPOUT_GOLDEN);
+        uint32_t top = (uint32_t)(bits >> 40);
         uint32_t u = scale_bits & (0u - (uint32_t)(top >= threshold));
         float m;
         memcpy(&m, &u, sizeof m);
@@ -91,9 +92,12 @@ cdef extern from *:
             else              for (int64_t i = lo; i < hi; i++) a[i] += b[i] * scale;
             return;
         }
-        if (op == 0)      for (int64_t i = lo; i < hi; i++) a[i] = randygpt_dropout_at(key, i, threshold, sb);
-        else if (op == 1) for (int64_t i = lo; i < hi; i++) a[i] = b[i] * randygpt_dropout_at(key, i, threshold, sb);
-        else              for (int64_t i = lo; i < hi; i++) a[i] += b[i] * randygpt_dropout_at(key, i, threshold, sb);
+        if (op == 0)
+            for (int64_t i = lo; i < hi; i++) a[i] = randygpt_dropout_at(key, i, threshold, sb);
+        else if (op == 1)
+            for (int64_t i = lo; i < hi; i++) a[i] = b[i] * randygpt_dropout_at(key, i, threshold, sb);
+        else
+            for (int64_t i = lo; i < hi; i++) a[i] += b[i] * randygpt_dropout_at(key, i, threshold, sb);
     }
 
     typedef void (*randygpt_dropout_fn)(int, float *, const float *, int64_t, int64_t, uint64_t,
@@ -161,7 +165,7 @@ _isa = "sse2"
 
 
 def available_isas():
-    """Names of the dropout paths this CPU runs, fastest first (e.g. ["avx512", "avx2", "sse2"])."""
+    """Names of the dropout paths this CPU runs, fastest first, e.g. ["avx512", "avx2", "sse2"]."""
     return [name for code, name in enumerate(_ISA_NAMES) if _isa_supported(code)]
 
 
@@ -208,7 +212,8 @@ def _check_arrays(outputs, inputs):
     name0, a0 = outputs[0]
     for name, a in outputs[1:] + inputs:
         if a.shape != a0.shape:
-            raise ValueError(f"{name} has shape {a.shape}, expected {a0.shape} (the shape of {name0})")
+            raise ValueError(f"{name} has shape {a.shape}, expected {a0.shape} "
+                             f"(the shape of {name0})")
     for i, (oname, o) in enumerate(outputs):
         if not o.flags.writeable:
             raise ValueError(f"{oname} is read-only (shape {o.shape})")

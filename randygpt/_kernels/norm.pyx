@@ -20,8 +20,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
-from randygpt._kernels._rowops cimport (ROW_LANES, DoublePair, lanes_total, row_dot, row_sum, row_sumsq,
-                                        row_sumsq_centered)
+from randygpt._kernels._rowops cimport (ROW_LANES, DoublePair, lanes_total, row_dot, row_sum,
+                                        row_sumsq, row_sumsq_centered)
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward", "layernorm_forward", "layernorm_backward",
            "LN_ROW_CHUNKS"]
@@ -125,7 +125,8 @@ cdef void _rmsnorm_backward(float* dx, const float* dout, const float* x, const 
         doutr = dout + r * C
         dxr = dx + r * C
         rs = rstd[r]
-        # d/dx of out = x * (mean(x**2) + eps)**-0.5:  rstd * dout - (rstd**3 / C) * x * sum(x * dout)
+        # d/dx of out = x * (mean(x**2) + eps)**-0.5:
+        #   dx += rstd * dout - (rstd**3 / C) * x * sum(x * dout)
         coef = <float>(<double>rs * rs * rs * row_dot(xr, doutr, C) / C)
         for c in range(C):
             dxr[c] += rs * doutr[c] - coef * xr[c]

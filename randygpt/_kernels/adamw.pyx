@@ -14,6 +14,9 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport pow, sqrt, sqrtf
 
+# Sum of squares in double on eight fixed lanes: vectorizable, and a function of the data alone.
+from randygpt._kernels._rowops cimport row_sumsq
+
 cdef enum:
     # At most this many partial sums for grad_norm; small arrays get fewer chunks of at least
     # MIN_CHUNK elements, so that tiny calls do not pay for 64 nearly empty tasks.
@@ -21,31 +24,6 @@ cdef enum:
     MIN_CHUNK = 4096
     # Elements per adamw_step task: large enough to amortize scheduling, small enough to balance.
     STEP_CHUNK = 16384
-
-
-cdef inline double lanes_total(const double* acc) noexcept nogil:
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-
-
-cdef inline double sum_squares(const float* g, Py_ssize_t n) noexcept nogil:
-    # Eight double accumulators: one running double sum is a chain of dependent adds that gcc
-    # will not reorder (and so not vectorize) without -ffast-math. The lanes are combined in a
-    # fixed tree, so the result depends on the data alone. Squares of float32 values formed in
-    # double are exact.
-    cdef double acc[8]
-    cdef double x
-    cdef Py_ssize_t b, j
-    cdef Py_ssize_t nb = n // 8
-    for j in range(8):
-        acc[j] = 0.0
-    for b in range(nb):
-        for j in range(8):
-            x = <double>g[b * 8 + j]
-            acc[j] += x * x
-    for j in range(nb * 8, n):
-        x = <double>g[j]
-        acc[j - nb * 8] += x * x
-    return lanes_total(acc)
 
 
 cdef Py_ssize_t norm_chunks(Py_ssize_t P) noexcept nogil:
@@ -64,7 +42,7 @@ cdef double grad_norm_chunks(const float* g, Py_ssize_t P, int n_threads) noexce
     for k in prange(n_chunks, schedule="static", num_threads=n_threads):
         lo = k * size
         hi = min(lo + size, P)
-        partial[k] = sum_squares(g + lo, hi - lo) if hi > lo else 0.0
+        partial[k] = row_sumsq(g + lo, hi - lo) if hi > lo else 0.0
     # Serial, in chunk order: the total must not depend on which thread summed which chunk.
     for k in range(n_chunks):
         total += partial[k]

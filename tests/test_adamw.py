@@ -217,3 +217,10 @@ def test_adamw_bad_input(rng):
     # Nothing was touched by the rejected calls.
     for got, want, name in zip((params, m, v), before, ("params", "m", "v")):
         assert_bitwise_equal(got, want, name=name)
+
+
+def test_adamw_read_only_state_rejected(rng):
+    params, grads, m, v, mask = make_state(rng, 9)
+    v.flags.writeable = False
+    with pytest.raises(ValueError, match="v must be writeable"):
+        adamw.adamw_step(params, grads, m, v, mask, **HYPER, step=1, grad_scale=1.0, n_threads=1)

@@ -171,3 +171,11 @@ def test_aliasing_rejected(rng):
         embedding.embedding_backward(table[:11], table[5:], dout, idx, 1)
     with pytest.raises(ValueError, match="dwpe must not share memory with dout"):
         embedding.embedding_backward(np.zeros_like(wte), dout[0], dout, idx, 1)
+
+
+def test_read_only_output_rejected(rng):
+    idx, wte, wpe = make_case(rng, 2, 5, 12, 11, 0)
+    out = np.empty((2, 5, 12), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        embedding.embedding_forward(out, idx, wte, wpe, 1)

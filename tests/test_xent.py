@@ -223,3 +223,11 @@ def test_bad_n_threads(rng, n_threads, exc):
     logits, targets = make_case(rng, 7, 11)
     with pytest.raises(exc, match="n_threads"):
         xent.cross_entropy_forward(np.empty(7, np.float32), logits, targets, n_threads)
+
+
+def test_read_only_output_rejected(rng):
+    logits, targets = make_case(rng, 7, 11)
+    losses = np.empty(7, np.float32)
+    losses.flags.writeable = False
+    with pytest.raises(ValueError, match="losses must be writeable"):
+        xent.cross_entropy_forward(losses, logits, targets, 1)

@@ -16,6 +16,8 @@
 
 #define ATTN_VEC ATTN_FN(vec)
 #define ATTN_IVEC ATTN_FN(ivec)
+#define ATTN_HVEC ATTN_FN(hvec)
+#define ATTN_DVEC ATTN_FN(dvec)
 #define ATTN_LOAD ATTN_FN(load)
 #define ATTN_STORE ATTN_FN(store)
 
@@ -333,6 +335,38 @@ ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)
 }
 #endif
 
+#if ATTN_VW > 1
+/* Half a vector of floats, and as many doubles in a full vector's bytes. */
+typedef float ATTN_HVEC __attribute__((vector_size(ATTN_VW * 2)));
+typedef double ATTN_DVEC __attribute__((vector_size(ATTN_VW * 4)));
+
+/* sum_j s[j] for j in [0, nf), nf a multiple of the vector width, in double: two
+ * accumulators of VW / 2 lanes, the lanes then added in a fixed order. */
+ATTN_TARGET static inline double ATTN_FN(sum_double)(const float *s, ptrdiff_t nf)
+{
+    ATTN_DVEC a0 = {0}, a1 = {0};
+    for (ptrdiff_t j = 0; j < nf; j += ATTN_VW) {
+        ATTN_HVEC lo, hi;
+        memcpy(&lo, s + j, sizeof lo);
+        memcpy(&hi, s + j + ATTN_VW / 2, sizeof hi);
+        a0 += __builtin_convertvector(lo, ATTN_DVEC);
+        a1 += __builtin_convertvector(hi, ATTN_DVEC);
+    }
+    a0 += a1;
+    double lanes[ATTN_VW / 2];
+    memcpy(lanes, &a0, sizeof lanes);
+    double sum = lanes[0];
+    for (int l = 1; l < ATTN_VW / 2; ++l)
+        sum += lanes[l];
+    return sum;
+}
+#else
+ATTN_TARGET static inline double ATTN_FN(sum_double)(const float *s, ptrdiff_t nf)
+{
+    return attn_sum_double(s, nf);
+}
+#endif
+
 /* One row of the causal softmax: p[j] = softmax(scale * s[0..n))_j for j < n and
  * p[j] = 0 for n <= j < T (the masked keys). s (padded to whole vectors) is
  * clobbered. The loops run over whole vectors: the masked keys inside the last vector
@@ -359,7 +393,7 @@ ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *re
         mx = lanes[l] > mx ? lanes[l] : mx;
     for (ptrdiff_t j = 0; j < nf; j += VW)
         ATTN_STORE(s + j, ATTN_FN(exp_nonpos)(ATTN_LOAD(s + j) - mx));
-    const float inv = (float)(1.0 / attn_sum_double(s, nf));
+    const float inv = (float)(1.0 / ATTN_FN(sum_double)(s, nf));
     ptrdiff_t j = 0;
     if (nf <= T) {
         for (; j < nf; j += VW)
@@ -368,8 +402,7 @@ ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *re
         for (; j < n; ++j)
             p[j] = s[j] * inv;
     }
-    for (; j < T; ++j)
-        p[j] = 0.0f;
+    ATTN_FN(zero)(p + j, T - j);
 }
 
 /* Forward for pair task = b * NH + h; see attention_forward_task in attention_impl.h.
@@ -397,6 +430,9 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
     float *A = att + task * T * T;
     float *y = out + b * T * C + h * HS;
+    /* Two passes: all rows of P first, then all of y = P v. A row's softmax is a chain
+     * of dependent steps (max, exponentials, sum, division); with no y sums between
+     * them, the core overlaps the chains of consecutive rows. */
     for (ptrdiff_t i = 0; i < T; i += 2) {
         const ptrdiff_t rows = i + 1 < T ? 2 : 1;
         if (prefetch) {
@@ -404,22 +440,33 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
                 attn_prefetch(next + r * ld, (size_t)HS * sizeof(float));
                 attn_prefetch(next + r * ld + C, (size_t)HS * sizeof(float));
                 attn_prefetch(next + r * ld + 2 * C, (size_t)HS * sizeof(float));
+            }
+        }
+        float *p0 = A + i * T;
+        if (rows == 2) {
+            ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
+            ATTN_FN(softmax_row)(p0 + T, s1, i + 2, T, scale);
+        } else {
+            ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
+        }
+    }
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
+        if (prefetch) {
+            for (ptrdiff_t r = i; r < i + rows; ++r) {
                 attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
                 attn_prefetch(out + (bn * T + r) * C + hn * HS, (size_t)HS * sizeof(float));
             }
         }
-        float *p0 = A + i * T, *y0 = y + i * C;
+        const float *p0 = A + i * T;
+        float *y0 = y + i * C;
         if (rows == 2) {
-            float *p1 = p0 + T, *y1 = y0 + C;
-            ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
-            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
-            ATTN_FN(softmax_row)(p1, s1, i + 2, T, scale);
             /* y_i = sum_{j <= i} P_ij v_j, and y_{i+1} likewise with one more term */
-            ATTN_FN(rows_acc2)(y0, y1, p0, p1, 1, vp, 0, i + 1, HS, 1);
-            ATTN_FN(rows_acc)(y1, p1, 1, vp, i + 1, i + 2, HS, 0);
+            ATTN_FN(rows_acc2)(y0, y0 + C, p0, p0 + T, 1, vp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(y0 + C, p0 + T, 1, vp, i + 1, i + 2, HS, 0);
         } else {
-            ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
-            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
             ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS, 1);
         }
     }
@@ -527,5 +574,7 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
 
 #undef ATTN_VEC
 #undef ATTN_IVEC
+#undef ATTN_HVEC
+#undef ATTN_DVEC
 #undef ATTN_LOAD
 #undef ATTN_STORE

@@ -51,7 +51,8 @@ typedef struct {
     __builtin_shuffle(a, b, (__attribute__((vector_size(16))) int){i0, i1, i2, i3})
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
+/* RANDYGPT_GEMM_GENERIC builds the non-x86 layout on x86 too, to compile-check it there. */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(RANDYGPT_GEMM_GENERIC)
 #define RG_X86 1
 
 #define RG_NAME(x) rg_avx512_##x

@@ -51,6 +51,18 @@ ATTN_TARGET static inline void ATTN_FN(zero)(float *y, ptrdiff_t n)
         y[d] = 0.0f;
 }
 
+/* y[d] += x[d] * factor for d in [0, n): a finished gradient row added to its output
+ * once (so repeated calls accumulate exact multiples). */
+ATTN_TARGET static inline void ATTN_FN(add_scaled)(float *restrict y, const float *restrict x,
+                                                   float factor, ptrdiff_t n)
+{
+    ptrdiff_t d = 0;
+    for (; d + ATTN_VW <= n; d += ATTN_VW)
+        ATTN_STORE(y + d, ATTN_LOAD(y + d) + ATTN_LOAD(x + d) * factor);
+    for (; d < n; ++d)
+        y[d] += x[d] * factor;
+}
+
 /* Copies HS columns of T rows (row stride ld) into dst, rows HS apart: the head's
  * rows become one contiguous block that stays in L1 (rows 3C floats apart all fall
  * into a few cache sets). */
@@ -507,6 +519,8 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
     ATTN_FN(pack)(dyp, dy, C, T, HS);
     const float *A = att + task * T * T;
     const size_t row_bytes = (size_t)HS * sizeof(float);
+    /* Rows of dS first, then dq from them (as in the forward, so that consecutive
+     * rows' softmax-gradient chains overlap). */
     for (ptrdiff_t i = 0; i < T; i += 2) {
         const ptrdiff_t rows = i + 1 < T ? 2 : 1;
         if (prefetch) {
@@ -522,25 +536,27 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
         float *d0 = ds + i * Tp;
         /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j; then dS from the softmax */
         if (rows == 2) {
-            const float *p1 = p0 + T;
-            float *d1 = d0 + Tp;
-            ATTN_FN(row_scores2)(d0, d1, dyp + i * HS, dyp + (i + 1) * HS, vt, Tp, i + 2, HS);
+            ATTN_FN(row_scores2)(d0, d0 + Tp, dyp + i * HS, dyp + (i + 1) * HS, vt, Tp, i + 2,
+                                 HS);
             attn_softmax_grad_row(d0, p0, i + 1);
-            attn_softmax_grad_row(d1, p1, i + 2);
-            /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_{j <= i} dS_ij k_j */
-            ATTN_FN(rows_acc2)(g0, g1, d0, d1, 1, kp, 0, i + 1, HS, 1);
-            ATTN_FN(rows_acc)(g1, d1, 1, kp, i + 1, i + 2, HS, 0);
-            float *dq = gbase + (i + 1) * ld;
-            for (ptrdiff_t d = 0; d < HS; ++d)
-                dq[d] += g1[d] * scale;
+            attn_softmax_grad_row(d0 + Tp, p0 + T, i + 2);
         } else {
             ATTN_FN(row_scores)(d0, dyp + i * HS, vt, Tp, i + 1, HS);
             attn_softmax_grad_row(d0, p0, i + 1);
+        }
+    }
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_{j <= i} dS_ij k_j */
+        const float *d0 = ds + i * Tp;
+        float *dq = gbase + i * ld;
+        if (i + 1 < T) {
+            ATTN_FN(rows_acc2)(g0, g1, d0, d0 + Tp, 1, kp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(g1, d0 + Tp, 1, kp, i + 1, i + 2, HS, 0);
+            ATTN_FN(add_scaled)(dq + ld, g1, scale, HS);
+        } else {
             ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS, 1);
         }
-        float *dq = gbase + i * ld;
-        for (ptrdiff_t d = 0; d < HS; ++d)
-            dq[d] += g0[d] * scale;
+        ATTN_FN(add_scaled)(dq, g0, scale, HS);
     }
     for (ptrdiff_t j = 0; j < T; j += 2) {
         const ptrdiff_t cols = j + 1 < T ? 2 : 1;
@@ -563,11 +579,9 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
             if (cols == 2) {
                 ATTN_FN(zero)(g1, HS);
                 ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS, 0);
-                for (ptrdiff_t d = 0; d < HS; ++d)
-                    g[ld + d] += g1[d] * factor;
+                ATTN_FN(add_scaled)(g + ld, g1, factor, HS);
             }
-            for (ptrdiff_t d = 0; d < HS; ++d)
-                g[d] += g0[d] * factor;
+            ATTN_FN(add_scaled)(g, g0, factor, HS);
         }
     }
 }

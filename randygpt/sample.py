@@ -79,17 +79,16 @@ class KVCache:
 
     @staticmethod
     def _stacked_view(model, names):
-        p = model.params
-        flat = model.flat_params
-        first = p[names[0]]
-        start = first.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
-        size = first.size
+        """One (len(names) * OC, IC) view over matrices that follow each other in the flat
+        buffer with the same shape, or None if they do not."""
+        table = model.table
+        start, size = table.span(names[0])
+        shape = model.params[names[0]].shape
         for j, name in enumerate(names):
-            addr = p[name].__array_interface__["data"][0] - flat.__array_interface__["data"][0]
-            if addr != start + j * size * flat.itemsize or p[name].shape != first.shape:
+            if table.span(name) != (start + j * size, size) or model.params[name].shape != shape:
                 return None
-        off = start // flat.itemsize
-        return flat[off:off + len(names) * size].reshape(len(names) * first.shape[0], first.shape[1])
+        return model.flat_params[start:start + len(names) * size].reshape(len(names) * shape[0],
+                                                                          shape[1])
 
     @staticmethod
     def _norm_params(model, layer, which):

@@ -72,6 +72,16 @@ def test_kernel_products_give_the_same_logits(rng):
         assert_close(b.forward(np.array([t])), a.forward(np.array([t])), rtol=1e-5, atol=1e-5)
 
 
+def test_separate_qkv_products_give_the_same_logits(rng):
+    # The path for a table where wq, wk, wv are not adjacent (the standard table has them so).
+    model, tok = tiny_model()
+    ids = rng.integers(0, tok.vocab_size, 6)
+    a, b = KVCache(model), KVCache(model)
+    for layer in b._layers:
+        layer["wqkv"] = None
+    assert_close(b.forward(ids), a.forward(ids), rtol=1e-5, atol=1e-6)
+
+
 def test_window_rule(rng):
     model, tok = tiny_model(block_size=8)
     T, keep = 8, window_keep(8)

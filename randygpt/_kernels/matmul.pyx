@@ -114,28 +114,39 @@ cdef struct _Gemm:
     Py_ssize_t ldc
     bint accumulate
     float *partial      # (M, N) running sums when accumulating over several K blocks
-    float *apack        # all MR strips of op(a)[:, pc:pc+kc], strip s at s * MR * kc
-    float *bpack        # all NR strips of op(b)[pc:pc+kc, :], strip t at t * NR * kc
+    float *packs        # one or two packed K blocks (a_size + b_size floats each): all MR
+                        # strips of op(a)[:, pc:pc+kc] (strip s at s * MR * kc), then all
+                        # NR strips of op(b)[pc:pc+kc, :] (strip t at a_size + t * NR * kc)
+    Py_ssize_t a_size, b_size
     Py_ssize_t m_tiles, n_tiles, n_items
     bint split_m        # items are ranges of MR strips (else of NR strips)
 
 
-cdef void _pack_strip(const _Gemm *g, Py_ssize_t s, Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
+cdef inline float *_block(const _Gemm *g, Py_ssize_t kb) noexcept nogil:
+    # K blocks alternate between two buffers, so packing block kb + 1 needs no barrier
+    # after the tiles of block kb: they read the other buffer.
+    return g.packs + (kb % 2) * (g.a_size + g.b_size)
+
+
+cdef void _pack_strip(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nogil:
     """Strip s < m_tiles is A strip s, otherwise B strip s - m_tiles; edges zero-padded."""
     cdef const rg_isa_t *isa = g.isa
+    cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
+    cdef float *apack = _block(g, kb)
+    cdef float *bpack = apack + g.a_size
     cdef Py_ssize_t i, j
     if s < g.m_tiles:
         i = s * isa.mr
-        isa.pack_a(g.apack + i * kc, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
+        isa.pack_a(apack + i * kc, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
                    min(<Py_ssize_t>isa.mr, g.M - i), kc)
     else:
         j = (s - g.m_tiles) * isa.nr
-        isa.pack_b(g.bpack + j * kc, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
+        isa.pack_b(bpack + j * kc, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
                    kc, min(<Py_ssize_t>isa.nr, g.N - j))
 
 
-cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
-    """All tiles of item p for the K block [pc, pc + kc).
+cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb) noexcept nogil:
+    """All tiles of item p for K block kb.
 
     Rows are walked in chunks of isa.mc so that a chunk of packed A stays in L2 while
     every B strip of the item streams past it (BLIS's ic / jr / ir loop order).
@@ -147,6 +158,9 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t pc, Py_ssize_t kc) 
     before it has been written.
     """
     cdef const rg_isa_t *isa = g.isa
+    cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
+    cdef float *apack = _block(g, kb)
+    cdef float *bpack = apack + g.a_size
     cdef Py_ssize_t tiles = g.m_tiles if g.split_m else g.n_tiles
     cdef Py_ssize_t lo = p * tiles // g.n_items, hi = (p + 1) * tiles // g.n_items
     cdef Py_ssize_t it_lo = 0, it_hi = g.m_tiles, jt_lo = 0, jt_hi = g.n_tiles
@@ -190,7 +204,7 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t pc, Py_ssize_t kc) 
                         ld_init = g.ldc
                     if g.c2 != NULL:
                         c2_tile = g.c2 + i * g.ldc + j
-                kernel(kc, g.apack + i * kc, g.bpack + j * kc, init, ld_init,
+                kernel(kc, apack + i * kc, bpack + j * kc, init, ld_init,
                        dst, ld_dst, add_dst, c2_tile,
                        <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
 
@@ -201,13 +215,11 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory.
 
     For each K block: pack every strip of op(a) and op(b) (shared by all threads), then
-    run the tiles in work items. A barrier ends each phase, so the packed block is
-    complete before use and is not overwritten while still being read.
+    run the tiles in work items.
     """
-    cdef Py_ssize_t i, j, s, p, kb, pc, kc, nkb
+    cdef Py_ssize_t i, j, s, p, kb, nkb
     cdef void *base = NULL
     cdef void *partial_base = NULL
-    cdef Py_ssize_t a_size, b_size
     cdef _Gemm g
     if M == 0 or N == 0:
         return 0
@@ -232,39 +244,37 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     g.n_items = min(<Py_ssize_t>n_threads * ITEMS_PER_THREAD, g.m_tiles if g.split_m else g.n_tiles)
     if n_threads == 1:
         g.n_items = 1
-    # Packed blocks rounded to 16 floats so both start 64-byte aligned.
-    a_size = (g.m_tiles * isa.mr * RG_KC + 15) // 16 * 16
-    b_size = (g.n_tiles * isa.nr * RG_KC + 15) // 16 * 16
-    g.apack = rg_alloc_floats(<size_t>(a_size + b_size), &base)
-    if g.apack == NULL:
+    # Packed blocks rounded to 16 floats so each starts 64-byte aligned; a second one
+    # only when there is a second K block.
+    nkb = (K + RG_KC - 1) // RG_KC
+    g.a_size = (g.m_tiles * isa.mr * RG_KC + 15) // 16 * 16
+    g.b_size = (g.n_tiles * isa.nr * RG_KC + 15) // 16 * 16
+    g.packs = rg_alloc_floats(<size_t>(min(nkb, <Py_ssize_t>2) * (g.a_size + g.b_size)), &base)
+    if g.packs == NULL:
         return -1
-    g.bpack = g.apack + a_size
     g.partial = NULL
     if accumulate and K > RG_KC:
         g.partial = rg_alloc_floats(<size_t>(M * N), &partial_base)
         if g.partial == NULL:
             free(base)
             return -1
-    nkb = (K + RG_KC - 1) // RG_KC
-    kb = pc = kc = 0  # (the parallel block copies them in before each thread sets them)
+    kb = 0  # (the parallel block copies it in before each thread sets it)
     if n_threads == 1:
         for kb in range(nkb):
-            pc = kb * RG_KC
-            kc = min(<Py_ssize_t>RG_KC, K - pc)
             for s in range(g.m_tiles + g.n_tiles):
-                _pack_strip(&g, s, pc, kc)
-            _run_item(&g, 0, pc, kc)
+                _pack_strip(&g, s, kb)
+            _run_item(&g, 0, kb)
     else:
         with parallel(num_threads=n_threads):
             for kb in range(nkb):
-                pc = kb * RG_KC
-                kc = min(<Py_ssize_t>RG_KC, K - pc)
                 for s in prange(g.m_tiles + g.n_tiles, schedule="dynamic", chunksize=4):
-                    _pack_strip(&g, s, pc, kc)
-                rg_barrier()  # the whole K block is packed before any tile reads it
+                    _pack_strip(&g, s, kb)
+                # One barrier per K block: block kb is fully packed before any of its tiles
+                # runs, and (with the alternating buffers) every tile of block kb - 1 is done
+                # before block kb's tiles, which continue their sums, start.
+                rg_barrier()
                 for p in prange(g.n_items, schedule="dynamic", chunksize=1):
-                    _run_item(&g, p, pc, kc)
-                rg_barrier()  # no tile still reads this block when the next is packed
+                    _run_item(&g, p, kb)
     free(partial_base)
     free(base)
     return 0

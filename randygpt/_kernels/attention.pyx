@@ -36,6 +36,11 @@ cdef extern from "attention_impl.h" nogil:
     int attention_select_isa(int avx2) noexcept
     int attention_get_isa() noexcept
 
+# attention_impl.h includes this file once per instruction set; naming it here makes
+# cythonize rebuild the extension when it changes (included on its own it is empty).
+cdef extern from "attention_body.h":
+    pass
+
 __all__ = ["attention_forward", "attention_backward", "available_isas", "get_isa", "set_isa"]
 
 # Names of the vector paths: the AVX2 + FMA copy and the baseline copy (SSE2 on

@@ -4,7 +4,9 @@
  *   ATTN_VW        floats per vector (8 for AVX2, 4 for SSE2/NEON, 1 for plain C)
  *   ATTN_FN(name)  gives the copy's own name for name
  *   ATTN_TARGET    the copy's target attribute (or nothing)
- * No include guard on purpose.
+ * No include guard on purpose. Included with ATTN_FN undefined, it defines nothing:
+ * attention.pyx names it in a cdef extern block only so that the build notices when it
+ * changes.
  *
  * Both products of the head's rows are written so that no horizontal sums are needed:
  *   - scores s_j = x . y_j for a block of keys j come from the keys stored transposed
@@ -13,6 +15,8 @@
  * Either way each output element is a sum over its index in plain order, the same for
  * any thread count.
  */
+
+#ifdef ATTN_FN
 
 #define ATTN_VEC ATTN_FN(vec)
 #define ATTN_IVEC ATTN_FN(ivec)
@@ -592,3 +596,5 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
 #undef ATTN_DVEC
 #undef ATTN_LOAD
 #undef ATTN_STORE
+
+#endif /* ATTN_FN */

@@ -132,6 +132,15 @@ def test_model_shapes_match_reference(isa, rng):
     assert_close(dw, rdw, name=f"fc2 dw[{isa}]", **_tol(N))
 
 
+def test_zero_rows(isa, rng):
+    x, w = np.zeros((0, 5), np.float32), _randn(rng, 3, 5)
+    out = np.zeros((0, 3), np.float32)
+    mm.matmul_forward(out, x, w, 2)
+    dw = np.ones((3, 5), np.float32)
+    mm.matmul_backward(np.zeros((0, 5), np.float32), dw, out, x, w, 2)
+    assert_bitwise_equal(dw, np.ones((3, 5), np.float32))
+
+
 def test_zero_sized_inner_dimension(isa, rng):
     # K = 0: the product is all zeros; overwrite must write them, accumulate must add nothing.
     x, w = np.zeros((4, 0), np.float32), np.zeros((3, 0), np.float32)

@@ -26,7 +26,6 @@ n_threads (and identical between the avx2 and avx512 paths; sse2 has no FMA).
 """
 import numpy as np
 
-cimport cython
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free
 
@@ -242,6 +241,8 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     # (M = 2048), columns for weight grads with few output channels (M = 256 or 67).
     g.split_m = g.m_tiles >= g.n_tiles
     g.n_items = min(<Py_ssize_t>n_threads * ITEMS_PER_THREAD, g.m_tiles if g.split_m else g.n_tiles)
+    # No more threads than items: a tiny product does not wake a team it cannot use.
+    n_threads = <int>min(<Py_ssize_t>n_threads, g.n_items)
     if n_threads == 1:
         g.n_items = 1
     # Packed blocks rounded to 16 floats so each starts 64-byte aligned; a second one

@@ -5,10 +5,11 @@ Decoding with the cache runs one position per step: the new token's query attend
 and values every layer has cached for the earlier tokens of the window, so a step costs one
 matrix-vector product per weight matrix instead of a forward pass over the whole window. The
 weights are read in place from ``model.params`` (never copied); the step's products run through
-NumPy's BLAS on one thread (``threadpool_limits``). ``benchmarks/bench_sample.py`` measured that
-about 3x faster than our GEMM kernel at M = 1 row (322 vs 102 tokens/s on the default model, one
-thread, on a loaded 2-core EPYC; 47 tokens/s without the cache): the kernel is built for many
-rows and packs the whole weight matrix into panels on every call, pure overhead for one row.
+NumPy's BLAS on one thread (``threadpool_limits``), as matrix-vector products for the one-row
+steps. ``benchmarks/bench_sample.py`` measured that about 2x faster than our GEMM kernel at M = 1
+row (526 vs 250 tokens/s on the default model, one thread, on a loaded 2-core EPYC; 87 tokens/s
+without the cache): the kernel is built for many rows and packs the whole weight matrix into
+panels on every call, pure overhead for one row.
 
 The context window (the same rule with and without the cache, so both give the same text):
 the model has learned absolute positions for ``block_size`` slots, so it never sees more than
@@ -105,6 +106,10 @@ class KVCache:
     def _linear(self, x, w):
         """x (n, IC) @ w (OC, IC)^T -> (n, OC) float32, reading w in place."""
         if not self.use_kernel:
+            if x.shape[0] == 1:
+                # One row: a matrix-vector product (BLAS gemv) ran about 2x faster than the
+                # same product as a one-row gemm.
+                return (w @ x[0])[None, :]
             return x @ w.T
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
         self._matmul_forward(out, np.ascontiguousarray(x), w, 1)

@@ -6,10 +6,10 @@ and values every layer has cached for the earlier tokens of the window, so a ste
 matrix-vector product per weight matrix instead of a forward pass over the whole window. The
 weights are read in place from ``model.params`` (never copied); the step's products run through
 NumPy's BLAS on one thread (``threadpool_limits``), as matrix-vector products for the one-row
-steps. ``benchmarks/bench_sample.py`` measured that about 2x faster than our GEMM kernel at M = 1
-row (526 vs 250 tokens/s on the default model, one thread, on a loaded 2-core EPYC; 87 tokens/s
-without the cache): the kernel is built for many rows and packs the whole weight matrix into
-panels on every call, pure overhead for one row.
+steps. ``benchmarks/bench_sample.py`` measured that about 3.6x faster than our GEMM kernel at
+M = 1 row (1,024 vs 284 tokens/s on the default model, one thread, 2-core EPYC under a load of
+about 3; 128 tokens/s without the cache): the kernel is built for many rows and packs the whole
+weight matrix into panels on every call, pure overhead for one row.
 
 The context window (the same rule with and without the cache, so both give the same text):
 the model has learned absolute positions for ``block_size`` slots, so it never sees more than
@@ -117,16 +117,19 @@ class KVCache:
 
     def _norm(self, x, params):
         # Mean and variance in float64, as the kernels do; the result is stored as float32.
+        # np.add.reduce rather than np.mean: the same sum without np.mean's Python wrapper,
+        # which was a visible share of a one-token step.
         eps = self.config.norm_eps
+        C = x.shape[-1]
         x64 = x.astype(np.float64)
         if params is None:
-            rstd = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
-            return (x * rstd.astype(np.float32)).astype(np.float32)
-        mean = x64.mean(axis=-1, keepdims=True)
-        var = np.mean((x64 - mean) ** 2, axis=-1, keepdims=True)
-        rstd = 1.0 / np.sqrt(var + eps)
+            rstd = 1.0 / np.sqrt(np.add.reduce(x64 * x64, axis=-1, keepdims=True) / C + eps)
+            return x * rstd.astype(np.float32)
+        mean = np.add.reduce(x64, axis=-1, keepdims=True) / C
+        centred = x64 - mean
+        rstd = 1.0 / np.sqrt(np.add.reduce(centred * centred, axis=-1, keepdims=True) / C + eps)
         weight, bias = params
-        return ((x64 - mean) * rstd * weight + bias).astype(np.float32)
+        return (centred * rstd * weight + bias).astype(np.float32)
 
     def forward(self, idx):
         """Append the tokens ``idx`` (n,) to the window and return their logits (n, V) float32.

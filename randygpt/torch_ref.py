@@ -1,6 +1,8 @@
 """The same GPT in PyTorch, for parity tests and benchmarks only.
 
-randygpt never depends on torch: it is imported inside the functions. Parameters use our
+randygpt never depends on torch: it is imported inside the functions. This module imports
+nothing from randygpt either, so a benchmark can load it by path into a process that never loads
+our kernels (and their OpenMP runtime). Parameters use our
 names and PyTorch's (out_features, in_features) layout, so load_params / export_grads move
 tensors across by name. Dropout here is nn.Dropout (its masks differ from ours), so parity
 is checked with dropout 0.

@@ -48,8 +48,8 @@ static inline RG_TARGET RG_NAME(vec) RG_NAME(sqrelu)(RG_NAME(vec) v)
  * Continuing the chain from a stored partial (init) makes the result independent of how
  * K is cut into blocks, and the final "+ dst" makes repeated accumulation exact: adding
  * the same product twice to zero gives exactly twice the product.
- * mr < RG_MR or nr < RG_NR marks an edge tile: it goes through a stack tile so nothing
- * outside the valid mr x nr corner of dst/init/c2 is read or written. */
+ * mr < RG_MR or nr < nv * RG_VW marks an edge tile: it goes through a stack tile so
+ * nothing outside the valid mr x nr corner of dst/init/c2 is read or written. */
 static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
     const int nv, /* vectors per row actually computed: RG_NV, or RG_NV / 2 (narrow) */
     Py_ssize_t kc, const float *restrict ap, const float *restrict bp,

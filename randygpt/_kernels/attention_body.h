@@ -339,7 +339,21 @@ ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)
 {
     return ATTN_FN(select)(x > m, x, m);
 }
+
+/* The largest lane of m (lanes read in place, not through memory). */
+ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
+{
+    float r = m[0];
+    for (int l = 1; l < ATTN_VW; ++l)
+        r = m[l] > r ? m[l] : r;
+    return r;
+}
 #else
+ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
+{
+    return m;
+}
+
 ATTN_TARGET static inline ATTN_VEC ATTN_FN(exp_nonpos)(ATTN_VEC x)
 {
     return attn_exp_nonpos(x);
@@ -369,11 +383,9 @@ ATTN_TARGET static inline double ATTN_FN(sum_double)(const float *s, ptrdiff_t n
         a1 += __builtin_convertvector(hi, ATTN_DVEC);
     }
     a0 += a1;
-    double lanes[ATTN_VW / 2];
-    memcpy(lanes, &a0, sizeof lanes);
-    double sum = lanes[0];
+    double sum = a0[0];
     for (int l = 1; l < ATTN_VW / 2; ++l)
-        sum += lanes[l];
+        sum += a0[l];
     return sum;
 }
 #else
@@ -402,11 +414,7 @@ ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *re
     }
     /* Max subtraction keeps every exponent <= 0. A NaN may be skipped by the max, but
      * it still reaches the whole row through the sum. */
-    float lanes[ATTN_VW];
-    ATTN_STORE(lanes, m);
-    float mx = lanes[0];
-    for (int l = 1; l < ATTN_VW; ++l)
-        mx = lanes[l] > mx ? lanes[l] : mx;
+    const float mx = ATTN_FN(hmax)(m);
     for (ptrdiff_t j = 0; j < nf; j += VW)
         ATTN_STORE(s + j, ATTN_FN(exp_nonpos)(ATTN_LOAD(s + j) - mx));
     const float inv = (float)(1.0 / ATTN_FN(sum_double)(s, nf));

@@ -290,3 +290,21 @@ def test_cli_bad_checkpoints(tmp_path, capsys):
 def test_cli_help(capsys):
     code, out, _ = run_main(capsys, "--help")
     assert code == 0 and "--top-p" in out
+
+
+def test_benchmark_smoke():
+    # bench_sample.py checks the cached logits against model.forward before timing; --quick
+    # runs that check and the timing loop on a tiny model, so the script cannot rot unseen.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sample.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert [r["mode"] for r in doc["results"]] == ["kv-cache", "kv-cache (kernel)", "no cache"]
+    assert all(r["tokens_per_s"] > 0 for r in doc["results"])
+    assert all(r["check_vs_forward"] <= 1 for r in doc["results"][:2])

@@ -11,9 +11,9 @@ from randygpt._kernels._ref_attention import attention_backward_ref, attention_f
 
 # (B, T, C, NH): odd sizes, T = 1, B = 1, NH = 1, head sizes that are not a multiple of
 # the vector width (HS = 4, 10, 36, 13) or take each block width (HS = 24), T past one
-# block of 32 keys.
+# block of 32 keys (T = 33, 70).
 SHAPES = [(2, 5, 12, 3), (1, 1, 4, 1), (3, 1, 12, 3), (1, 7, 10, 1), (2, 33, 72, 2),
-          (1, 17, 39, 3), (2, 9, 48, 2)]
+          (1, 17, 39, 3), (2, 9, 48, 2), (1, 70, 16, 2)]
 REAL = (32, 64, 256, 8)
 
 

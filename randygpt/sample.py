@@ -394,7 +394,11 @@ def _float_arg(text):
 
 def _build_parser():
     p = ArgumentParser(prog="randygpt sample",
-                       description="Generate text from a checkpoint, printing it as it comes.")
+                       description="Generate text from a checkpoint, printing it as it comes.",
+                       epilog="The model sees at most block_size characters. A longer prompt keeps "
+                              "its last block_size; once the window is full, the next character "
+                              "restarts it from the last block_size/2 (the KV cache is rebuilt "
+                              "then, since positions are absolute).")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.npz)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
     p.add_argument("--max-new-tokens", type=_int_arg, default=500, metavar="N")

@@ -342,3 +342,18 @@ def test_layernorm_checkpoint_round_trip(tmp_path):
     ck = load(path)
     assert ck.config.norm == "layernorm"
     assert np.array_equal(ck.params, model.flat_params)
+
+
+@pytest.mark.slow
+def test_default_size_round_trip(tmp_path):
+    # The real model (4.77M parameters, 57 MB with both moments): about a second.
+    config = Config()
+    model = GPT(config)
+    opt = AdamW(model, config)
+    opt.m[:] = 0.5
+    tok = CharTokenizer([chr(c) for c in range(32, 32 + config.vocab_size - 2)])
+    save(tmp_path / "big.npz", model=model, optimizer=opt, tokenizer=tok, step=123, rng_state=None)
+    loaded, _, ck = load_model(tmp_path / "big.npz")
+    assert ck.step == 123 and loaded.num_params == 4_769_280
+    assert np.array_equal(loaded.flat_params, model.flat_params)
+    assert np.array_equal(ck.adam_m, opt.m)

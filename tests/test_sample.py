@@ -62,6 +62,21 @@ def test_cached_logits_match_full_forward(norm, prompt_len, rng):
     assert window.rebuilds >= 3  # the comparison ran well past the context, across slides
 
 
+@pytest.mark.slow
+def test_cached_logits_match_at_default_size(rng):
+    # The default model (C=256, 8 heads, 6 layers, T=64) across one slide of the window.
+    model = GPT(Config(), seed=3)
+    model.eval()
+    window = ContextWindow(model)
+    logits = window.start(rng.integers(2, 67, 60))
+    for token in rng.integers(2, 67, 8):
+        expected = model.forward(np.array([window.tokens], dtype=np.int32))[0, -1]
+        assert_close(logits, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()),
+                     name=f"logits, window of {len(window.tokens)}")
+        logits = window.push(token)
+    assert window.rebuilds == 1
+
+
 def test_kernel_products_give_the_same_logits(rng):
     # The benchmark's alternative: our GEMM kernel (M = 1 row) instead of NumPy's BLAS.
     model, tok = tiny_model()

@@ -96,6 +96,8 @@ ATTN_TARGET static inline void ATTN_FN(row_scores2)(float *restrict s0, float *r
 {
     const ptrdiff_t VW = ATTN_VW;
     ptrdiff_t j = 0;
+    /* Three vectors left also take the four-vector block: its eight chains finish no
+     * later than a two-vector block followed by a latency-bound single one. */
     for (; n - j > 2 * VW; j += 4 * VW) {
         ATTN_VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         ATTN_VEC b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};

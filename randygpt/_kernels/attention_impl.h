@@ -75,8 +75,9 @@ static inline double attn_dot_double(const float *a, const float *b, ptrdiff_t n
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
-/* e^x for x <= 0 (scores minus their row max), as a loop gcc can vectorize: libm's
- * expf is a scalar call and was the largest cost of the forward. Cody-Waite
+/* e^x for x <= 0 (scores minus their row max). attention_body.h runs the same steps
+ * on whole vectors (libm's expf is a scalar call, and was the largest cost of the
+ * forward); this scalar form serves the plain-C copy. Cody-Waite
  * reduction x = n ln2 + r with |r| <= ln2/2, then a degree-6 polynomial for e^r
  * (relative error about 1e-7, within 2 ulp of the correctly rounded value) and
  * 2^n built from its exponent bits. Below -87 the true value is under FLT_MIN and

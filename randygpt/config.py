@@ -74,10 +74,11 @@ class Config:
         bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
         bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
         if bad_lo or bad_hi:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            span = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
-            raise ValueError(f"{name} must be in {span}, got {value}")
+            if hi is None:
+                rule = f"{'>' if lo_open else '>='} {lo}"
+            else:
+                rule = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise ValueError(f"{name} must be {rule}, got {value}")
 
     @property
     def head_size(self):

@@ -10,7 +10,8 @@ from conftest import assert_close  # noqa: E402
 from randygpt.config import Config  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
 from randygpt.optim import AdamW, clip_scale  # noqa: E402
-from randygpt.torch_ref import build_torch_gpt, export_grads, load_params, our_name, torch_name  # noqa: E402,E501
+from randygpt.torch_ref import (build_torch_gpt, export_grads, load_params, our_name,  # noqa: E402
+                                torch_name)
 
 NORMS = ["rmsnorm", "layernorm"]
 

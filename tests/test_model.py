@@ -264,10 +264,11 @@ def test_bit_identical_for_any_thread_count(rng, norm, monkeypatch):
     # The thread resolver caps requests at the usable CPUs; pretend there are 4 so that 3
     # threads really run (oversubscribed on a 2-core machine, which is the point).
     monkeypatch.setattr(kernels, "usable_cpus", lambda: 4)
-    # Large enough that every kernel splits its work between threads.
+    # Large enough that every kernel splits its work between threads, and N = 320 rows is more
+    # than one of the GEMM's K blocks (256) in the weight gradients.
     config = Config(vocab_size=13, n_embd=32, n_head=4, n_layer=2, block_size=16, norm=norm,
                     dropout=0.1)
-    idx, targets = batch(rng, config, 4, 16)
+    idx, targets = batch(rng, config, 20, 16)
     results = []
     for n in (1, 2, 3):
         model = GPT(config, seed=3, n_threads=n)

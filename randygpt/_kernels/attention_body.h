@@ -342,6 +342,14 @@ ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)
     return ATTN_FN(select)(x > m, x, m);
 }
 
+/* x with lanes k >= keep set to -inf (the masked keys of a row's last vector). */
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(mask_tail)(ATTN_VEC x, ptrdiff_t keep)
+{
+    const ATTN_VEC zero = {0};
+    const ATTN_VEC lane = ATTN_LOAD(attn_lane_index);
+    return ATTN_FN(select)(lane < (float)keep, x, zero - INFINITY);
+}
+
 /* The largest lane of m (lanes read in place, not through memory). */
 ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
 {
@@ -351,6 +359,11 @@ ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
     return r;
 }
 #else
+ATTN_TARGET static inline ATTN_VEC ATTN_FN(mask_tail)(ATTN_VEC x, ptrdiff_t keep)
+{
+    return keep > 0 ? x : -INFINITY;
+}
+
 ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
 {
     return m;
@@ -400,17 +413,19 @@ ATTN_TARGET static inline double ATTN_FN(sum_double)(const float *s, ptrdiff_t n
 /* One row of the causal softmax: p[j] = softmax(scale * s[0..n))_j for j < n and
  * p[j] = 0 for n <= j < T (the masked keys). s (padded to whole vectors) is
  * clobbered. The loops run over whole vectors: the masked keys inside the last vector
- * are set to -inf and come out of the exponential as exactly 0. */
+ * become -inf and come out of the exponential as exactly 0. */
 ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *restrict s,
                                                     ptrdiff_t n, ptrdiff_t T, float scale)
 {
     const ptrdiff_t VW = ATTN_VW, nf = (n + VW - 1) / VW * VW;
-    for (ptrdiff_t j = n; j < nf; ++j)
-        s[j] = -INFINITY;
     const ATTN_VEC zero = {0};
     ATTN_VEC m = zero - INFINITY;
     for (ptrdiff_t j = 0; j < nf; j += VW) {
-        const ATTN_VEC x = ATTN_LOAD(s + j) * scale;
+        ATTN_VEC x = ATTN_LOAD(s + j) * scale;
+        /* Masked in a register, not by scalar stores that the vector loads of the
+         * same bytes would then wait on. */
+        if (j + VW > n)
+            x = ATTN_FN(mask_tail)(x, n - j);
         ATTN_STORE(s + j, x);
         m = ATTN_FN(max)(m, x);
     }

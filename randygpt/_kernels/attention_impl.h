@@ -32,6 +32,10 @@ static inline ptrdiff_t attn_tpad(ptrdiff_t T)
     return (T + 31) / 32 * 32;
 }
 
+/* 0, 1, 2, ...: the lane numbers of the widest vector, for masks built in registers. */
+static const float attn_lane_index[16] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f,
+                                          8.0f, 9.0f, 10.0f, 11.0f, 12.0f, 13.0f, 14.0f, 15.0f};
+
 /* Floats of per-thread scratch each task needs. */
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {

@@ -105,12 +105,16 @@ class BuildExt(build_ext):
 def _extensions():
     only = os.environ.get("RANDYGPT_EXTENSIONS")
     wanted = {s.strip() for s in only.split(",")} if only else None
+    # Every kernel may include the shared headers and .pxd files: declare them, so that
+    # editing one rebuilds the extensions instead of silently keeping stale objects.
+    headers = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.h")) + glob.glob(os.path.join(KERNEL_DIR, "*.pxd")))
     exts = []
     for pyx in sorted(glob.glob(os.path.join(KERNEL_DIR, "*.pyx"))):
         name = os.path.splitext(os.path.basename(pyx))[0]
         if wanted is not None and name not in wanted:
             continue
-        exts.append(Extension(f"randygpt._kernels.{name}", [pyx], include_dirs=[KERNEL_DIR]))
+        exts.append(Extension(f"randygpt._kernels.{name}", [pyx], include_dirs=[KERNEL_DIR],
+                              depends=headers))
     return exts
 
 
@@ -125,6 +129,9 @@ setup(
             "initializedcheck": debug,
             "cdivision": True,
         },
+        # Debug and release C sources live apart: cythonize only compares file times, so a
+        # shared location would keep the bounds checks of a debug build in the next release build.
+        build_dir=os.path.join("build", "cython-debug" if debug else "cython"),
     ),
     cmdclass={"build_ext": BuildExt},
 )

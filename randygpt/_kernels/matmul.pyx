@@ -29,6 +29,8 @@ import numpy as np
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free
 
+from randygpt._kernels._omp cimport omp_get_thread_num
+
 
 __all__ = ["matmul_forward", "matmul_backward", "gemm", "matmul_sqrelu_forward",
            "available_isas", "get_isa", "set_isa"]
@@ -104,7 +106,7 @@ cdef struct _Operand:
 
 
 cdef struct _Gemm:
-    # One call's problem, its packed K block and where each tile's sums go.
+    # One call's problem, its packing buffers and where each tile's sums go.
     const rg_isa_t *isa
     Py_ssize_t M, N, K
     _Operand a, b
@@ -113,39 +115,52 @@ cdef struct _Gemm:
     Py_ssize_t ldc
     bint accumulate
     float *partial      # (M, N) running sums when accumulating over several K blocks
-    float *packs        # one or two packed K blocks (a_size + b_size floats each): all MR
-                        # strips of op(a)[:, pc:pc+kc] (strip s at s * MR * kc), then all
-                        # NR strips of op(b)[pc:pc+kc, :] (strip t at a_size + t * NR * kc)
-    Py_ssize_t a_size, b_size
     Py_ssize_t m_tiles, n_tiles, n_items
     bint split_m        # items are ranges of MR strips (else of NR strips)
+    # The operand that is not split is packed once per K block for every item ("shared":
+    # op(b) when splitting rows, op(a) when splitting columns), into one of two buffers of
+    # shared_size floats. Each item packs its own strips of the split operand into its
+    # thread's private_size-float buffer, where they stay hot in that core's L2.
+    float *shared
+    Py_ssize_t shared_size
+    float *private
+    Py_ssize_t private_size
 
 
-cdef inline float *_block(const _Gemm *g, Py_ssize_t kb) noexcept nogil:
+cdef inline float *_shared_block(const _Gemm *g, Py_ssize_t kb) noexcept nogil:
     # K blocks alternate between two buffers, so packing block kb + 1 needs no barrier
     # after the tiles of block kb: they read the other buffer.
-    return g.packs + (kb % 2) * (g.a_size + g.b_size)
+    return g.shared + (kb % 2) * g.shared_size
 
 
-cdef void _pack_strip(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nogil:
-    """Strip s < m_tiles is A strip s, otherwise B strip s - m_tiles; edges zero-padded."""
-    cdef const rg_isa_t *isa = g.isa
+cdef inline void _pack_a_strips(const _Gemm *g, float *dst, Py_ssize_t it_lo, Py_ssize_t it_hi,
+                                Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
+    """MR strips it_lo..it_hi of op(a)[:, pc:pc+kc], strip it at dst + (it - it_lo) * MR * kc."""
+    cdef Py_ssize_t i = it_lo * g.isa.mr
+    g.isa.pack_a(dst, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
+                 min(it_hi * g.isa.mr, g.M) - i, kc)
+
+
+cdef inline void _pack_b_strips(const _Gemm *g, float *dst, Py_ssize_t jt_lo, Py_ssize_t jt_hi,
+                                Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
+    """NR strips jt_lo..jt_hi of op(b)[pc:pc+kc, :], strip jt at dst + (jt - jt_lo) * NR * kc."""
+    cdef Py_ssize_t j = jt_lo * g.isa.nr
+    g.isa.pack_b(dst, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
+                 kc, min(jt_hi * g.isa.nr, g.N) - j)
+
+
+cdef void _pack_shared(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nogil:
+    """Strip s of the shared operand for K block kb (edges zero-padded)."""
     cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
-    cdef float *apack = _block(g, kb)
-    cdef float *bpack = apack + g.a_size
-    cdef Py_ssize_t i, j
-    if s < g.m_tiles:
-        i = s * isa.mr
-        isa.pack_a(apack + i * kc, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
-                   min(<Py_ssize_t>isa.mr, g.M - i), kc)
+    cdef float *block = _shared_block(g, kb)
+    if g.split_m:
+        _pack_b_strips(g, block + s * g.isa.nr * kc, s, s + 1, pc, kc)
     else:
-        j = (s - g.m_tiles) * isa.nr
-        isa.pack_b(bpack + j * kc, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
-                   kc, min(<Py_ssize_t>isa.nr, g.N - j))
+        _pack_a_strips(g, block + s * g.isa.mr * kc, s, s + 1, pc, kc)
 
 
-cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb) noexcept nogil:
-    """All tiles of item p for K block kb.
+cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private) noexcept nogil:
+    """All tiles of item p for K block kb, using `private` as this thread's pack buffer.
 
     Rows are walked in chunks of isa.mc so that a chunk of packed A stays in L2 while
     every B strip of the item streams past it (BLIS's ic / jr / ir loop order).
@@ -158,14 +173,15 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb) noexcept nogil:
     """
     cdef const rg_isa_t *isa = g.isa
     cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
-    cdef float *apack = _block(g, kb)
-    cdef float *bpack = apack + g.a_size
+    cdef float *shared = _shared_block(g, kb)
     cdef Py_ssize_t tiles = g.m_tiles if g.split_m else g.n_tiles
     cdef Py_ssize_t lo = p * tiles // g.n_items, hi = (p + 1) * tiles // g.n_items
     cdef Py_ssize_t it_lo = 0, it_hi = g.m_tiles, jt_lo = 0, jt_hi = g.n_tiles
     cdef Py_ssize_t chunk = isa.mc // isa.mr
-    cdef Py_ssize_t ic, it, jt, i, j, cb
+    cdef Py_ssize_t ic, ic_hi, it, jt, i, j, cb
     cdef bint first = pc == 0, last = pc + kc >= g.K
+    cdef const float *ap
+    cdef const float *bp
     cdef const float *init
     cdef float *dst
     cdef float *c2_tile
@@ -176,14 +192,26 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb) noexcept nogil:
         it_lo, it_hi = lo, hi
     else:
         jt_lo, jt_hi = lo, hi
+        _pack_b_strips(g, private, jt_lo, jt_hi, pc, kc)
     for cb in range((it_hi - it_lo + chunk - 1) // chunk):
         ic = it_lo + cb * chunk
+        ic_hi = min(ic + chunk, it_hi)
+        if g.split_m:
+            _pack_a_strips(g, private, ic, ic_hi, pc, kc)
         for jt in range(jt_lo, jt_hi):
             j = jt * isa.nr
             tile_n = <int>min(<Py_ssize_t>isa.nr, g.N - j)
             kernel = isa.kernel_narrow if 2 * tile_n <= isa.nr else isa.kernel
-            for it in range(ic, min(ic + chunk, it_hi)):
+            if g.split_m:
+                bp = shared + j * kc
+            else:
+                bp = private + (jt - jt_lo) * isa.nr * kc
+            for it in range(ic, ic_hi):
                 i = it * isa.mr
+                if g.split_m:
+                    ap = private + (it - ic) * isa.mr * kc
+                else:
+                    ap = shared + i * kc
                 add_dst = 0
                 c2_tile = NULL
                 if g.accumulate and not last:
@@ -203,8 +231,7 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb) noexcept nogil:
                         ld_init = g.ldc
                     if g.c2 != NULL:
                         c2_tile = g.c2 + i * g.ldc + j
-                kernel(kc, apack + i * kc, bpack + j * kc, init, ld_init,
-                       dst, ld_dst, add_dst, c2_tile,
+                kernel(kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2_tile,
                        <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
 
 
@@ -213,10 +240,10 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                bint accumulate, int n_threads) noexcept nogil:
     """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory.
 
-    For each K block: pack every strip of op(a) and op(b) (shared by all threads), then
-    run the tiles in work items.
+    For each K block: pack the shared operand's strips (all threads together), then run
+    the tiles in work items.
     """
-    cdef Py_ssize_t i, j, s, p, kb, nkb
+    cdef Py_ssize_t i, j, s, p, kb, nkb, shared_tiles, item_tiles
     cdef void *base = NULL
     cdef void *partial_base = NULL
     cdef _Gemm g
@@ -245,14 +272,25 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     n_threads = <int>min(<Py_ssize_t>n_threads, g.n_items)
     if n_threads == 1:
         g.n_items = 1
-    # Packed blocks rounded to 16 floats so each starts 64-byte aligned; a second one
+    # Buffers rounded to 16 floats so each starts 64-byte aligned; a second shared block
     # only when there is a second K block.
     nkb = (K + RG_KC - 1) // RG_KC
-    g.a_size = (g.m_tiles * isa.mr * RG_KC + 15) // 16 * 16
-    g.b_size = (g.n_tiles * isa.nr * RG_KC + 15) // 16 * 16
-    g.packs = rg_alloc_floats(<size_t>(min(nkb, <Py_ssize_t>2) * (g.a_size + g.b_size)), &base)
-    if g.packs == NULL:
+    if g.split_m:
+        shared_tiles = g.n_tiles
+        g.shared_size = g.n_tiles * isa.nr * RG_KC
+        g.private_size = <Py_ssize_t>isa.mc * RG_KC
+    else:
+        shared_tiles = g.m_tiles
+        g.shared_size = g.m_tiles * isa.mr * RG_KC
+        item_tiles = (g.n_tiles + g.n_items - 1) // g.n_items
+        g.private_size = item_tiles * isa.nr * RG_KC
+    g.shared_size = (g.shared_size + 15) // 16 * 16
+    g.private_size = (g.private_size + 15) // 16 * 16
+    g.shared = rg_alloc_floats(<size_t>(min(nkb, <Py_ssize_t>2) * g.shared_size
+                                        + n_threads * g.private_size), &base)
+    if g.shared == NULL:
         return -1
+    g.private = g.shared + min(nkb, <Py_ssize_t>2) * g.shared_size
     g.partial = NULL
     if accumulate and K > RG_KC:
         g.partial = rg_alloc_floats(<size_t>(M * N), &partial_base)
@@ -262,20 +300,20 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     kb = 0  # (the parallel block copies it in before each thread sets it)
     if n_threads == 1:
         for kb in range(nkb):
-            for s in range(g.m_tiles + g.n_tiles):
-                _pack_strip(&g, s, kb)
-            _run_item(&g, 0, kb)
+            for s in range(shared_tiles):
+                _pack_shared(&g, s, kb)
+            _run_item(&g, 0, kb, g.private)
     else:
         with parallel(num_threads=n_threads):
             for kb in range(nkb):
-                for s in prange(g.m_tiles + g.n_tiles, schedule="dynamic", chunksize=4):
-                    _pack_strip(&g, s, kb)
+                for s in prange(shared_tiles, schedule="dynamic", chunksize=2):
+                    _pack_shared(&g, s, kb)
                 # One barrier per K block: block kb is fully packed before any of its tiles
                 # runs, and (with the alternating buffers) every tile of block kb - 1 is done
                 # before block kb's tiles, which continue their sums, start.
                 rg_barrier()
                 for p in prange(g.n_items, schedule="dynamic", chunksize=1):
-                    _run_item(&g, p, kb)
+                    _run_item(&g, p, kb, g.private + omp_get_thread_num() * g.private_size)
     free(partial_base)
     free(base)
     return 0

@@ -9,9 +9,12 @@ from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, num
                       thread_counts)
 
 from randygpt._kernels import activation as act
-from randygpt._kernels._ref_activation import (dropout_add_forward_ref, dropout_backward_ref,
+from randygpt._kernels._ref_activation import (dropout_add_forward_ref,
+                                               dropout_add_to_forward_ref, dropout_backward_ref,
                                                dropout_forward_ref, dropout_key_ref,
-                                               dropout_mask_ref, squared_relu_backward_ref,
+                                               dropout_mask_ref,
+                                               squared_relu_backward_inplace_ref,
+                                               squared_relu_backward_ref,
                                                squared_relu_forward_ref)
 
 # Tiny and odd, one row, one column, a 3-D array (the kernels are elementwise), one real size.
@@ -235,6 +238,67 @@ def test_dropout_add_equals_resid_plus_dropout_forward(isa, rng):
     resid = r0.copy()
     act.dropout_add_forward(resid, x, 0.25, **COUNTERS, n_threads=1)
     assert_bitwise_equal(resid, r0 + y, name="resid")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES)
+def test_dropout_add_to_matches_copy_then_add(isa, rng, shape, p):
+    # The one-pass residual update equals the two-pass one it replaces, and the reference.
+    x, r0 = _f32(rng, *shape), _f32(rng, *shape)
+    out = np.full_like(x, np.nan)
+    act.dropout_add_to_forward(out, r0, x, p, **COUNTERS, n_threads=2)
+    two_pass = r0.copy()
+    act.dropout_add_forward(two_pass, x, p, **COUNTERS, n_threads=2)
+    assert_bitwise_equal(out, two_pass, name="out vs copy + dropout_add")
+    expected = np.empty_like(x)
+    dropout_add_to_forward_ref(expected, r0, x, p, **COUNTERS)
+    assert_bitwise_equal(out, expected, name="out vs reference")
+
+
+def test_dropout_add_to_accepts_resid_equal_to_x_and_rejects_out_aliases(rng):
+    x = _f32(rng, 6, 5)
+    out = np.empty_like(x)
+    act.dropout_add_to_forward(out, x, x, 0.3, **COUNTERS, n_threads=2)
+    expected = np.empty_like(x)
+    dropout_add_to_forward_ref(expected, x, x, 0.3, **COUNTERS)
+    assert_bitwise_equal(out, expected, name="out with resid is x")
+    for resid, xin in ((out, x), (x, out)):
+        with pytest.raises(ValueError, match="out .* must not share memory"):
+            act.dropout_add_to_forward(out, resid, xin, 0.1, **COUNTERS, n_threads=1)
+    with pytest.raises(ValueError, match="resid has shape"):
+        act.dropout_add_to_forward(out, x[:3], x, 0.1, **COUNTERS, n_threads=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_squared_relu_backward_inplace_equals_backward_into_zeros(rng, shape):
+    x, dout = _f32(rng, *shape), _f32(rng, *shape)
+    x.flat[::7] = 0.0  # the kink: gradient 0 there
+    d = dout.copy()
+    act.squared_relu_backward_inplace(d, x, 2)
+    dx = np.zeros_like(x)
+    act.squared_relu_backward(dx, dout, x, 2)
+    # Equal up to the sign of zero (0 + (-0) is +0): compare as values, then bit for bit on the
+    # nonzero entries.
+    np.testing.assert_array_equal(d, dx)
+    nz = dx != 0
+    assert_bitwise_equal(d[nz], dx[nz], name="d (nonzero entries)")
+    expected = dout.copy()
+    squared_relu_backward_inplace_ref(expected, x)
+    assert_close(d, expected, name="d vs reference")
+    for nt in thread_counts()[1:]:
+        again = dout.copy()
+        act.squared_relu_backward_inplace(again, x, nt)
+        assert_bitwise_equal(again, d, name=f"d, {nt} threads")
+
+
+def test_squared_relu_backward_inplace_rejects_aliasing_and_shapes(rng):
+    x = _f32(rng, 4, 6)
+    with pytest.raises(ValueError, match="must not share memory"):
+        act.squared_relu_backward_inplace(x, x, 1)
+    with pytest.raises(ValueError, match="x has shape"):
+        act.squared_relu_backward_inplace(x.copy(), x[:2], 1)
+    with pytest.raises(TypeError, match="d must be float32"):
+        act.squared_relu_backward_inplace(x.astype(np.float64), x, 1)
 
 
 def test_dropout_isa_selection():

@@ -9,9 +9,10 @@ import math
 
 import numpy as np
 
-__all__ = ["squared_relu_forward_ref", "squared_relu_backward_ref", "dropout_key_ref",
-           "dropout_mask_ref", "dropout_forward_ref", "dropout_backward_ref",
-           "dropout_add_forward_ref"]
+__all__ = ["squared_relu_forward_ref", "squared_relu_backward_ref",
+           "squared_relu_backward_inplace_ref", "dropout_key_ref", "dropout_mask_ref",
+           "dropout_forward_ref", "dropout_backward_ref", "dropout_add_forward_ref",
+           "dropout_add_to_forward_ref"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -27,6 +28,11 @@ def squared_relu_forward_ref(out, x):
 def squared_relu_backward_ref(dx, dout, x):
     """dx accumulated += 2 * relu(x) * dout."""
     dx += 2 * np.maximum(x, 0) * dout
+
+
+def squared_relu_backward_inplace_ref(d, x):
+    """d written = 2 * relu(x) * d (d holds the gradient of out on entry)."""
+    d[...] = 2 * np.maximum(x, 0) * d
 
 
 def _mix64_int(z):
@@ -81,3 +87,8 @@ def dropout_backward_ref(dx, dout, p, seed, step, layer, site):
 def dropout_add_forward_ref(resid, x, p, seed, step, layer, site):
     """resid updated += x * mask."""
     resid += x * _mask_like(x, p, seed, step, layer, site)
+
+
+def dropout_add_to_forward_ref(out, resid, x, p, seed, step, layer, site):
+    """out written = resid + x * mask."""
+    out[...] = resid + x * _mask_like(x, p, seed, step, layer, site)

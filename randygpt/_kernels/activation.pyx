@@ -36,9 +36,10 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
-__all__ = ["squared_relu_forward", "squared_relu_backward", "dropout_mask", "dropout_forward",
-           "dropout_backward", "dropout_add_forward", "dropout_key", "dropout_threshold",
-           "available_isas", "get_isa", "set_isa"]
+__all__ = ["squared_relu_forward", "squared_relu_backward", "squared_relu_backward_inplace",
+           "dropout_mask", "dropout_forward", "dropout_backward", "dropout_add_forward",
+           "dropout_add_to_forward", "dropout_key", "dropout_threshold", "available_isas",
+           "get_isa", "set_isa"]
 
 cdef extern from *:
     """
@@ -79,46 +80,53 @@ cdef extern from *:
         return m;
     }
 
-    /* op 0: a = mask; op 1: a = b * mask; op 2: a += b * mask, for i in [lo, hi).
-       a and b never overlap (the wrappers check), hence restrict. */
+    /* op 0: a = mask; op 1: a = b * mask; op 2: a += b * mask; op 3: a = c + b * mask, for
+       i in [lo, hi). a overlaps neither b nor c (the wrappers check), hence restrict. */
     static inline __attribute__((always_inline)) void randygpt_dropout_body(
-            int op, float *restrict a, const float *restrict b, int64_t lo, int64_t hi,
-            uint64_t key, uint32_t threshold, float scale) {
+            int op, float *restrict a, const float *restrict b, const float *restrict c,
+            int64_t lo, int64_t hi, uint64_t key, uint32_t threshold, float scale) {
         uint32_t sb;
         memcpy(&sb, &scale, sizeof sb);
         if (threshold == 0) {  /* nothing is dropped (p == 0, or p < 2**-25): skip the hash */
             if (op == 0)      for (int64_t i = lo; i < hi; i++) a[i] = scale;
             else if (op == 1) for (int64_t i = lo; i < hi; i++) a[i] = b[i] * scale;
-            else              for (int64_t i = lo; i < hi; i++) a[i] += b[i] * scale;
+            else if (op == 2) for (int64_t i = lo; i < hi; i++) a[i] += b[i] * scale;
+            else              for (int64_t i = lo; i < hi; i++) a[i] = c[i] + b[i] * scale;
             return;
         }
         if (op == 0)
             for (int64_t i = lo; i < hi; i++) a[i] = randygpt_dropout_at(key, i, threshold, sb);
         else if (op == 1)
             for (int64_t i = lo; i < hi; i++) a[i] = b[i] * randygpt_dropout_at(key, i, threshold, sb);
-        else
+        else if (op == 2)
             for (int64_t i = lo; i < hi; i++) a[i] += b[i] * randygpt_dropout_at(key, i, threshold, sb);
+        else
+            for (int64_t i = lo; i < hi; i++)
+                a[i] = c[i] + b[i] * randygpt_dropout_at(key, i, threshold, sb);
     }
 
-    typedef void (*randygpt_dropout_fn)(int, float *, const float *, int64_t, int64_t, uint64_t,
-                                        uint32_t, float);
+    typedef void (*randygpt_dropout_fn)(int, float *, const float *, const float *, int64_t,
+                                        int64_t, uint64_t, uint32_t, float);
 
-    static void randygpt_dropout_sse2(int op, float *a, const float *b, int64_t lo, int64_t hi,
-                                      uint64_t key, uint32_t threshold, float scale) {
-        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    static void randygpt_dropout_sse2(int op, float *a, const float *b, const float *c,
+                                      int64_t lo, int64_t hi, uint64_t key, uint32_t threshold,
+                                      float scale) {
+        randygpt_dropout_body(op, a, b, c, lo, hi, key, threshold, scale);
     }
 
     #ifdef RANDYGPT_DROPOUT_X86
     __attribute__((target("avx2")))
-    static void randygpt_dropout_avx2(int op, float *a, const float *b, int64_t lo, int64_t hi,
-                                      uint64_t key, uint32_t threshold, float scale) {
-        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    static void randygpt_dropout_avx2(int op, float *a, const float *b, const float *c,
+                                      int64_t lo, int64_t hi, uint64_t key, uint32_t threshold,
+                                      float scale) {
+        randygpt_dropout_body(op, a, b, c, lo, hi, key, threshold, scale);
     }
 
     __attribute__((target("avx2,avx512f,avx512dq,avx512vl,avx512bw")))
-    static void randygpt_dropout_avx512(int op, float *a, const float *b, int64_t lo, int64_t hi,
-                                        uint64_t key, uint32_t threshold, float scale) {
-        randygpt_dropout_body(op, a, b, lo, hi, key, threshold, scale);
+    static void randygpt_dropout_avx512(int op, float *a, const float *b, const float *c,
+                                        int64_t lo, int64_t hi, uint64_t key,
+                                        uint32_t threshold, float scale) {
+        randygpt_dropout_body(op, a, b, c, lo, hi, key, threshold, scale);
     }
     #pragma GCC pop_options
     #endif
@@ -146,15 +154,17 @@ cdef extern from *:
         randygpt_dropout_impl = randygpt_dropout_sse2;
     }
 
-    static void randygpt_dropout_span(int op, float *a, const float *b, int64_t lo, int64_t hi,
-                                      uint64_t key, uint32_t threshold, float scale) {
-        randygpt_dropout_impl(op, a, b, lo, hi, key, threshold, scale);
+    static void randygpt_dropout_span(int op, float *a, const float *b, const float *c,
+                                      int64_t lo, int64_t hi, uint64_t key, uint32_t threshold,
+                                      float scale) {
+        randygpt_dropout_impl(op, a, b, c, lo, hi, key, threshold, scale);
     }
     """
     const uint64_t GOLDEN "RANDYGPT_DROPOUT_GOLDEN"
     uint64_t _mix64 "randygpt_mix64"(uint64_t z) noexcept nogil
-    void _dropout_span "randygpt_dropout_span"(int op, float* a, const float* b, int64_t lo,
-                                               int64_t hi, uint64_t key, uint32_t threshold,
+    void _dropout_span "randygpt_dropout_span"(int op, float* a, const float* b,
+                                               const float* c, int64_t lo, int64_t hi,
+                                               uint64_t key, uint32_t threshold,
                                                float scale) noexcept nogil
     bint _isa_supported "randygpt_dropout_isa_supported"(int isa) noexcept
     void _set_isa_code "randygpt_dropout_set_isa"(int isa) noexcept
@@ -291,6 +301,18 @@ cdef void _squared_relu_backward(float* dx, const float* dout, const float* x, P
             dx[i] += (r + r) * dout[i]
 
 
+cdef void _squared_relu_backward_inplace(float* d, const float* x, Py_ssize_t n,
+                                         int n_spans) noexcept nogil:
+    cdef Py_ssize_t k, i, lo, hi
+    cdef float r
+    for k in prange(n_spans, schedule="static", num_threads=n_spans):
+        lo = _span_lo(k, n, n_spans)
+        hi = _span_lo(k + 1, n, n_spans)
+        for i in range(lo, hi):
+            r = _relu(x[i])
+            d[i] = (r + r) * d[i]
+
+
 cdef inline int _n_spans(Py_ssize_t n, int n_threads) noexcept:
     # One contiguous span per thread; never more spans than elements.
     return <int>min(<Py_ssize_t>n_threads, n)
@@ -334,6 +356,26 @@ def squared_relu_backward(dx, dout, x, n_threads):
         _squared_relu_backward(&dx_v[0], &dout_v[0], &x_v[0], n, ns)
 
 
+def squared_relu_backward_inplace(d, x, n_threads):
+    """Gradient of squared_relu_forward written over the incoming gradient: d = 2 * relu(x) * d.
+    Saves the separate (N, H) gradient buffer and its zeroing; the values equal
+    squared_relu_backward's into a zeroed dx.
+
+    d : (N, H) float32  read as the gradient of out, then written with the gradient of x
+    x : (N, H) float32  read (the forward input; must not share memory with d)
+    """
+    _check_arrays([("d", d)], [("x", x)])
+    cdef int nt = _check_threads(n_threads)
+    cdef Py_ssize_t n = x.size
+    if n == 0:
+        return
+    cdef float[::1] d_v = d.reshape(-1)
+    cdef const float[::1] x_v = x.reshape(-1)
+    cdef int ns = _n_spans(n, nt)
+    with nogil:
+        _squared_relu_backward_inplace(&d_v[0], &x_v[0], n, ns)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout
 
@@ -355,17 +397,18 @@ cdef enum DropoutOp:
     DROP_MASK = 0         # a = mask
     DROP_FORWARD = 1      # a = b * mask
     DROP_ACCUMULATE = 2   # a += b * mask (backward into dx, or the residual update)
+    DROP_ADD_TO = 3       # a = c + b * mask (the residual update into a new stream)
 
 
-cdef void _dropout(DropoutOp op, float* a, const float* b, Py_ssize_t n, uint64_t key,
-                   uint32_t threshold, float scale, int n_spans) noexcept nogil:
+cdef void _dropout(DropoutOp op, float* a, const float* b, const float* c, Py_ssize_t n,
+                   uint64_t key, uint32_t threshold, float scale, int n_spans) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(n_spans, schedule="static", num_threads=n_spans):
-        _dropout_span(op, a, b, _span_lo(k, n, n_spans), _span_lo(k + 1, n, n_spans),
+        _dropout_span(op, a, b, c, _span_lo(k, n, n_spans), _span_lo(k + 1, n, n_spans),
                       key, threshold, scale)
 
 
-cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads):
+cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads, c=None):
     cdef double q = _check_p(p)
     cdef uint64_t key = <uint64_t>dropout_key(seed, step, layer, site)
     cdef int nt = _check_threads(n_threads)
@@ -380,9 +423,14 @@ cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads):
     if b is not None:
         b_v = b.reshape(-1)
         b_ptr = &b_v[0]
+    cdef const float[::1] c_v
+    cdef const float* c_ptr = NULL
+    if c is not None:
+        c_v = c.reshape(-1)
+        c_ptr = &c_v[0]
     cdef int ns = _n_spans(n, nt)
     with nogil:
-        _dropout(op, &a_v[0], b_ptr, n, key, threshold, scale, ns)
+        _dropout(op, &a_v[0], b_ptr, c_ptr, n, key, threshold, scale, ns)
 
 
 def dropout_mask(mask, p, seed, step, layer, site, n_threads):
@@ -423,3 +471,16 @@ def dropout_add_forward(resid, x, p, seed, step, layer, site, n_threads):
     """
     _check_arrays([("resid", resid)], [("x", x)])
     _run_dropout(DROP_ACCUMULATE, resid, x, p, seed, step, layer, site, n_threads)
+
+
+def dropout_add_to_forward(out, resid, x, p, seed, step, layer, site, n_threads):
+    """The residual update into a new stream, out = resid + dropout(x), in one pass (one read of
+    each input, one write; no copy of resid first).
+
+    out   : (N, C) float32  written = resid + x * mask, bit-identical to
+                            copying resid into out, then dropout_add_forward(out, x, ...)
+    resid : (N, C) float32  read (its gradient is out's, unchanged)
+    x     : (N, C) float32  read (resid and x may share memory with each other, not with out)
+    """
+    _check_arrays([("out", out)], [("resid", resid), ("x", x)])
+    _run_dropout(DROP_ADD_TO, out, x, p, seed, step, layer, site, n_threads, c=resid)

@@ -9,15 +9,16 @@
 
 Dimension letters: N = B*T rows, IC/OC input/output channels; M, N, K for gemm.
 
-Structure (GotoBLAS/BLIS): for each K block of RG_KC, pack op(a) into MR-tall strips and
-op(b) into NR-wide strips (k-major, zero-padded at the edges; the strips are shared by all
-threads and packed in parallel), then run the register-tile microkernel over the tiles.
-Packing absorbs every transpose, so NT, NN and TN share one microkernel (gemm_kernels.h,
-compiled per ISA and chosen at run time). The tiles are handed out as work items:
-near-equal ranges of strips along whichever of M or N has more tiles (rows for the
-forward and the input grads, N = 2048; columns for weight grads with few output
-channels, M = 256 or 67), a few per thread, taken dynamically so a thread that loses its
-core on a shared machine leaves its remaining items to the others.
+Structure (GotoBLAS/BLIS): op(a) is packed into MR-tall strips and op(b) into NR-wide
+strips (k-major, zero-padded at the edges), one K block of RG_KC at a time, and the
+register-tile microkernel runs over the tiles. Packing absorbs every transpose, so NT, NN
+and TN share one microkernel (gemm_kernels.h, compiled per ISA and chosen at run time).
+The tiles are handed out as work items: near-equal ranges of strips along whichever of M
+or N has more tiles (rows for the forward and the input grads, N = 2048; columns for
+weight grads with few output channels, M = 256 or 67), a few per thread, taken
+dynamically so that a thread which loses its core on a shared machine leaves its
+remaining items to the others. The operand that is not split is packed once per K block
+by all threads together; each item packs its own strips of the other one.
 
 K is never split between threads, and the microkernel sums each output element as one
 FMA chain in k order, continued across K blocks; so every element is computed the same

@@ -197,6 +197,23 @@ def test_backward_twice_is_exactly_twice(rng, isa):
     assert_bitwise_equal(twice, 2 * once, name="dqkv after two calls")
 
 
+@pytest.mark.parametrize("B,T,C,NH", SHAPES)
+def test_backward_written_equals_accumulated_onto_zeros(rng, isa, B, T, C, NH):
+    # accumulate=False must write every element of dqkv (it starts as NaN) with the value
+    # accumulating onto zeros gives, for any thread count.
+    qkv = make_qkv(rng, B, T, C)
+    _, att = run_forward(qkv, NH)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    expected = run_backward(np.zeros_like(qkv), dout, qkv, att, NH)
+    for n in thread_counts():
+        dqkv = np.full_like(qkv, np.nan)
+        attention.attention_backward(dqkv, dout, qkv, att, NH, n, accumulate=False)
+        # Equal as values (0 + -0 is +0, so compare signs of zero only where nonzero).
+        np.testing.assert_array_equal(dqkv, expected)
+        nonzero = expected != 0
+        assert_bitwise_equal(dqkv[nonzero], expected[nonzero], name=f"dqkv, {n} threads")
+
+
 def test_empty_batch_is_a_no_op():
     qkv = np.zeros((0, 4, 12), dtype=np.float32)
     out = np.zeros((0, 4, 4), dtype=np.float32)

@@ -31,7 +31,7 @@ cdef extern from "attention_impl.h" nogil:
     void attention_backward_task(float* dqkv, const float* dout, const float* qkv,
                                  const float* att, float* scratch, Py_ssize_t task,
                                  Py_ssize_t n_tasks, Py_ssize_t T, Py_ssize_t C,
-                                 Py_ssize_t NH) noexcept
+                                 Py_ssize_t NH, int accumulate) noexcept
     int attention_cpu_has_avx2() noexcept
     int attention_select_isa(int avx2) noexcept
     int attention_get_isa() noexcept
@@ -90,12 +90,12 @@ cdef void _forward_body(float* out,             # OUT (B*T, C)
         free(scratch)
 
 
-cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated
+cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated or written
                          const float* dout,     # IN    (B*T, C)
                          const float* qkv,      # IN    (B*T, 3C)
                          const float* att,      # IN    (B, NH, T, T)
                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
-                         int n_threads) noexcept nogil:
+                         int accumulate, int n_threads) noexcept nogil:
     cdef Py_ssize_t task
     cdef float* scratch = NULL
     cdef size_t nbytes = attention_backward_scratch(T, C // NH) * sizeof(float)
@@ -105,7 +105,7 @@ cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated
             abort()
         for task in prange(B * NH, schedule="static"):
             attention_backward_task(dqkv, dout, qkv, att, scratch, task, B * NH, T,
-                                    C, NH)
+                                    C, NH, accumulate)
         free(scratch)
 
 
@@ -184,10 +184,12 @@ def attention_forward(out, att, qkv, n_head, n_threads):
         _forward_body(&out_v[0, 0, 0], &att_v[0, 0, 0, 0], &qkv_v[0, 0, 0], B, T, C, NH, team)
 
 
-def attention_backward(dqkv, dout, qkv, att, n_head, n_threads):
+def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True):
     """Gradient of attention_forward with respect to qkv.
 
-    dqkv      : (B, T, 3C)      float32  accumulated (+=), laid out like qkv
+    dqkv      : (B, T, 3C)      float32  accumulated (+=), laid out like qkv; written
+                                          instead when accumulate is False (every element,
+                                          equal to accumulating onto zeros: no fill first)
     dout      : (B, T, C)       float32  read, gradient of out
     qkv       : (B, T, 3C)      float32  read, the forward's input
     att       : (B, NH, T, T)   float32  read, as written by attention_forward (entries
@@ -212,6 +214,7 @@ def attention_backward(dqkv, dout, qkv, att, n_head, n_threads):
     cdef const float[:, :, ::1] qkv_v = qkv
     cdef const float[:, :, :, ::1] att_v = att
     cdef int team = <int> min(threads, B * NH)
+    cdef int acc = 1 if accumulate else 0
     with nogil:
         _backward_body(&dqkv_v[0, 0, 0], &dout_v[0, 0, 0], &qkv_v[0, 0, 0],
-                       &att_v[0, 0, 0, 0], B, T, C, NH, team)
+                       &att_v[0, 0, 0, 0], B, T, C, NH, acc, team)

@@ -55,12 +55,20 @@ ATTN_TARGET static inline void ATTN_FN(zero)(float *y, ptrdiff_t n)
         y[d] = 0.0f;
 }
 
-/* y[d] += x[d] * factor for d in [0, n): a finished gradient row added to its output
- * once (so repeated calls accumulate exact multiples). */
+/* y[d] += x[d] * factor for d in [0, n), or y[d] = x[d] * factor when !accumulate: a
+ * finished gradient row stored in its output once (so repeated calls accumulate exact
+ * multiples, and the written form equals the accumulated one onto zeros). */
 ATTN_TARGET static inline void ATTN_FN(add_scaled)(float *restrict y, const float *restrict x,
-                                                   float factor, ptrdiff_t n)
+                                                   float factor, ptrdiff_t n, int accumulate)
 {
     ptrdiff_t d = 0;
+    if (!accumulate) {
+        for (; d + ATTN_VW <= n; d += ATTN_VW)
+            ATTN_STORE(y + d, ATTN_LOAD(x + d) * factor);
+        for (; d < n; ++d)
+            y[d] = x[d] * factor;
+        return;
+    }
     for (; d + ATTN_VW <= n; d += ATTN_VW)
         ATTN_STORE(y + d, ATTN_LOAD(y + d) + ATTN_LOAD(x + d) * factor);
     for (; d < n; ++d)
@@ -520,7 +528,7 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
                                                const float *restrict att,
                                                float *restrict scratch, ptrdiff_t task,
                                                ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
-                                               ptrdiff_t NH)
+                                               ptrdiff_t NH, int accumulate)
 {
     const ptrdiff_t b = task / NH, h = task % NH;
     const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
@@ -581,11 +589,11 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
         if (i + 1 < T) {
             ATTN_FN(rows_acc2)(g0, g1, d0, d0 + Tp, 1, kp, 0, i + 1, HS, 1);
             ATTN_FN(rows_acc)(g1, d0 + Tp, 1, kp, i + 1, i + 2, HS, 0);
-            ATTN_FN(add_scaled)(dq + ld, g1, scale, HS);
+            ATTN_FN(add_scaled)(dq + ld, g1, scale, HS, accumulate);
         } else {
             ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS, 1);
         }
-        ATTN_FN(add_scaled)(dq, g0, scale, HS);
+        ATTN_FN(add_scaled)(dq, g0, scale, HS, accumulate);
     }
     for (ptrdiff_t j = 0; j < T; j += 2) {
         const ptrdiff_t cols = j + 1 < T ? 2 : 1;
@@ -608,9 +616,9 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
             if (cols == 2) {
                 ATTN_FN(zero)(g1, HS);
                 ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS, 0);
-                ATTN_FN(add_scaled)(g + ld, g1, factor, HS);
+                ATTN_FN(add_scaled)(g + ld, g1, factor, HS, accumulate);
             }
-            ATTN_FN(add_scaled)(g, g0, factor, HS);
+            ATTN_FN(add_scaled)(g, g0, factor, HS, accumulate);
         }
     }
 }

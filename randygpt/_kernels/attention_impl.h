@@ -221,23 +221,26 @@ static inline void attention_forward_task(float *out, float *att, const float *q
     attn_base_forward_task(out, att, qkv, scratch, task, n_tasks, T, C, NH);
 }
 
-/* Backward for pair task = b * NH + h of n_tasks, accumulating into dqkv (B*T, 3C).
+/* Backward for pair task = b * NH + h of n_tasks, accumulating into dqkv (B*T, 3C)
+ * (accumulate = 1) or writing the pair's slices of it (accumulate = 0).
  * dout (B*T, C) read; att (B, NH, T, T) as saved by the forward, entries above the
  * diagonal never read. scratch: attention_backward_scratch(T, HS) floats. Each
- * gradient element is finished in scratch and added to dqkv once, so two calls add
- * exactly twice the gradient. */
+ * gradient element is finished in scratch and added to (or stored in) dqkv once, so
+ * two calls add exactly twice the gradient, and writing equals adding onto zeros. */
 static inline void attention_backward_task(float *dqkv, const float *dout, const float *qkv,
                                            const float *att, float *scratch, ptrdiff_t task,
                                            ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
-                                           ptrdiff_t NH)
+                                           ptrdiff_t NH, int accumulate)
 {
 #if ATTN_HAVE_AVX2
     if (attn_isa_avx2) {
-        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH);
+        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
+                                accumulate);
         return;
     }
 #endif
-    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH);
+    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
+                            accumulate);
 }
 
 #endif /* RANDYGPT_ATTENTION_IMPL_H */

@@ -64,7 +64,7 @@ def test_grad_norm_bad_input(rng):
         adamw.grad_norm(np.ones((2, 2), np.float32), 1)
     with pytest.raises(ValueError, match="g must be C-contiguous"):
         adamw.grad_norm(np.ones(8, np.float32)[::2], 1)
-    with pytest.raises(ValueError, match="n_threads must be between 1 and"):
+    with pytest.raises(ValueError, match=r"n_threads must be in \[1, \d+\], got 0"):
         adamw.grad_norm(np.ones(4, np.float32), 0)
 
 
@@ -189,30 +189,30 @@ def test_adamw_bad_input(rng):
         call(decay_mask=mask.astype(bool))
     with pytest.raises(TypeError, match="grads must be float32"):
         call(grads=grads.astype(np.float64))
-    with pytest.raises(ValueError, match=r"m shape \(8,\) does not match params shape \(9,\)"):
+    with pytest.raises(ValueError, match=r"m has shape \(8,\), expected \(9,\) \(same as params\)"):
         call(m=m[:8].copy())
     with pytest.raises(ValueError, match="v must be C-contiguous"):
         call(v=np.zeros(2 * P, np.float32)[::2])
-    with pytest.raises(ValueError, match="m and v must be distinct buffers"):
+    with pytest.raises(ValueError, match="m .* must not share memory with v"):
         call(v=m)
-    with pytest.raises(ValueError, match="params and grads must be distinct buffers"):
+    with pytest.raises(ValueError, match="params .* must not share memory with grads"):
         call(grads=params)
     big = np.zeros(2 * P, np.float32)
-    with pytest.raises(ValueError, match="grads and m must be distinct buffers"):
+    with pytest.raises(ValueError, match="m .* must not share memory with grads"):
         call(grads=big[:P], m=big[P - 1: 2 * P - 1])
     with pytest.raises(ValueError, match="lr must be finite"):
         call(lr=float("nan"))
     with pytest.raises(ValueError, match="eps must be finite"):
         call(eps=float("inf"))
-    with pytest.raises(ValueError, match="beta1 must be < 1"):
+    with pytest.raises(ValueError, match=r"beta1 must be finite and in \[0, 1\), got 1.0"):
         call(beta1=1.0)
-    with pytest.raises(ValueError, match="beta2 must be >= 0"):
+    with pytest.raises(ValueError, match=r"beta2 must be finite and in \[0, 1\), got -0.1"):
         call(beta2=-0.1)
     with pytest.raises(ValueError, match="grad_scale must be finite"):
         call(grad_scale=float("nan"))
     with pytest.raises(TypeError, match="lr must be a real number"):
         call(lr="0.1")
-    with pytest.raises(ValueError, match="n_threads must be between 1 and"):
+    with pytest.raises(ValueError, match=r"n_threads must be in \[1, \d+\], got 0"):
         call(n_threads=0)
     # Nothing was touched by the rejected calls.
     for got, want, name in zip((params, m, v), before, ("params", "m", "v")):

@@ -140,18 +140,18 @@ def test_bad_dtype_and_shape(rng):
         fwd(out, idx, wte, wpe[:4].copy(), 1)
     with pytest.raises(ValueError, match=r"wpe shape \(5, 13\) does not match wte shape \(11, 12\)"):
         fwd(out, idx, wte, np.zeros((5, 13), np.float32), 1)
-    with pytest.raises(ValueError, match=r"out shape \(2, 5, 11\) does not match"):
+    with pytest.raises(ValueError, match=r"out has shape \(2, 5, 11\), expected \(2, 5, 12\)"):
         fwd(np.empty((2, 5, 11), np.float32), idx, wte, wpe, 1)
     with pytest.raises(ValueError, match="idx must be C-contiguous"):
         fwd(out, np.asfortranarray(idx), wte, wpe, 1)
     with pytest.raises(ValueError, match="idx must be 2-D"):
         fwd(out, idx.reshape(-1), wte, wpe, 1)
     bwd = embedding.embedding_backward
-    with pytest.raises(ValueError, match=r"dout shape \(2, 5, 11\) does not match"):
+    with pytest.raises(ValueError, match=r"dout has shape \(2, 5, 11\), expected \(2, 5, 12\)"):
         bwd(np.zeros_like(wte), np.zeros_like(wpe), np.zeros((2, 5, 11), np.float32), idx, 1)
     with pytest.raises(ValueError, match=r"dwpe shape \(4, 12\) must have"):
         bwd(np.zeros_like(wte), np.zeros((4, 12), np.float32), out, idx, 1)
-    with pytest.raises(ValueError, match="n_threads must be between 1 and"):
+    with pytest.raises(ValueError, match=r"n_threads must be in \[1, \d+\], got 0"):
         bwd(np.zeros_like(wte), np.zeros_like(wpe), out, idx, 0)
     with pytest.raises(TypeError, match="n_threads must be an int"):
         fwd(out, idx, wte, wpe, 2.0)
@@ -163,13 +163,13 @@ def test_aliasing_rejected(rng):
     big = np.zeros(2 * 5 * 12 + 11 * 12, np.float32)
     out = big[: 2 * 5 * 12].reshape(2, 5, 12)
     wte_alias = big[2 * 5 * 12 - 12:][: 11 * 12].reshape(11, 12)
-    with pytest.raises(ValueError, match="out must not share memory with wte"):
+    with pytest.raises(ValueError, match="out .* must not share memory with wte"):
         embedding.embedding_forward(out, idx, wte_alias, wpe, 1)
     dout = rng.standard_normal((2, 5, 12)).astype(np.float32)
     table = np.zeros((16, 12), np.float32)
-    with pytest.raises(ValueError, match="dwte must not share memory with dwpe"):
+    with pytest.raises(ValueError, match="dwte .* must not share memory with dwpe"):
         embedding.embedding_backward(table[:11], table[5:], dout, idx, 1)
-    with pytest.raises(ValueError, match="dwpe must not share memory with dout"):
+    with pytest.raises(ValueError, match="dwpe .* must not share memory with dout"):
         embedding.embedding_backward(np.zeros_like(wte), dout[0], dout, idx, 1)
 
 

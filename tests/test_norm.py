@@ -254,7 +254,7 @@ def _ln_bwd_args(rng, N=4, C=6):
     (dict(rstd="short"), ValueError, r"rstd has shape \(3,\), expected \(4,\)"),
     (dict(out="wide"), ValueError, r"out has shape \(4, 7\), expected \(4, 6\)"),
     (dict(out="is_x"), ValueError, "out .* must not share memory with x"),
-    (dict(out="readonly"), ValueError, "out is read-only"),
+    (dict(out="readonly"), ValueError, "out must be writeable, got a read-only array"),
     (dict(x="list"), TypeError, "x must be a numpy.ndarray"),
     (dict(x="no_columns"), ValueError, "x must have at least one column"),
     (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),

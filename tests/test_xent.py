@@ -191,11 +191,11 @@ def test_bad_dtype_shape_contiguity(rng):
         xent.cross_entropy_forward(losses.astype(np.float64), logits, targets, 1)
     with pytest.raises(TypeError, match="logits must be a numpy.ndarray"):
         xent.cross_entropy_forward(losses, logits.tolist(), targets, 1)
-    with pytest.raises(ValueError, match=r"targets shape \(6,\) does not match logits shape \(7, 11\)"):
+    with pytest.raises(ValueError, match=r"targets has shape \(6,\), expected \(7,\) \(one per row of logits\)"):
         xent.cross_entropy_forward(losses, logits, targets[:6].copy(), 1)
-    with pytest.raises(ValueError, match=r"losses shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"losses has shape \(8,\), expected \(7,\)"):
         xent.cross_entropy_forward(np.empty(8, np.float32), logits, targets, 1)
-    with pytest.raises(ValueError, match=r"dlogits shape \(7, 10\) does not match"):
+    with pytest.raises(ValueError, match=r"dlogits has shape \(7, 10\), expected \(7, 11\) \(same as logits\)"):
         xent.cross_entropy_backward(np.zeros((7, 10), np.float32), logits, targets, 1.0, 1)
     with pytest.raises(ValueError, match="logits must be C-contiguous"):
         xent.cross_entropy_forward(losses, np.asfortranarray(logits), targets, 1)
@@ -209,11 +209,11 @@ def test_bad_dtype_shape_contiguity(rng):
 
 def test_aliasing_rejected(rng):
     logits, targets = make_case(rng, 7, 11)
-    with pytest.raises(ValueError, match="dlogits must not share memory with logits"):
+    with pytest.raises(ValueError, match="dlogits .* must not share memory with logits"):
         xent.cross_entropy_backward(logits, logits, targets, 1.0, 1)
-    with pytest.raises(ValueError, match="dlogits must not share memory with logits"):
+    with pytest.raises(ValueError, match="dlogits .* must not share memory with logits"):
         xent.cross_entropy_forward_backward(logits, logits, targets, 1)
-    with pytest.raises(ValueError, match="losses must not share memory with logits"):
+    with pytest.raises(ValueError, match="losses .* must not share memory with logits"):
         xent.cross_entropy_forward(logits.reshape(-1)[:7], logits, targets, 1)
 
 

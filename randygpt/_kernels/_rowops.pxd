@@ -1,4 +1,5 @@
-# Reductions over one contiguous row of float32 values, shared by randygpt's norm kernels.
+# Scans of one contiguous row, shared by randygpt's kernels: reductions of float32 values
+# (norms, gradient norm) and the range check of int32 indices (cross-entropy targets, tokens).
 #
 # Every sum is accumulated in double: a row of C = 256 float32 squares summed in float32 loses
 # about 8 bits to rounding, and the norms divide by these sums.
@@ -90,3 +91,14 @@ cdef inline double row_dot(const float* x, const float* y, Py_ssize_t n) noexcep
     for i in range(nv, n):
         acc[i - nv] += <double>x[i] * <double>y[i]
     return lanes_total(acc)
+
+
+cdef inline Py_ssize_t first_out_of_range(const int* idx, Py_ssize_t n,
+                                          Py_ssize_t hi) noexcept nogil:
+    """The position of the first idx[i] (i < n) outside [0, hi), or -1 if there is none. Kernels
+    use these values as row numbers of a table, so every one is checked before any is used."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if idx[i] < 0 or idx[i] >= hi:
+            return i
+    return -1

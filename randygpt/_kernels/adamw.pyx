@@ -7,12 +7,13 @@
 # on P only and the chunk sums are added serially in chunk order, so the norm is the same for
 # any thread count. adamw_step is elementwise, so its chunking cannot change any result; it is
 # one memory-bound pass (read params, grads, m, v, mask; write params, m, v).
-import math
-
 import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport pow, sqrt, sqrtf
+
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input, check_int,
+                                       check_n_threads, check_real, check_writeable)
 
 # Sum of squares in double on eight fixed lanes: vectorizable, and a function of the data alone.
 from randygpt._kernels._rowops cimport row_sumsq
@@ -81,40 +82,9 @@ cdef void adamw_chunks(float* params, const float* grads, float* m, float* v,
                    min(STEP_CHUNK, P - lo))
 
 
-# ---- checks done once per call, before any kernel runs --------------------------------------
-
-def _check_flat(name, a, dtype, P=None):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (the flat buffer), got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-    if P is not None and a.shape[0] != P:
-        raise ValueError(f"{name} shape {a.shape} does not match params shape ({P},)")
-
-
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if not 1 <= n_threads <= 1 << 16:
-        raise ValueError(f"n_threads must be between 1 and 65536, got {n_threads}")
-    return int(n_threads)
-
-
-def _check_scalar(name, x, lo=None, hi=None, hi_open=False):
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    if lo is not None and x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-    if hi is not None and (x >= hi if hi_open else x > hi):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {x}")
-    return x
+# Dtypes the checks compare against (see _checks.pyx), built once.
+cdef object F32 = np.dtype(np.float32)
+cdef object U8 = np.dtype(np.uint8)
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -126,8 +96,8 @@ def grad_norm(g, n_threads):
     Returns sqrt(sum(g**2)), summed in float64 over a number of chunks set by P alone and added
     in chunk order: the same value for every n_threads.
     """
-    cdef int nt = _check_threads(n_threads)
-    _check_flat("g", g, np.float32)
+    cdef int nt = check_n_threads(n_threads)
+    check_array("g", g, F32, 1)
     if g.shape[0] == 0:
         return 0.0
     cdef const float[::1] gv = g
@@ -150,33 +120,25 @@ def adamw_step(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_de
     g = grads * grad_scale; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
     params = params*(1 - lr*wd*mask) - (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
     """
-    cdef int nt = _check_threads(n_threads)
-    _check_flat("params", params, np.float32)
-    P = params.shape[0]
-    _check_flat("grads", grads, np.float32, P)
-    _check_flat("m", m, np.float32, P)
-    _check_flat("v", v, np.float32, P)
-    _check_flat("decay_mask", decay_mask, np.uint8, P)
-    lr = _check_scalar("lr", lr, lo=0.0)
-    beta1 = _check_scalar("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    beta2 = _check_scalar("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
-    eps = _check_scalar("eps", eps, lo=0.0)
-    weight_decay = _check_scalar("weight_decay", weight_decay, lo=0.0)
-    grad_scale = _check_scalar("grad_scale", grad_scale)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int, got {type(step).__name__}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
-    arrays = {"params": params, "grads": grads, "m": m, "v": v, "decay_mask": decay_mask}
-    names = list(arrays)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if np.shares_memory(arrays[a], arrays[b]):
-                raise ValueError(f"{a} and {b} must be distinct buffers (they share memory)")
-    for name in ("params", "m", "v"):
-        if not arrays[name].flags.writeable:
-            raise ValueError(f"{name} must be writeable")
-    if P == 0:
+    cdef int nt = check_n_threads(n_threads)
+    check_array("params", params, F32, 1)
+    check_input("grads", grads, F32, params.shape, "same as params")
+    check_input("m", m, F32, params.shape, "same as params")
+    check_input("v", v, F32, params.shape, "same as params")
+    check_input("decay_mask", decay_mask, U8, params.shape, "same as params")
+    lr = check_real("lr", lr, 0.0)
+    beta1 = check_real("beta1", beta1, 0.0, 1.0)
+    beta2 = check_real("beta2", beta2, 0.0, 1.0)
+    eps = check_real("eps", eps, 0.0)
+    weight_decay = check_real("weight_decay", weight_decay, 0.0)
+    grad_scale = check_real("grad_scale", grad_scale)
+    step = check_int("step", step, 1, None, "the first step is 1")
+    check_disjoint((("params", params), ("m", m), ("v", v)),
+                   (("grads", grads), ("decay_mask", decay_mask)))
+    check_writeable("params", params)
+    check_writeable("m", m)
+    check_writeable("v", v)
+    if params.shape[0] == 0:
         return
     # Bias corrections in double, once; the loop itself runs in float32 like PyTorch's.
     cdef double bias1 = 1.0 - pow(beta1, <double>step)

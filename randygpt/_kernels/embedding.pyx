@@ -15,6 +15,11 @@ import numpy as np
 
 from cython.parallel cimport prange
 
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
+                                       check_n_threads, check_output, check_writeable,
+                                       out_of_range_error)
+from randygpt._kernels._rowops cimport first_out_of_range
+
 # Columns per dwte task: 32 floats = two cache lines, so threads never share a line of dwte
 # or dout, and C = 256 still splits into 8 tasks.
 cdef enum:
@@ -90,14 +95,6 @@ cdef void embedding_backward_blocks(float* dwte, float* dwpe, const float* dout,
         dwpe_row(dwpe + t * C, dout + t * C, B, T, C)
 
 
-cdef Py_ssize_t first_bad_index(const int* idx, Py_ssize_t N, Py_ssize_t V) noexcept nogil:
-    cdef Py_ssize_t n
-    for n in range(N):
-        if idx[n] < 0 or idx[n] >= V:
-            return n
-    return -1
-
-
 cdef void group_by_token(Py_ssize_t* start, Py_ssize_t* order, const int* idx, Py_ssize_t N,
                          Py_ssize_t V) noexcept nogil:
     # A stable counting sort: order[start[v]:start[v+1]] lists the positions holding token v,
@@ -119,48 +116,24 @@ cdef void group_by_token(Py_ssize_t* start, Py_ssize_t* order, const int* idx, P
     start[0] = 0
 
 
-# ---- checks done once per call, before any kernel runs --------------------------------------
+# ---- checks done once per call, before any kernel runs (shared ones in _checks.pyx) ----------
 
-def _check_array(name, a, dtype, ndim):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-
-
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if not 1 <= n_threads <= 1 << 16:
-        raise ValueError(f"n_threads must be between 1 and 65536, got {n_threads}")
-    return int(n_threads)
-
-
-def _check_output(name, out, **inputs):
-    if not out.flags.writeable:
-        raise ValueError(f"{name} must be writeable")
-    for other, a in inputs.items():
-        if np.shares_memory(out, a):
-            raise ValueError(f"{name} must not share memory with {other}")
+cdef object F32 = np.dtype(np.float32)
+cdef object I32 = np.dtype(np.int32)
 
 
 def _check_idx(idx, Py_ssize_t V, table):
-    _check_array("idx", idx, np.int32, 2)
+    check_array("idx", idx, I32, 2)
     B, T = idx.shape
     if B < 1 or T < 1:
         raise ValueError(f"idx must have at least one row and one column, got shape {idx.shape}")
     cdef const int[:, ::1] ix = idx
     cdef Py_ssize_t bad
     with nogil:
-        bad = first_bad_index(&ix[0, 0], ix.shape[0] * ix.shape[1], V)
+        bad = first_out_of_range(&ix[0, 0], ix.shape[0] * ix.shape[1], V)
     if bad >= 0:
-        b, t = divmod(bad, T)
-        raise ValueError(f"idx[{b}, {t}] = {idx[b, t]} is out of range [0, {V}) "
-                         f"({table} has {V} rows)")
+        raise out_of_range_error("idx", idx, bad, V, f"{table} has {V} rows")
+    return B, T
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -173,11 +146,10 @@ def embedding_forward(out, idx, wte, wpe, n_threads):
     wte : (V, C)    float32  read
     wpe : (>= T, C) float32  read (rows past T are unused)
     """
-    cdef int nt = _check_threads(n_threads)
-    _check_array("wte", wte, np.float32, 2)
-    _check_array("wpe", wpe, np.float32, 2)
-    _check_idx(idx, wte.shape[0], "wte")
-    B, T = idx.shape
+    cdef int nt = check_n_threads(n_threads)
+    check_array("wte", wte, F32, 2)
+    check_array("wpe", wpe, F32, 2)
+    B, T = _check_idx(idx, wte.shape[0], "wte")
     V, C = wte.shape
     if wpe.shape[1] != C:
         raise ValueError(f"wpe shape {wpe.shape} does not match wte shape {wte.shape}: "
@@ -185,11 +157,8 @@ def embedding_forward(out, idx, wte, wpe, n_threads):
     if wpe.shape[0] < T:
         raise ValueError(f"wpe has {wpe.shape[0]} rows (shape {wpe.shape}) but idx has "
                          f"T = {T} positions (shape {idx.shape})")
-    _check_array("out", out, np.float32, 3)
-    if out.shape != (B, T, C):
-        raise ValueError(f"out shape {out.shape} does not match (B, T, C) = {(B, T, C)} "
-                         f"from idx {idx.shape} and wte {wte.shape}")
-    _check_output("out", out, idx=idx, wte=wte, wpe=wpe)
+    check_output("out", out, F32, (B, T, C), "(B, T, C) from idx and wte")
+    check_disjoint((("out", out),), (("idx", idx), ("wte", wte), ("wpe", wpe)))
     cdef float[:, :, ::1] o = out
     cdef const int[:, ::1] ix = idx
     cdef const float[:, ::1] te = wte
@@ -208,21 +177,18 @@ def embedding_backward(dwte, dwpe, dout, idx, n_threads):
     idx  : (B, T)    int32    read, each in [0, V)
     Deterministic: bit-identical for every n_threads.
     """
-    cdef int nt = _check_threads(n_threads)
-    _check_array("dwte", dwte, np.float32, 2)
-    _check_array("dwpe", dwpe, np.float32, 2)
-    _check_array("dout", dout, np.float32, 3)
-    _check_idx(idx, dwte.shape[0], "dwte")
-    B, T = idx.shape
+    cdef int nt = check_n_threads(n_threads)
+    check_array("dwte", dwte, F32, 2)
+    check_array("dwpe", dwpe, F32, 2)
+    B, T = _check_idx(idx, dwte.shape[0], "dwte")
     V, C = dwte.shape
-    if dout.shape != (B, T, C):
-        raise ValueError(f"dout shape {dout.shape} does not match (B, T, C) = {(B, T, C)} "
-                         f"from idx {idx.shape} and dwte {dwte.shape}")
+    check_input("dout", dout, F32, (B, T, C), "(B, T, C) from idx and dwte")
     if dwpe.shape[1] != C or dwpe.shape[0] < T:
         raise ValueError(f"dwpe shape {dwpe.shape} must have C = {C} columns and at least "
                          f"T = {T} rows (dout shape {dout.shape})")
-    _check_output("dwte", dwte, dwpe=dwpe, dout=dout, idx=idx)
-    _check_output("dwpe", dwpe, dout=dout, idx=idx)
+    check_writeable("dwte", dwte)
+    check_writeable("dwpe", dwpe)
+    check_disjoint((("dwte", dwte), ("dwpe", dwpe)), (("dout", dout), ("idx", idx)))
     # O(N + V) bookkeeping for the token grouping, allocated here rather than in the kernel.
     start = np.empty(V + 1, dtype=np.intp)
     order = np.empty(B * T, dtype=np.intp)

@@ -12,14 +12,14 @@ chunks set by N alone (LN_ROW_CHUNKS, fewer if N is smaller); each chunk sums in
 double partial, and the partials are added serially in chunk order. Threads take whole chunks,
 so dweight/dbias are bit-identical for any n_threads.
 """
-import numbers
-
 import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
+                                       check_n_threads, check_output, check_real)
 from randygpt._kernels._rowops cimport (ROW_LANES, DoublePair, lanes_total, row_dot, row_sum,
                                         row_sumsq, row_sumsq_centered)
 
@@ -34,61 +34,13 @@ LN_ROW_CHUNKS = _LN_ROW_CHUNKS
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (run once per call, before any nogil code).
+# Argument checks (run once per call, before any nogil code; the shared ones are in _checks.py).
 
-def _check_array(name, a, ndim):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise TypeError(f"{name} must be float32, got {a.dtype} (shape {a.shape})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-
-
-def _check_writeable(name, a):
-    if not a.flags.writeable:
-        raise ValueError(f"{name} is read-only (shape {a.shape})")
-
-
-def _check_shape(name, a, shape):
-    if a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
-
-
-def _check_no_alias(outputs, inputs):
-    """Every output must be disjoint from every other output and from every input:
-    a thread could otherwise read a value another thread (or the same row pass) has overwritten."""
-    for i, (oname, o) in enumerate(outputs):
-        for aname, a in outputs[i + 1:] + inputs:
-            if np.shares_memory(o, a):
-                raise ValueError(f"{oname} (shape {o.shape}) must not share memory with "
-                                 f"{aname} (shape {a.shape})")
-
-
-# OpenMP takes the team size as a C int.
-_MAX_THREADS = 2**31 - 1
-
-
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if not 1 <= n_threads <= _MAX_THREADS:
-        raise ValueError(f"n_threads must be in [1, {_MAX_THREADS}], got {n_threads}")
-    return int(n_threads)
-
-
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    e = float(eps)
-    if not (0.0 <= e < float("inf")):
-        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-    return e
+cdef object F32 = np.dtype(np.float32)
 
 
 def _check_rows(x):
+    check_array("x", x, F32, 2)
     N, C = x.shape
     if C < 1:
         raise ValueError(f"x must have at least one column, got shape {x.shape}")
@@ -140,18 +92,13 @@ def rmsnorm_forward(out, rstd, x, eps, n_threads):
     x    : (N, C) float32  read
     eps  : float >= 0
     """
-    _check_array("x", x, 2)
-    _check_array("out", out, 2)
-    _check_array("rstd", rstd, 1)
     cdef Py_ssize_t N, C
     N, C = _check_rows(x)
-    _check_shape("out", out, (N, C))
-    _check_shape("rstd", rstd, (N,))
-    _check_writeable("out", out)
-    _check_writeable("rstd", rstd)
-    _check_no_alias([("out", out), ("rstd", rstd)], [("x", x)])
-    cdef double e = _check_eps(eps)
-    cdef int nt = _check_threads(n_threads)
+    check_output("out", out, F32, (N, C), "same as x")
+    check_output("rstd", rstd, F32, (N,), "one per row of x")
+    check_disjoint((("out", out), ("rstd", rstd)), (("x", x),))
+    cdef double e = check_real("eps", eps, 0.0)
+    cdef int nt = check_n_threads(n_threads)
     if N == 0:
         return
     cdef float[:, ::1] out_v = out
@@ -169,18 +116,13 @@ def rmsnorm_backward(dx, dout, x, rstd, n_threads):
     x    : (N, C) float32  read (the forward input)
     rstd : (N,)   float32  read (saved by rmsnorm_forward)
     """
-    _check_array("x", x, 2)
-    _check_array("dx", dx, 2)
-    _check_array("dout", dout, 2)
-    _check_array("rstd", rstd, 1)
     cdef Py_ssize_t N, C
     N, C = _check_rows(x)
-    _check_shape("dx", dx, (N, C))
-    _check_shape("dout", dout, (N, C))
-    _check_shape("rstd", rstd, (N,))
-    _check_writeable("dx", dx)
-    _check_no_alias([("dx", dx)], [("dout", dout), ("x", x), ("rstd", rstd)])
-    cdef int nt = _check_threads(n_threads)
+    check_output("dx", dx, F32, (N, C), "same as x")
+    check_input("dout", dout, F32, (N, C), "same as x")
+    check_input("rstd", rstd, F32, (N,), "one per row of x")
+    check_disjoint((("dx", dx),), (("dout", dout), ("x", x), ("rstd", rstd)))
+    cdef int nt = check_n_threads(n_threads)
     if N == 0:
         return
     cdef float[:, ::1] dx_v = dx
@@ -303,25 +245,17 @@ def layernorm_forward(out, mean, rstd, x, weight, bias, eps, n_threads):
     bias   : (C,)   float32  read
     eps    : float >= 0
     """
-    _check_array("x", x, 2)
-    _check_array("out", out, 2)
-    _check_array("mean", mean, 1)
-    _check_array("rstd", rstd, 1)
-    _check_array("weight", weight, 1)
-    _check_array("bias", bias, 1)
     cdef Py_ssize_t N, C
     N, C = _check_rows(x)
-    _check_shape("out", out, (N, C))
-    _check_shape("mean", mean, (N,))
-    _check_shape("rstd", rstd, (N,))
-    _check_shape("weight", weight, (C,))
-    _check_shape("bias", bias, (C,))
-    for name, a in (("out", out), ("mean", mean), ("rstd", rstd)):
-        _check_writeable(name, a)
-    _check_no_alias([("out", out), ("mean", mean), ("rstd", rstd)],
-                    [("x", x), ("weight", weight), ("bias", bias)])
-    cdef double e = _check_eps(eps)
-    cdef int nt = _check_threads(n_threads)
+    check_output("out", out, F32, (N, C), "same as x")
+    check_output("mean", mean, F32, (N,), "one per row of x")
+    check_output("rstd", rstd, F32, (N,), "one per row of x")
+    check_input("weight", weight, F32, (C,), "one per column of x")
+    check_input("bias", bias, F32, (C,), "one per column of x")
+    check_disjoint((("out", out), ("mean", mean), ("rstd", rstd)),
+                   (("x", x), ("weight", weight), ("bias", bias)))
+    cdef double e = check_real("eps", eps, 0.0)
+    cdef int nt = check_n_threads(n_threads)
     if N == 0:
         return
     cdef float[:, ::1] out_v = out
@@ -349,28 +283,18 @@ def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, n_thread
     The row reduction for dweight/dbias uses min(N, LN_ROW_CHUNKS) chunks added in chunk
     order, so every output is bit-identical for any n_threads.
     """
-    _check_array("x", x, 2)
-    _check_array("dx", dx, 2)
-    _check_array("dweight", dweight, 1)
-    _check_array("dbias", dbias, 1)
-    _check_array("dout", dout, 2)
-    _check_array("mean", mean, 1)
-    _check_array("rstd", rstd, 1)
-    _check_array("weight", weight, 1)
     cdef Py_ssize_t N, C
     N, C = _check_rows(x)
-    _check_shape("dx", dx, (N, C))
-    _check_shape("dweight", dweight, (C,))
-    _check_shape("dbias", dbias, (C,))
-    _check_shape("dout", dout, (N, C))
-    _check_shape("mean", mean, (N,))
-    _check_shape("rstd", rstd, (N,))
-    _check_shape("weight", weight, (C,))
-    for name, a in (("dx", dx), ("dweight", dweight), ("dbias", dbias)):
-        _check_writeable(name, a)
-    _check_no_alias([("dx", dx), ("dweight", dweight), ("dbias", dbias)],
-                    [("dout", dout), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight)])
-    cdef int nt = _check_threads(n_threads)
+    check_output("dx", dx, F32, (N, C), "same as x")
+    check_output("dweight", dweight, F32, (C,), "one per column of x")
+    check_output("dbias", dbias, F32, (C,), "one per column of x")
+    check_input("dout", dout, F32, (N, C), "same as x")
+    check_input("mean", mean, F32, (N,), "one per row of x")
+    check_input("rstd", rstd, F32, (N,), "one per row of x")
+    check_input("weight", weight, F32, (C,), "one per column of x")
+    check_disjoint((("dx", dx), ("dweight", dweight), ("dbias", dbias)),
+                   (("dout", dout), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight)))
+    cdef int nt = check_n_threads(n_threads)
     if N == 0:
         return
     cdef Py_ssize_t n_chunks = min(N, _LN_ROW_CHUNKS)

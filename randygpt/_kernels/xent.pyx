@@ -6,11 +6,14 @@
 # Parallel over rows: each row's max, log-sum-exp, loss and gradient row depend on that row
 # only, so threads write disjoint memory. The mean loss is summed afterwards, serially in row
 # order, which makes it independent of the thread count.
-import math
-
 import numpy as np
 
 from cython.parallel cimport prange
+
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
+                                       check_n_threads, check_output, check_real,
+                                       out_of_range_error)
+from randygpt._kernels._rowops cimport first_out_of_range
 
 
 cdef extern from *:
@@ -187,72 +190,31 @@ cdef double mean_in_row_order(const float* losses, Py_ssize_t N) noexcept nogil:
     return total / <double>N
 
 
-cdef Py_ssize_t first_bad_target(const int* targets, Py_ssize_t N, int V) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(N):
-        if targets[i] < 0 or targets[i] >= V:
-            return i
-    return -1
+# ---- checks done once per call, before any kernel runs (shared ones in _checks.pyx) ----------
 
-
-# ---- checks done once per call, before any kernel runs --------------------------------------
-
-def _check_array(name, a, dtype, ndim):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-
-
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if not 1 <= n_threads <= 1 << 16:
-        raise ValueError(f"n_threads must be between 1 and 65536, got {n_threads}")
-    return int(n_threads)
-
-
-def _check_writable(name, a):
-    if not a.flags.writeable:
-        raise ValueError(f"{name} must be writeable")
-
-
-def _check_no_alias(out_name, out, **inputs):
-    for name, a in inputs.items():
-        if np.shares_memory(out, a):
-            raise ValueError(f"{out_name} must not share memory with {name}")
+cdef object F32 = np.dtype(np.float32)
+cdef object I32 = np.dtype(np.int32)
 
 
 def _check_inputs(logits, targets):
-    _check_array("logits", logits, np.float32, 2)
-    _check_array("targets", targets, np.int32, 1)
+    check_array("logits", logits, F32, 2)
     cdef Py_ssize_t N = logits.shape[0]
     cdef Py_ssize_t V = logits.shape[1]
     if N < 1 or V < 1:
         raise ValueError(f"logits must have at least one row and one column, got shape {logits.shape}")
-    if targets.shape[0] != N:
-        raise ValueError(f"targets shape {targets.shape} does not match logits shape {logits.shape}: "
-                         f"expected ({N},)")
+    check_input("targets", targets, I32, (N,), "one per row of logits")
     cdef const int[::1] t = targets
     cdef Py_ssize_t bad
     with nogil:
-        bad = first_bad_target(&t[0], N, <int>V)
+        bad = first_out_of_range(&t[0], N, V)
     if bad >= 0:
-        raise ValueError(f"targets[{bad}] = {targets[bad]} is out of range [0, {V}) "
-                         f"(logits shape {logits.shape})")
+        raise out_of_range_error("targets", targets, bad, V, f"logits shape {logits.shape}")
     return N, V
 
 
-def _check_grad(name, dlogits, logits, targets):
-    _check_array(name, dlogits, np.float32, 2)
-    _check_writable(name, dlogits)
-    if dlogits.shape != logits.shape:
-        raise ValueError(f"{name} shape {dlogits.shape} does not match logits shape {logits.shape}")
-    _check_no_alias(name, dlogits, logits=logits, targets=targets)
+def _check_grad(dlogits, logits, targets):
+    check_output("dlogits", dlogits, F32, logits.shape, "same as logits")
+    check_disjoint((("dlogits", dlogits),), (("logits", logits), ("targets", targets)))
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -266,14 +228,10 @@ def cross_entropy_forward(losses, logits, targets, n_threads):
     Returns the mean of ``losses``, summed in float64 in row order.
     """
     cdef Py_ssize_t N, V
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_n_threads(n_threads)
     N, V = _check_inputs(logits, targets)
-    _check_array("losses", losses, np.float32, 1)
-    _check_writable("losses", losses)
-    if losses.shape[0] != N:
-        raise ValueError(f"losses shape {losses.shape} does not match logits shape {logits.shape}: "
-                         f"expected ({N},)")
-    _check_no_alias("losses", losses, logits=logits, targets=targets)
+    check_output("losses", losses, F32, (N,), "one per row of logits")
+    check_disjoint((("losses", losses),), (("logits", logits), ("targets", targets)))
     cdef float[::1] l = losses
     cdef const float[:, ::1] z = logits
     cdef const int[::1] t = targets
@@ -294,18 +252,13 @@ def cross_entropy_backward(dlogits, logits, targets, dloss, n_threads):
     dloss   : float, the upstream gradient of the mean loss (1.0 for the training loss)
     """
     cdef Py_ssize_t N, V
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_n_threads(n_threads)
     N, V = _check_inputs(logits, targets)
-    _check_grad("dlogits", dlogits, logits, targets)
-    if isinstance(dloss, bool) or not isinstance(dloss, (int, float, np.integer, np.floating)):
-        raise TypeError(f"dloss must be a real number, got {type(dloss).__name__}")
-    dloss = float(dloss)
-    if not math.isfinite(dloss):
-        raise ValueError(f"dloss must be finite, got {dloss}")
+    _check_grad(dlogits, logits, targets)
+    cdef double g = check_real("dloss", dloss)
     cdef float[:, ::1] dz = dlogits
     cdef const float[:, ::1] z = logits
     cdef const int[::1] t = targets
-    cdef double g = dloss
     with nogil:
         xent_backward_rows(&dz[0, 0], &z[0, 0], &t[0], g, N, V, nt)
 
@@ -319,9 +272,9 @@ def cross_entropy_forward_backward(dlogits, logits, targets, n_threads):
     Returns the mean loss, bit-identical to what cross_entropy_forward returns.
     """
     cdef Py_ssize_t N, V
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_n_threads(n_threads)
     N, V = _check_inputs(logits, targets)
-    _check_grad("dlogits", dlogits, logits, targets)
+    _check_grad(dlogits, logits, targets)
     # Per-row losses are kept so that the mean is summed in row order, as in the forward.
     losses = np.empty(N, dtype=np.float32)
     cdef float[::1] l = losses

@@ -1,0 +1,125 @@
+"""Argument checks shared by the kernel wrappers.
+
+Each kernel's ``def`` wrapper calls these once per call, before it takes typed memoryviews and
+enters nogil code, so that bad input gets a one-line TypeError (wrong kind of object) or
+ValueError (wrong shape, layout or value) naming the argument, never a crash or a stray write.
+Kernel modules ``cimport`` them (see _checks.pxd); Python code and tests may import them.
+
+The messages follow one pattern, so a user sees the same wording from every kernel:
+  ``x must be float32, got float64 (shape (4, 6))``
+  ``out has shape (4, 7), expected (4, 6) (same as x)``
+  ``out (shape (4, 6)) must not share memory with x (shape (4, 6))``
+  ``n_threads must be in [1, 65536], got 0``
+"""
+import math
+
+import numpy as np
+
+__all__ = ["MAX_THREADS", "check_array", "check_input", "check_output", "check_writeable",
+           "check_disjoint", "check_int", "check_n_threads", "check_real", "out_of_range_error"]
+
+# A sanity bound, well above any real core count: OpenMP takes the team size as a C int, and
+# a team of millions of threads would exhaust the process long before it did any work.
+cdef enum:
+    _MAX_THREADS = 1 << 16
+MAX_THREADS = _MAX_THREADS
+
+cdef tuple _REAL_TYPES = (int, float, np.integer, np.floating)
+cdef tuple _INT_TYPES = (int, np.integer)
+
+
+cpdef check_array(str name, object a, object dtype, int ndim):
+    """Check that ``a`` is a C-contiguous numpy.ndarray of ``dtype`` (an np.dtype) with
+    ``ndim`` axes."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+cpdef check_input(str name, object a, object dtype, tuple shape, str why=None):
+    """check_array, and ``a`` must have exactly ``shape``. ``why`` says where that shape
+    comes from (for example "same as x"), for the message."""
+    check_array(name, a, dtype, len(shape))
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}"
+                         + (f" ({why})" if why else ""))
+
+
+cpdef check_output(str name, object a, object dtype, tuple shape, str why=None):
+    """check_input, and ``a`` must be writeable: the kernel writes or accumulates into it."""
+    check_input(name, a, dtype, shape, why)
+    check_writeable(name, a)
+
+
+cpdef check_writeable(str name, object a):
+    if not a.flags.writeable:
+        raise ValueError(f"{name} must be writeable, got a read-only array (shape {a.shape})")
+
+
+cpdef check_disjoint(tuple outputs, tuple inputs=()):
+    """No output may share memory with another output or with any input.
+
+    outputs, inputs : tuples of (name, array) pairs
+    A kernel's threads read inputs while others write outputs, so any overlap would let a
+    thread read a value that has already been overwritten. Inputs may share memory with each
+    other: they are only read.
+    """
+    cdef Py_ssize_t i
+    for i in range(len(outputs)):
+        oname, o = outputs[i]
+        for aname, a in outputs[i + 1:] + inputs:
+            if np.shares_memory(o, a):
+                raise ValueError(f"{oname} (shape {o.shape}) must not share memory with "
+                                 f"{aname} (shape {a.shape})")
+
+
+cpdef check_int(str name, object x, Py_ssize_t lo, object hi=None, str why=None):
+    """Check that ``x`` is an integer (not a bool) in [lo, hi] (hi None: no upper bound);
+    return it as an int. ``why`` explains the bound, for the message."""
+    if isinstance(x, bool) or not isinstance(x, _INT_TYPES):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < lo or (hi is not None and x > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}" + (f" ({why})" if why else "") + f", got {x}")
+    return int(x)
+
+
+cpdef int check_n_threads(object n_threads) except -1:
+    """Check a kernel's team size and return it."""
+    return check_int("n_threads", n_threads, 1, _MAX_THREADS)
+
+
+cpdef double check_real(str name, object x, object lo=None, object hi=None) except? -1.0:
+    """Check that ``x`` is a finite real number (not a bool) with lo <= x < hi; return it.
+
+    lo, hi : the bounds, None for none on that side. hi is excluded: the one two-sided range
+             the kernels need is [0, 1) (Adam's betas, dropout's p).
+    """
+    if isinstance(x, bool) or not isinstance(x, _REAL_TYPES):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    cdef double v = float(x)
+    if not (math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v < hi)):
+        # One message for every violation, stating the whole valid range.
+        if lo is not None and hi is not None:
+            bound = f" and in [{lo:g}, {hi:g})"
+        elif lo is not None:
+            bound = f" and >= {lo:g}"
+        elif hi is not None:
+            bound = f" and < {hi:g}"
+        else:
+            bound = ""
+        raise ValueError(f"{name} must be finite{bound}, got {v!r}")
+    return v
+
+
+cpdef out_of_range_error(str name, object a, Py_ssize_t flat, Py_ssize_t n, str why):
+    """The ValueError for an index array ``a`` whose element at flat position ``flat`` is not in
+    [0, n); the kernels find that position with _rowops.first_out_of_range, without the GIL."""
+    where = np.unravel_index(flat, a.shape)
+    pos = ", ".join([str(int(i)) for i in where])
+    return ValueError(f"{name}[{pos}] = {a[where]} is out of range [0, {n}) ({why})")

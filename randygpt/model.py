@@ -8,13 +8,25 @@ Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and
     resid[2l+1] = resid[2l]   + dropout(attn(norm(resid[2l])) wo^T)          site 0
     resid[2l+2] = resid[2l+1] + dropout(relu(norm(resid[2l+1]) fc1^T)^2 fc2^T)  site 1
 with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
-Forward saves what backward cannot cheaply redo: every residual stream (the norms' inputs and
-lm_head's), the norms' rstd (and mean), qkv, the attention probabilities, the attention output and
-fc1's pre-activation. The norm outputs and relu(fc1)^2 are recomputed in backward by the same
-deterministic kernels (bit-identical, one cheap elementwise pass each), which keeps the arena
-about a quarter smaller.
-Backward reads the forward in reverse, one kernel per forward kernel; backward kernels accumulate,
-so the residual fan-out needs no special case and flat_grads is zeroed once per step.
+Forward saves only what backward cannot cheaply redo: every residual stream (the norms' inputs
+and lm_head's), the norms' rstd (and mean), qkv and fc1's pre-activation. Backward recomputes,
+with the same deterministic kernels (so bit-identical to what forward used), the norm outputs and
+relu(fc1)^2 (one elementwise pass each) and, per layer, the attention output and probabilities
+(one attention_forward, about 2 ms per layer at the default size, ~1% of a step): the
+probabilities alone were (L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs
+(L, N, C) (12 MiB).
+Scratch buffers whose lifetimes do not overlap share memory: one work region holds act (N, H)
+during the MLP, and the probabilities of one layer followed by dqkv during attention (with atty
+at dqkv's start, dead before dqkv is written); fc1's input gradient overwrites act's
+recomputed values, and the squared-ReLU backward runs in place; the branch gradient and then the
+norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the arena is 127 MiB
+(189 MiB with every activation saved and separate scratch), and a training step peaks at about
+242 MiB RSS with the parameters, gradients and AdamW moments.
+Every scratch gradient is written (GEMM with accumulate=False, dropout_forward for the masked
+branch gradient, attention_backward(accumulate=False)), never zeroed and then accumulated into;
+only the parameter gradients accumulate, into flat_grads zeroed once per step.
+Backward reads the forward in reverse, one kernel per forward kernel; the residual stream's
+gradient is accumulated into by both branches' norm backwards, so the fan-out needs no special case.
 """
 import types
 
@@ -83,40 +95,38 @@ def init_std(name, config):
 
 
 class ActivationArena:
-    """Every activation forward saves for backward, plus backward's scratch gradients, in one
-    float32 allocation sized from (config, B, T). Made once per (B, T); never resized."""
+    """Every activation forward saves for backward, plus the scratch buffers of both passes, in
+    one float32 allocation sized from (config, B, T). Made once per (B, T); never resized.
+
+    Scratch buffers whose lifetimes never overlap share memory (see the module docstring):
+    views of the same bytes carry the names of what they hold at each point of the step."""
 
     def __init__(self, config, B, T):
         L, C, NH, H, V = (config.n_layer, config.n_embd, config.n_head,
                           config.mlp_hidden, config.vocab_size)
         N = B * T
         layernorm = config.norm == "layernorm"
+        n_att = B * NH * T * T
         table = [
             ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
-            ("ln", (N, C)),                 # a norm's output, the input of the qkv or fc1 matmul:
-                                            # backward recomputes it from the saved residual
             ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
             ("ln2_rstd", (L, N)),
             ("ln1_mean", (L, N if layernorm else 0)),  # LayerNorm only
             ("ln2_mean", (L, N if layernorm else 0)),
             ("qkv", (L, B, T, 3 * C)),      # q | k | v, the attention kernel's input
-            ("att", (L, B, NH, T, T)),      # softmax probabilities, saved for attention backward
-            ("atty", (L, B, T, C)),         # attention output, the input of wo
             ("fc1_pre", (L, N, H)),         # fc1 output before relu^2, for its backward
-            ("act", (N, H)),                # relu(fc1_pre)^2, fc2's input: backward recomputes
-                                            # it from fc1_pre (one cheap pass saves L*N*H floats)
-            ("proj", (N, C)),               # wo / fc2 output before dropout (not needed later)
+            # scratch, reused by every layer
+            ("ln", (N, C)),                 # a norm's output (recomputed in backward); also
+                                            # datty in backward's attention part
+            ("proj", (N, C)),               # wo / fc2 output before dropout; in backward the
+                                            # branch gradient, then a norm output's gradient
+            ("dresid", (B, T, C)),          # gradient of the residual stream
             ("logits", (N, V)),
             ("losses", (N,)),
             ("dlogits", (N, V)),
-            # backward scratch, reused by every layer
-            ("dresid", (B, T, C)),          # gradient of the residual stream
-            ("dbranch", (N, C)),            # gradient of a branch's output through dropout
-            ("dln", (N, C)),                # gradient of a norm output
-            ("datty", (B, T, C)),
-            ("dqkv", (B, T, 3 * C)),
-            ("dact", (N, H)),
-            ("dpre", (N, H)),
+            # act (N, H) during the MLP, or att (B, NH, T, T) followed by dqkv (B, T, 3C),
+            # with atty (B, T, C) at dqkv's start, during attention
+            ("work", (max(N * H, n_att + 3 * N * C),)),
         ]
         sizes = [int(np.prod(shape)) for _, shape in table]
         self.B, self.T, self.N = B, T, N
@@ -128,11 +138,19 @@ class ActivationArena:
             offset += size
         self.idx = np.zeros((B, T), dtype=np.int32)
         self.targets = np.zeros(N, dtype=np.int32)
+        w = self.work
+        self.act = w[:N * H].reshape(N, H)           # relu(fc1_pre)^2, fc2's input; in backward
+                                                     # recomputed, then overwritten by its
+                                                     # gradient, then by fc1_pre's (in place)
+        self.att = w[:n_att].reshape(B, NH, T, T)    # one layer's attention probabilities
+        self.dqkv = w[n_att:n_att + 3 * N * C].reshape(B, T, 3 * C)
+        self.atty = w[n_att:n_att + N * C].reshape(B, T, C)  # attention output (wo's input),
+                                                             # dead before dqkv is written
         # 2-D views of the (B, T, X) buffers for the row-wise kernels (matmul, norm, dropout).
-        self.atty2 = self.atty.reshape(L, N, C)
         self.qkv2 = self.qkv.reshape(L, N, 3 * C)
+        self.atty2 = self.atty.reshape(N, C)
+        self.datty = self.ln.reshape(B, T, C)
         self.dresid2 = self.dresid.reshape(N, C)
-        self.datty2 = self.datty.reshape(N, C)
         self.dqkv2 = self.dqkv.reshape(N, 3 * C)
         self.resid3 = self.resid.reshape(2 * L + 1, B, T, C)
 
@@ -284,10 +302,9 @@ class GPT:
             # x_mid = x + dropout(attn(norm(x)) wo^T)
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
             matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt)
-            attention.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, nt)
-            matmul.matmul_forward(a.proj, a.atty2[l], w.wo, nt)
-            np.copyto(x_mid, x)
-            activation.dropout_add_forward(x_mid, a.proj, drop, seed, step, l, 0, nt)
+            attention.attention_forward(a.atty, a.att, a.qkv[l], NH, nt)
+            matmul.matmul_forward(a.proj, a.atty2, w.wo, nt)
+            activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
             if _FUSED_SQRELU:
@@ -296,8 +313,7 @@ class GPT:
                 matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt)
                 activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)
             matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
-            np.copyto(x_out, x_mid)
-            activation.dropout_add_forward(x_out, a.proj, drop, seed, step, l, 1, nt)
+            activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt)
         matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)
 
         if targets is None:
@@ -342,36 +358,40 @@ class GPT:
             xent.cross_entropy_backward(a.dlogits, a.logits, a.targets, 1.0, nt)
             st.have_dlogits = True
         dresid = a.dresid2
-        dresid.fill(0.0)
-        # logits = resid[2L] lm_head^T
-        matmul.matmul_backward(dresid, g["lm_head"], a.dlogits, a.resid[2 * L],
+        # logits = resid[2L] lm_head^T (dresid written: nothing to zero first)
+        matmul.matmul_backward(None, g["lm_head"], a.dlogits, a.resid[2 * L],
                                self.params["lm_head"], nt)
+        matmul.gemm(dresid, a.dlogits, self.params["lm_head"], False, False, False, nt)
         for l in reversed(range(L)):
             w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
             dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 1, nt)
             activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)  # bit-identical to fused
-            a.dact.fill(0.0)
-            matmul.matmul_backward(a.dact, gw.fc2, dproj, a.act, w.fc2, nt)
-            a.dpre.fill(0.0)
-            activation.squared_relu_backward(a.dpre, a.dact, a.fc1_pre[l], nt)
+            matmul.matmul_backward(None, gw.fc2, dproj, a.act, w.fc2, nt)
+            dact = a.act  # act is dead once fc2's weight gradient has read it
+            matmul.gemm(dact, dproj, w.fc2, False, False, False, nt)
+            activation.squared_relu_backward_inplace(dact, a.fc1_pre[l], nt)  # now dfc1_pre
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
                                w.ln2_b, nt)  # recompute fc1's input
-            a.dln.fill(0.0)
-            matmul.matmul_backward(a.dln, gw.fc1, a.dpre, a.ln, w.fc1, nt)
-            self._norm_backward(dresid, a.dln, a.resid[2 * l + 1], a.ln2_mean[l],
+            matmul.matmul_backward(None, gw.fc1, dact, a.ln, w.fc1, nt)
+            dln = a.proj  # the branch gradient (proj or dresid) has been used up
+            matmul.gemm(dln, dact, w.fc1, False, False, False, nt)
+            self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l],
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
             dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 0, nt)
-            a.datty.fill(0.0)
-            matmul.matmul_backward(a.datty2, gw.wo, dproj, a.atty2[l], w.wo, nt)
-            a.dqkv.fill(0.0)
-            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, nt)
+            # recompute the attention output (wo's input) and probabilities of this layer
+            attention.attention_forward(a.atty, a.att, a.qkv[l], NH, nt)
+            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt)
+            matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt)
+            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att, NH, nt,
+                                         accumulate=False)  # overwrites atty
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
-                               w.ln1_b, nt)  # recompute the qkv matmul's input
-            a.dln.fill(0.0)
-            matmul.matmul_backward(a.dln, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt)
-            self._norm_backward(dresid, a.dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
+                               w.ln1_b, nt)  # recompute the qkv matmul's input (datty is dead)
+            matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt)
+            dln = a.proj
+            matmul.gemm(dln, a.dqkv2, w.wqkv, False, False, False, nt)
+            self._norm_backward(dresid, dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
                                 l, "ln1", nt)
         # resid[0] = wte[idx] + wpe[:T]
         embedding.embedding_backward(g["wte"], g["wpe"], a.dresid, a.idx, nt)
@@ -382,6 +402,6 @@ class GPT:
         (recomputed from its key), or the residual gradient itself when dropout is off."""
         if drop == 0.0:
             return dresid
-        a.dbranch.fill(0.0)
-        activation.dropout_backward(a.dbranch, dresid, drop, seed, step, layer, site, nt)
-        return a.dbranch
+        # dropout_forward writes dresid * mask: dropout_backward's value onto zeros, no fill
+        activation.dropout_forward(a.proj, dresid, drop, seed, step, layer, site, nt)
+        return a.proj

@@ -334,6 +334,26 @@ def test_arena_is_reallocated_only_when_shape_changes(rng):
     assert model.forward(idx, targets) == l1
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_arena_saves_only_what_backward_cannot_redo(norm):
+    # Saved per layer: two residual streams, qkv and fc1's pre-activation (plus one stream for
+    # lm_head and the norms' per-row statistics); everything else is one set of scratch
+    # buffers shared by all layers: no per-layer attention probabilities or outputs.
+    from randygpt.model import ActivationArena
+
+    config = Config(norm=norm)
+    B, T = config.batch_size, config.block_size
+    L, C, NH, H, V = (config.n_layer, config.n_embd, config.n_head, config.mlp_hidden,
+                      config.vocab_size)
+    N = B * T
+    stats = (4 if norm == "layernorm" else 2) * L * N
+    saved = (2 * L + 1) * N * C + L * N * 3 * C + L * N * H + stats
+    scratch = 3 * N * C + 2 * N * V + N + max(N * H, B * NH * T * T + 3 * N * C)
+    arena = ActivationArena(config, B, T)  # zero pages: nothing is touched here
+    assert arena.total == saved + scratch
+    assert arena.buffer.nbytes < 128 * 2**20  # the default step's arena (issue: 256 MB RSS)
+
+
 # ---------------------------------------------------------------------------------- inputs
 
 def test_bad_inputs_raise(rng):

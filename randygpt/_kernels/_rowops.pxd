@@ -41,22 +41,6 @@ cdef inline double row_sum(const float* x, Py_ssize_t n) noexcept nogil:
     return lanes_total(acc)
 
 
-cdef inline double row_sumsq(const float* x, Py_ssize_t n) noexcept nogil:
-    """sum(x[0:n]**2) in double (each square formed in double, so it is exact)."""
-    cdef double acc[8]
-    cdef double v
-    cdef Py_ssize_t i, j
-    cdef Py_ssize_t nv = n - n % ROW_LANES
-    for j in range(ROW_LANES):
-        acc[j] = 0.0
-    for i in range(0, nv, 8):
-        for j in range(ROW_LANES):
-            v = <double>x[i + j]
-            acc[j] += v * v
-    for i in range(nv, n):
-        v = <double>x[i]
-        acc[i - nv] += v * v
-    return lanes_total(acc)
 
 
 cdef inline double row_sumsq_centered(const float* x, double mean, Py_ssize_t n) noexcept nogil:
@@ -91,6 +75,11 @@ cdef inline double row_dot(const float* x, const float* y, Py_ssize_t n) noexcep
     for i in range(nv, n):
         acc[i - nv] += <double>x[i] * <double>y[i]
     return lanes_total(acc)
+
+
+cdef inline double row_sumsq(const float* x, Py_ssize_t n) noexcept nogil:
+    """sum(x[0:n]**2) in double (each square formed in double, so it is exact)."""
+    return row_dot(x, x, n)
 
 
 cdef inline Py_ssize_t first_out_of_range(const int* idx, Py_ssize_t n,

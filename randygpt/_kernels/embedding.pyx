@@ -122,18 +122,30 @@ cdef object F32 = np.dtype(np.float32)
 cdef object I32 = np.dtype(np.int32)
 
 
-def _check_idx(idx, Py_ssize_t V, table):
+def _check_tables(idx, tok_name, wte, pos_name, wpe):
+    """idx and the two tables (or their gradients, which have the same shapes); returns
+    B, T, V, C."""
+    check_array(tok_name, wte, F32, 2)
+    check_array(pos_name, wpe, F32, 2)
     check_array("idx", idx, I32, 2)
     B, T = idx.shape
+    V, C = wte.shape
     if B < 1 or T < 1:
         raise ValueError(f"idx must have at least one row and one column, got shape {idx.shape}")
+    if wpe.shape[1] != C:
+        raise ValueError(f"{pos_name} shape {wpe.shape} does not match {tok_name} shape "
+                         f"{wte.shape}: both need C = {C} columns")
+    if wpe.shape[0] < T:
+        raise ValueError(f"{pos_name} has {wpe.shape[0]} rows (shape {wpe.shape}) but idx has "
+                         f"T = {T} positions (shape {idx.shape})")
     cdef const int[:, ::1] ix = idx
+    cdef Py_ssize_t n_rows = V
     cdef Py_ssize_t bad
     with nogil:
-        bad = first_out_of_range(&ix[0, 0], ix.shape[0] * ix.shape[1], V)
+        bad = first_out_of_range(&ix[0, 0], ix.shape[0] * ix.shape[1], n_rows)
     if bad >= 0:
-        raise out_of_range_error("idx", idx, bad, V, f"{table} has {V} rows")
-    return B, T
+        raise out_of_range_error("idx", idx, bad, n_rows, f"{tok_name} has {V} rows")
+    return B, T, V, C
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -147,16 +159,7 @@ def embedding_forward(out, idx, wte, wpe, n_threads):
     wpe : (>= T, C) float32  read (rows past T are unused)
     """
     cdef int nt = check_n_threads(n_threads)
-    check_array("wte", wte, F32, 2)
-    check_array("wpe", wpe, F32, 2)
-    B, T = _check_idx(idx, wte.shape[0], "wte")
-    V, C = wte.shape
-    if wpe.shape[1] != C:
-        raise ValueError(f"wpe shape {wpe.shape} does not match wte shape {wte.shape}: "
-                         f"both need C = {C} columns")
-    if wpe.shape[0] < T:
-        raise ValueError(f"wpe has {wpe.shape[0]} rows (shape {wpe.shape}) but idx has "
-                         f"T = {T} positions (shape {idx.shape})")
+    B, T, V, C = _check_tables(idx, "wte", wte, "wpe", wpe)
     check_output("out", out, F32, (B, T, C), "(B, T, C) from idx and wte")
     check_disjoint((("out", out),), (("idx", idx), ("wte", wte), ("wpe", wpe)))
     cdef float[:, :, ::1] o = out
@@ -178,14 +181,8 @@ def embedding_backward(dwte, dwpe, dout, idx, n_threads):
     Deterministic: bit-identical for every n_threads.
     """
     cdef int nt = check_n_threads(n_threads)
-    check_array("dwte", dwte, F32, 2)
-    check_array("dwpe", dwpe, F32, 2)
-    B, T = _check_idx(idx, dwte.shape[0], "dwte")
-    V, C = dwte.shape
+    B, T, V, C = _check_tables(idx, "dwte", dwte, "dwpe", dwpe)
     check_input("dout", dout, F32, (B, T, C), "(B, T, C) from idx and dwte")
-    if dwpe.shape[1] != C or dwpe.shape[0] < T:
-        raise ValueError(f"dwpe shape {dwpe.shape} must have C = {C} columns and at least "
-                         f"T = {T} rows (dout shape {dout.shape})")
     check_writeable("dwte", dwte)
     check_writeable("dwpe", dwpe)
     check_disjoint((("dwte", dwte), ("dwpe", dwpe)), (("dout", dout), ("idx", idx)))

@@ -84,15 +84,22 @@ cdef extern from *:
         return mx;
     }
 
+    /* acc[k] += x[i] (in double) for the i < n with i % 8 == k: the lane sum that both
+       exponential sums below run, so that they add the same terms in the same order. */
+    RANDYGPT_XENT_INLINE void randygpt_add_lanes(double *acc, const float *x, Py_ssize_t n) {
+        Py_ssize_t i;
+        int k;
+        for (i = 0; i + 8 <= n; i += 8)
+            for (k = 0; k < 8; k++) acc[k] += (double)x[i + k];
+        for (k = 0; i < n; i++, k++) acc[k] += (double)x[i];
+    }
+
     /* e[j] = exp(z[j] - mx) for j < V; returns their sum in double. */
     RANDYGPT_XENT_INLINE double randygpt_store_exp(float *e, const float *z, float mx, Py_ssize_t V) {
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
         Py_ssize_t j;
-        int k;
         for (j = 0; j < V; j++) e[j] = randygpt_exp_nonpos(z[j] - mx);
-        for (j = 0; j + 8 <= V; j += 8)
-            for (k = 0; k < 8; k++) acc[k] += (double)e[j + k];
-        for (k = 0; j < V; j++, k++) acc[k] += (double)e[j];
+        randygpt_add_lanes(acc, e, V);
         return randygpt_lanes_total(acc);
     }
 
@@ -103,13 +110,10 @@ cdef extern from *:
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
         float blk[64];
         Py_ssize_t j0, n, i;
-        int k;
         for (j0 = 0; j0 < V; j0 += 64) {
             n = V - j0 < 64 ? V - j0 : 64;
             for (i = 0; i < n; i++) blk[i] = randygpt_exp_nonpos(z[j0 + i] - mx);
-            for (i = 0; i + 8 <= n; i += 8)
-                for (k = 0; k < 8; k++) acc[k] += (double)blk[i + k];
-            for (k = 0; i < n; i++, k++) acc[k] += (double)blk[i];
+            randygpt_add_lanes(acc, blk, n);
         }
         return randygpt_lanes_total(acc);
     }

@@ -248,42 +248,57 @@ def _ln_bwd_args(rng, N=4, C=6):
                 weight=np.ones(C, np.float32), n_threads=1)
 
 
+_RECIPES = {"f64", "strided", "short", "wide", "is_x", "is_dbias", "readonly", "list",
+            "no_columns", "overlaps_dout"}
+
+
+def _break(args, change):
+    """Apply one bad-input recipe per argument: {name: recipe}; anything that is not one of
+    _RECIPES is the bad value itself."""
+    for key, what in change.items():
+        a = args[key]
+        if not isinstance(what, str) or what not in _RECIPES:
+            args[key] = what
+        elif what == "f64":
+            args[key] = a.astype(np.float64)
+        elif what == "strided":
+            args[key] = np.empty((a.shape[0], 2 * a.shape[1]), np.float32)[:, ::2]
+        elif what == "short":
+            args[key] = np.ones(a.shape[0] - 1, np.float32)
+        elif what == "wide":
+            args[key] = np.empty((a.shape[0], a.shape[1] + 1), np.float32)
+        elif what in ("is_x", "is_dbias"):
+            args[key] = args[what[3:]]
+        elif what == "readonly":
+            a.flags.writeable = False
+        elif what == "list":
+            args[key] = a.tolist()
+        elif what == "no_columns":
+            args[key] = np.empty((a.shape[0], 0), np.float32)
+        elif what == "overlaps_dout":
+            # dout starts one row into the same buffer.
+            buf = np.zeros((a.shape[0] + 1) * a.shape[1], np.float32)
+            args["dout"] = buf[a.shape[1]:].reshape(a.shape)
+            args[key] = buf[:a.size].reshape(a.shape)
+    return args
+
+
 @pytest.mark.parametrize("change, error, match", [
-    (dict(x="x64"), TypeError, "x must be float32"),
+    (dict(x="f64"), TypeError, "x must be float32"),
     (dict(x="strided"), ValueError, "x must be C-contiguous"),
     (dict(rstd="short"), ValueError, r"rstd has shape \(3,\), expected \(4,\)"),
     (dict(out="wide"), ValueError, r"out has shape \(4, 7\), expected \(4, 6\)"),
     (dict(out="is_x"), ValueError, "out .* must not share memory with x"),
     (dict(out="readonly"), ValueError, "out must be writeable, got a read-only array"),
     (dict(x="list"), TypeError, "x must be a numpy.ndarray"),
-    (dict(x="no_columns"), ValueError, "x must have at least one column"),
+    (dict(x="no_columns", out="no_columns"), ValueError, "x must have at least one column"),
     (dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
     (dict(eps="1e-5"), TypeError, "eps must be a real number"),
     (dict(n_threads=0), ValueError, r"n_threads must be in \[1, "),
     (dict(n_threads=2.0), TypeError, "n_threads must be an int"),
 ])
 def test_rmsnorm_forward_rejects_bad_input(rng, change, error, match):
-    args = _rms_args(rng)
-    for key, what in change.items():
-        if what == "x64":
-            args[key] = args[key].astype(np.float64)
-        elif what == "strided":
-            args[key] = _f32(rng, 4, 12)[:, ::2]
-        elif what == "short":
-            args[key] = np.empty(3, np.float32)
-        elif what == "wide":
-            args[key] = np.empty((4, 7), np.float32)
-        elif what == "is_x":
-            args[key] = args["x"]
-        elif what == "readonly":
-            args[key].flags.writeable = False
-        elif what == "list":
-            args[key] = args[key].tolist()
-        elif what == "no_columns":
-            args["x"] = np.empty((4, 0), np.float32)
-            args["out"] = np.empty((4, 0), np.float32)
-        else:
-            args[key] = what
+    args = _break(_rms_args(rng), change)
     with pytest.raises(error, match=match):
         norm.rmsnorm_forward(**args)
 
@@ -297,29 +312,14 @@ def test_rmsnorm_backward_rejects_aliased_dx(rng):
 @pytest.mark.parametrize("change, error, match", [
     (dict(weight="f64"), TypeError, "weight must be float32"),
     (dict(weight="short"), ValueError, r"weight has shape \(5,\), expected \(6,\)"),
-    (dict(mean="short_rows"), ValueError, r"mean has shape \(3,\), expected \(4,\)"),
+    (dict(mean="short"), ValueError, r"mean has shape \(3,\), expected \(4,\)"),
     (dict(dweight="is_dbias"), ValueError, "dweight .* must not share memory with dbias"),
     (dict(dx="overlaps_dout"), ValueError, "dx .* must not share memory with dout"),
     (dict(n_threads=-1), ValueError, r"n_threads must be in \[1, "),
     (dict(n_threads=True), TypeError, "n_threads must be an int"),
 ])
 def test_layernorm_backward_rejects_bad_input(rng, change, error, match):
-    args = _ln_bwd_args(rng)
-    for key, what in change.items():
-        if what == "f64":
-            args[key] = args[key].astype(np.float64)
-        elif what == "short":
-            args[key] = np.ones(5, np.float32)
-        elif what == "short_rows":
-            args[key] = np.ones(3, np.float32)
-        elif what == "is_dbias":
-            args[key] = args["dbias"]
-        elif what == "overlaps_dout":
-            buf = np.zeros(5 * 6, np.float32)
-            args["dout"] = buf[6:].reshape(4, 6)
-            args["dx"] = buf[:24].reshape(4, 6)
-        else:
-            args[key] = what
+    args = _break(_ln_bwd_args(rng), change)
     with pytest.raises(error, match=match):
         norm.layernorm_backward(**args)
 

@@ -214,6 +214,56 @@ def test_backward_written_equals_accumulated_onto_zeros(rng, isa, B, T, C, NH):
         assert_bitwise_equal(dqkv[nonzero], expected[nonzero], name=f"dqkv, {n} threads")
 
 
+@pytest.mark.parametrize("B,T,C,NH", SHAPES)
+def test_unsaved_probabilities_give_the_same_results(rng, isa, B, T, C, NH):
+    # att=None: the forward keeps P in scratch only and the backward recomputes it; both must
+    # match the saved-P path bit for bit, and out= must return the forward's output.
+    qkv = make_qkv(rng, B, T, C)
+    out, att = run_forward(qkv, NH)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    start = rng.standard_normal(qkv.shape).astype(np.float32)
+    expected = run_backward(start.copy(), dout, qkv, att, NH)
+    for n in thread_counts():
+        out2 = np.full_like(out, np.nan)
+        attention.attention_forward(out2, None, qkv, NH, n)
+        assert_bitwise_equal(out2, out, name=f"out without att, {n} threads")
+        dqkv = start.copy()
+        out3 = np.full_like(out, np.nan)
+        attention.attention_backward(dqkv, dout, qkv, None, NH, n, out=out3)
+        assert_bitwise_equal(dqkv, expected, name=f"dqkv with P recomputed, {n} threads")
+        assert_bitwise_equal(out3, out, name=f"out from the backward, {n} threads")
+        out4 = np.full_like(out, np.nan)
+        attention.attention_backward(start.copy(), dout, qkv, att, NH, n, out=out4)
+        assert_bitwise_equal(out4, out, name=f"out from the backward with att, {n} threads")
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 9])
+def test_recomputed_probabilities_equal_the_forwards_to_the_bit(rng, isa, T):
+    # With one-hot values (v_j = e_j, needs HS >= T) the forward's output row i is P's row i
+    # exactly (every other term adds a zero); with a one-hot output gradient (dy_i0 = e_0)
+    # the backward's dv_j[0] is P[i0, j] exactly. So the backward's recomputed P can be
+    # compared with the forward's P bit for bit.
+    B, NH, HS = 2, 2, 9
+    C = NH * HS
+    qkv = make_qkv(rng, B, T, C, scale=2.0)
+    qkv[:, :, 2 * C:] = 0.0
+    for h in range(NH):
+        for t in range(T):
+            qkv[:, t, 2 * C + h * HS + t] = 1.0
+    out = np.empty((B, T, C), np.float32)
+    attention.attention_forward(out, None, qkv, NH, 2)
+    for i0 in range(T):
+        dout = np.zeros((B, T, C), np.float32)
+        dout[:, i0, ::HS] = 1.0
+        dqkv = np.empty_like(qkv)
+        attention.attention_backward(dqkv, dout, qkv, None, NH, 2, accumulate=False)
+        for h in range(NH):
+            p_forward = np.ascontiguousarray(out[:, i0, h * HS:h * HS + i0 + 1])
+            p_backward = np.ascontiguousarray(dqkv[:, :i0 + 1, 2 * C + h * HS])
+            assert_bitwise_equal(p_backward, p_forward, name=f"P row {i0}, head {h}")
+            assert np.all(p_forward > 0)
+
+
 def test_empty_batch_is_a_no_op():
     qkv = np.zeros((0, 4, 12), dtype=np.float32)
     out = np.zeros((0, 4, 4), dtype=np.float32)
@@ -295,6 +345,21 @@ def test_backward_rejects_bad_input(change, error, name):
     args.update(change)
     with pytest.raises(error, match=name):
         attention.attention_backward(**args)
+
+
+def test_backward_rejects_bad_out(rng):
+    B, T, C, NH = 2, 3, 4, 2
+    qkv = make_qkv(rng, B, T, C)
+    dqkv = np.zeros_like(qkv)
+    dout = np.zeros((B, T, C), np.float32)
+    with pytest.raises(ValueError, match="out has shape"):
+        attention.attention_backward(dqkv, dout, qkv, None, NH, 1,
+                                     out=np.zeros((B, T, C + 1), np.float32))
+    with pytest.raises(ValueError, match="out .*shares memory with dout"):
+        attention.attention_backward(dqkv, dout, qkv, None, NH, 1, out=dout)
+    with pytest.raises(TypeError, match="out must be float32"):
+        attention.attention_backward(dqkv, dout, qkv, None, NH, 1,
+                                     out=np.zeros((B, T, C), np.float64))
 
 
 @pytest.mark.parametrize("other", ["dout", "qkv", "att"])

@@ -28,7 +28,7 @@ cdef extern from "attention_impl.h" nogil:
     void attention_forward_task(float* out, float* att, const float* qkv, float* scratch,
                                 Py_ssize_t task, Py_ssize_t n_tasks, Py_ssize_t T,
                                 Py_ssize_t C, Py_ssize_t NH) noexcept
-    void attention_backward_task(float* dqkv, const float* dout, const float* qkv,
+    void attention_backward_task(float* dqkv, float* out, const float* dout, const float* qkv,
                                  const float* att, float* scratch, Py_ssize_t task,
                                  Py_ssize_t n_tasks, Py_ssize_t T, Py_ssize_t C,
                                  Py_ssize_t NH, int accumulate) noexcept
@@ -74,7 +74,7 @@ set_isa(available_isas()[0])
 
 
 cdef void _forward_body(float* out,             # OUT (B*T, C)
-                        float* att,             # OUT (B, NH, T, T)
+                        float* att,             # OUT (B, NH, T, T), or NULL
                         const float* qkv,       # IN  (B*T, 3C)
                         Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
                         int n_threads) noexcept nogil:
@@ -91,9 +91,10 @@ cdef void _forward_body(float* out,             # OUT (B*T, C)
 
 
 cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated or written
+                         float* out,            # OUT   (B*T, C), or NULL
                          const float* dout,     # IN    (B*T, C)
                          const float* qkv,      # IN    (B*T, 3C)
-                         const float* att,      # IN    (B, NH, T, T)
+                         const float* att,      # IN    (B, NH, T, T), or NULL: recomputed
                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
                          int accumulate, int n_threads) noexcept nogil:
     cdef Py_ssize_t task
@@ -104,7 +105,7 @@ cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated o
         if scratch == NULL:
             abort()
         for task in prange(B * NH, schedule="static"):
-            attention_backward_task(dqkv, dout, qkv, att, scratch, task, B * NH, T,
+            attention_backward_task(dqkv, out, dout, qkv, att, scratch, task, B * NH, T,
                                     C, NH, accumulate)
         free(scratch)
 
@@ -160,7 +161,8 @@ def attention_forward(out, att, qkv, n_head, n_threads):
 
     out       : (B, T, C)       float32  written, head h at columns h*HS .. (h+1)*HS
     att       : (B, NH, T, T)   float32  written, the probabilities (entries j > i are
-                                          exactly 0), saved for attention_backward
+                                          exactly 0); or None: not stored (the backward
+                                          can recompute them, bit for bit)
     qkv       : (B, T, 3C)      float32  read: q = [:, :, :C], k = [:, :, C:2C], v = [:, :, 2C:]
     n_head    : int, NH >= 1, dividing C
     n_threads : int >= 1
@@ -169,22 +171,29 @@ def attention_forward(out, att, qkv, n_head, n_threads):
     B, T, C, NH = _check_qkv(qkv, n_head)
     threads = _check_int("n_threads", n_threads, 1)
     _check_array("out", out, 3, writable=True)
-    _check_array("att", att, 4, writable=True)
     _check_shape("out", out, (B, T, C), f"qkv is {qkv.shape}")
-    _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
-    _check_no_alias("out", out, [("qkv", qkv), ("att", att)])
-    _check_no_alias("att", att, [("qkv", qkv)])
+    if att is not None:
+        _check_array("att", att, 4, writable=True)
+        _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+        _check_no_alias("out", out, [("qkv", qkv), ("att", att)])
+        _check_no_alias("att", att, [("qkv", qkv)])
+    else:
+        _check_no_alias("out", out, [("qkv", qkv)])
     if B * T == 0:
         return
     cdef float[:, :, ::1] out_v = out
-    cdef float[:, :, :, ::1] att_v = att
+    cdef float[:, :, :, ::1] att_v
+    cdef float* att_p = NULL
+    if att is not None:
+        att_v = att
+        att_p = &att_v[0, 0, 0, 0]
     cdef const float[:, :, ::1] qkv_v = qkv
     cdef int team = <int> min(threads, B * NH)
     with nogil:
-        _forward_body(&out_v[0, 0, 0], &att_v[0, 0, 0, 0], &qkv_v[0, 0, 0], B, T, C, NH, team)
+        _forward_body(&out_v[0, 0, 0], att_p, &qkv_v[0, 0, 0], B, T, C, NH, team)
 
 
-def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True):
+def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True, out=None):
     """Gradient of attention_forward with respect to qkv.
 
     dqkv      : (B, T, 3C)      float32  accumulated (+=), laid out like qkv; written
@@ -193,28 +202,49 @@ def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True)
     dout      : (B, T, C)       float32  read, gradient of out
     qkv       : (B, T, 3C)      float32  read, the forward's input
     att       : (B, NH, T, T)   float32  read, as written by attention_forward (entries
-                                          above the diagonal are not read)
+                                          above the diagonal are not read); or None: the
+                                          probabilities are recomputed from q and k by the
+                                          forward's own code, equal to its to the bit
     n_head    : int, NH >= 1, dividing C
     n_threads : int >= 1
+    out       : (B, T, C)       float32  optional, written with attention_forward's output
+                                          (bit for bit), from the same probabilities: a
+                                          caller that did not keep it gets it back cheaply
     """
     cdef Py_ssize_t B, T, C, NH
     B, T, C, NH = _check_qkv(qkv, n_head)
     threads = _check_int("n_threads", n_threads, 1)
     _check_array("dqkv", dqkv, 3, writable=True)
     _check_array("dout", dout, 3)
-    _check_array("att", att, 4)
     _check_shape("dqkv", dqkv, qkv.shape, f"qkv is {qkv.shape}")
     _check_shape("dout", dout, (B, T, C), f"qkv is {qkv.shape}")
-    _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
-    _check_no_alias("dqkv", dqkv, [("dout", dout), ("qkv", qkv), ("att", att)])
+    inputs = [("dout", dout), ("qkv", qkv)]
+    if att is not None:
+        _check_array("att", att, 4)
+        _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+        inputs.append(("att", att))
+    _check_no_alias("dqkv", dqkv, inputs)
+    if out is not None:
+        _check_array("out", out, 3, writable=True)
+        _check_shape("out", out, (B, T, C), f"qkv is {qkv.shape}")
+        _check_no_alias("out", out, inputs + [("dqkv", dqkv)])
     if B * T == 0:
         return
     cdef float[:, :, ::1] dqkv_v = dqkv
     cdef const float[:, :, ::1] dout_v = dout
     cdef const float[:, :, ::1] qkv_v = qkv
-    cdef const float[:, :, :, ::1] att_v = att
+    cdef const float[:, :, :, ::1] att_v
+    cdef const float* att_p = NULL
+    if att is not None:
+        att_v = att
+        att_p = &att_v[0, 0, 0, 0]
+    cdef float[:, :, ::1] out_v
+    cdef float* out_p = NULL
+    if out is not None:
+        out_v = out
+        out_p = &out_v[0, 0, 0]
     cdef int team = <int> min(threads, B * NH)
     cdef int acc = 1 if accumulate else 0
     with nogil:
-        _backward_body(&dqkv_v[0, 0, 0], &dout_v[0, 0, 0], &qkv_v[0, 0, 0],
-                       &att_v[0, 0, 0, 0], B, T, C, NH, acc, team)
+        _backward_body(&dqkv_v[0, 0, 0], out_p, &dout_v[0, 0, 0], &qkv_v[0, 0, 0],
+                       att_p, B, T, C, NH, acc, team)

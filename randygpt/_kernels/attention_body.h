@@ -454,9 +454,72 @@ ATTN_TARGET static inline void ATTN_FN(softmax_row)(float *restrict p, float *re
     ATTN_FN(zero)(p + j, T - j);
 }
 
+/* All rows of one pair's causal softmax P (row i at P + i * ldp, zeros from key i + 1 to
+ * T), from its query rows q (row stride ldq) and its keys transposed kt (HS, Tp, zero
+ * padded); s0, s1: Tp floats of scratch each. The forward and the backward's recompute
+ * both run this one function, on the same numbers (the backward's q rows are a packed
+ * copy), so the recomputed P equals the forward's bit for bit. Query rows go two at a
+ * time (i, i + 1): both take scores for keys 0..i+1 (row i's extra score is dropped).
+ * All rows of P come before any product with them: a row's softmax is a chain of
+ * dependent steps (max, exponentials, sum, division), and with nothing between them the
+ * core overlaps the chains of consecutive rows. pf, when not NULL, is the next task's q
+ * (k at pf + C, v at pf + 2C, rows ldq apart), hinted into the cache row by row. */
+ATTN_TARGET static inline void ATTN_FN(probs)(float *restrict P, ptrdiff_t ldp,
+                                              const float *restrict q, ptrdiff_t ldq,
+                                              const float *restrict kt, float *restrict s0,
+                                              float *restrict s1, ptrdiff_t T, ptrdiff_t HS,
+                                              ptrdiff_t Tp, float scale, const float *pf,
+                                              ptrdiff_t C)
+{
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
+        if (pf) {
+            for (ptrdiff_t r = i; r < i + rows; ++r) {
+                attn_prefetch(pf + r * ldq, (size_t)HS * sizeof(float));
+                attn_prefetch(pf + r * ldq + C, (size_t)HS * sizeof(float));
+                attn_prefetch(pf + r * ldq + 2 * C, (size_t)HS * sizeof(float));
+            }
+        }
+        float *p0 = P + i * ldp;
+        if (rows == 2) {
+            ATTN_FN(row_scores2)(s0, s1, q + i * ldq, q + (i + 1) * ldq, kt, Tp, i + 2, HS);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
+            ATTN_FN(softmax_row)(p0 + ldp, s1, i + 2, T, scale);
+        } else {
+            ATTN_FN(row_scores)(s0, q + i * ldq, kt, Tp, i + 1, HS);
+            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
+        }
+    }
+}
+
+/* y_i = sum_{j <= i} P_ij v_j for every row i of one pair: y rows ldy apart, P rows ldp
+ * apart, vp the pair's v rows packed (T, HS). Rows go two at a time and share their loads
+ * of v. pf_y, when not NULL, is the next task's first output row, hinted row by row. */
+ATTN_TARGET static inline void ATTN_FN(outputs)(float *restrict y, ptrdiff_t ldy,
+                                                const float *restrict P, ptrdiff_t ldp,
+                                                const float *restrict vp, ptrdiff_t T,
+                                                ptrdiff_t HS, const float *pf_y)
+{
+    for (ptrdiff_t i = 0; i < T; i += 2) {
+        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
+        if (pf_y) {
+            for (ptrdiff_t r = i; r < i + rows; ++r)
+                attn_prefetch(pf_y + r * ldy, (size_t)HS * sizeof(float));
+        }
+        const float *p0 = P + i * ldp;
+        float *y0 = y + i * ldy;
+        if (rows == 2) {
+            /* row i + 1 has one more term than row i */
+            ATTN_FN(rows_acc2)(y0, y0 + ldy, p0, p0 + ldp, 1, vp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(y0 + ldy, p0 + ldp, 1, vp, i + 1, i + 2, HS, 0);
+        } else {
+            ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS, 1);
+        }
+    }
+}
+
 /* Forward for pair task = b * NH + h; see attention_forward_task in attention_impl.h.
- * Query rows go two at a time (i, i + 1): both take scores for keys 0..i+1 (row i's
- * extra score is dropped) and the weighted sums share their loads of v. */
+ * P goes to att when it is not NULL, else to scratch only. */
 ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restrict att,
                                               const float *restrict qkv, float *restrict scratch,
                                               ptrdiff_t task, ptrdiff_t n_tasks, ptrdiff_t T,
@@ -470,60 +533,24 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     float *vp = kt + HS * Tp;    /* (T, HS) */
     float *s0 = vp + T * HS;     /* (Tp,): scores of row i */
     float *s1 = s0 + Tp;         /* (Tp,): scores of row i + 1 */
-    /* The next task's rows (the last task points at its own, and skips the hints). */
+    float *ps = s1 + Tp;         /* (T, Tp): P, when att is NULL */
+    /* The next task's rows (the last task skips the hints). */
     const int prefetch = task + 1 < n_tasks;
-    const ptrdiff_t next_task = prefetch ? task + 1 : task;
-    const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
-    const float *next = qkv + bn * T * ld + hn * HS;
+    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
     attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
     ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
-    float *A = att + task * T * T;
-    float *y = out + b * T * C + h * HS;
-    /* Two passes: all rows of P first, then all of y = P v. A row's softmax is a chain
-     * of dependent steps (max, exponentials, sum, division); with no y sums between
-     * them, the core overlaps the chains of consecutive rows. */
-    for (ptrdiff_t i = 0; i < T; i += 2) {
-        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
-        if (prefetch) {
-            for (ptrdiff_t r = i; r < i + rows; ++r) {
-                attn_prefetch(next + r * ld, (size_t)HS * sizeof(float));
-                attn_prefetch(next + r * ld + C, (size_t)HS * sizeof(float));
-                attn_prefetch(next + r * ld + 2 * C, (size_t)HS * sizeof(float));
-            }
-        }
-        float *p0 = A + i * T;
-        if (rows == 2) {
-            ATTN_FN(row_scores2)(s0, s1, base + i * ld, base + (i + 1) * ld, kt, Tp, i + 2, HS);
-            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
-            ATTN_FN(softmax_row)(p0 + T, s1, i + 2, T, scale);
-        } else {
-            ATTN_FN(row_scores)(s0, base + i * ld, kt, Tp, i + 1, HS);
-            ATTN_FN(softmax_row)(p0, s0, i + 1, T, scale);
-        }
-    }
-    for (ptrdiff_t i = 0; i < T; i += 2) {
-        const ptrdiff_t rows = i + 1 < T ? 2 : 1;
-        if (prefetch) {
-            for (ptrdiff_t r = i; r < i + rows; ++r) {
-                attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
-                attn_prefetch(out + (bn * T + r) * C + hn * HS, (size_t)HS * sizeof(float));
-            }
-        }
-        const float *p0 = A + i * T;
-        float *y0 = y + i * C;
-        if (rows == 2) {
-            /* y_i = sum_{j <= i} P_ij v_j, and y_{i+1} likewise with one more term */
-            ATTN_FN(rows_acc2)(y0, y0 + C, p0, p0 + T, 1, vp, 0, i + 1, HS, 1);
-            ATTN_FN(rows_acc)(y0 + C, p0 + T, 1, vp, i + 1, i + 2, HS, 0);
-        } else {
-            ATTN_FN(rows_acc)(y0, p0, 1, vp, 0, i + 1, HS, 1);
-        }
-    }
+    float *A = att ? att + task * T * T : ps;
+    const ptrdiff_t lda = att ? T : Tp;
+    ATTN_FN(probs)(A, lda, base, ld, kt, s0, s1, T, HS, Tp, scale,
+                   prefetch ? qkv + bn * T * ld + hn * HS : NULL, C);
+    ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, vp, T, HS,
+                     prefetch ? out + bn * T * C + hn * HS : NULL);
 }
 
 /* Backward for pair task = b * NH + h; see attention_backward_task in attention_impl.h.
  * Rows, and then key columns, go two at a time as in the forward. */
-ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float *restrict dout,
+ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, float *restrict out,
+                                               const float *restrict dout,
                                                const float *restrict qkv,
                                                const float *restrict att,
                                                float *restrict scratch, ptrdiff_t task,
@@ -543,6 +570,11 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
     float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
     float *g0 = ds + T * Tp;    /* (HS,): one finished gradient row */
     float *g1 = g0 + HS;        /* (HS,): the next one */
+    float *kt = g1 + HS;        /* (HS, Tp): k transposed, when P is recomputed */
+    float *vp = kt + HS * Tp;   /* (T, HS): v, when out is written */
+    float *s0 = vp + T * HS;    /* (Tp,) x 2: scores, when P is recomputed */
+    float *s1 = s0 + Tp;
+    float *ps = s1 + Tp;        /* (T, Tp): P, when att is NULL */
     /* The next task's rows (the last task points at its own, and skips the hints). */
     const int prefetch = task + 1 < n_tasks;
     const ptrdiff_t next_task = prefetch ? task + 1 : task;
@@ -554,7 +586,18 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
     ATTN_FN(pack)(qp, base, ld, T, HS);
     ATTN_FN(pack)(kp, base + C, ld, T, HS);
     ATTN_FN(pack)(dyp, dy, C, T, HS);
-    const float *A = att + task * T * T;
+    const float *A = att ? att + task * T * T : ps;
+    const ptrdiff_t lda = att ? T : Tp;
+    if (!att) {
+        /* The forward's P again: the same function on the same q and k values. */
+        attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
+        ATTN_FN(probs)(ps, Tp, qp, HS, kt, s0, s1, T, HS, Tp, scale, NULL, C);
+    }
+    if (out) {
+        /* The forward's output again (the caller needs it for wo's weight gradient). */
+        ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
+        ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, vp, T, HS, NULL);
+    }
     const size_t row_bytes = (size_t)HS * sizeof(float);
     /* Rows of dS first, then dq from them (as in the forward, so that consecutive
      * rows' softmax-gradient chains overlap). */
@@ -566,17 +609,18 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
                 attn_prefetch(next + r * ld + C, row_bytes);
                 attn_prefetch(next + r * ld + 2 * C, row_bytes);
                 attn_prefetch(next_dy + r * C, row_bytes);
-                attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
+                if (att)
+                    attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
             }
         }
-        const float *p0 = A + i * T;
+        const float *p0 = A + i * lda;
         float *d0 = ds + i * Tp;
         /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j; then dS from the softmax */
         if (rows == 2) {
             ATTN_FN(row_scores2)(d0, d0 + Tp, dyp + i * HS, dyp + (i + 1) * HS, vt, Tp, i + 2,
                                  HS);
             attn_softmax_grad_row(d0, p0, i + 1);
-            attn_softmax_grad_row(d0 + Tp, p0 + T, i + 2);
+            attn_softmax_grad_row(d0 + Tp, p0 + lda, i + 2);
         } else {
             ATTN_FN(row_scores)(d0, dyp + i * HS, vt, Tp, i + 1, HS);
             attn_softmax_grad_row(d0, p0, i + 1);
@@ -608,7 +652,7 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, const float
          * column j + 1 starts one row later. */
         for (int which = 0; which < 2; ++which) {
             const float *w = which == 0 ? ds + j : A + j;
-            const ptrdiff_t ws = which == 0 ? Tp : T;
+            const ptrdiff_t ws = which == 0 ? Tp : lda;
             const float *X = which == 0 ? qp : dyp;
             const float factor = which == 0 ? scale : 1.0f;
             float *g = gbase + j * ld + (which == 0 ? C : 2 * C);

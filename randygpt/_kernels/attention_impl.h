@@ -40,13 +40,14 @@ static const float attn_lane_index[16] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
-    return (size_t)(HS * Tp + T * HS + 2 * Tp);
+    return (size_t)(HS * Tp + T * HS + 2 * Tp + T * Tp);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
-    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS);
+    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS +  /* the gradient proper */
+                    HS * Tp + T * HS + 2 * Tp + T * Tp);        /* recomputing P and out */
 }
 
 /* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
@@ -207,7 +208,8 @@ static inline int attention_get_isa(void)
 /* Forward for pair task = b * NH + h of n_tasks = B * NH (tasks run in order on a
  * thread, so each prefetches the next one's rows).
  * out (B*T, C) written at columns h*HS..; att (B, NH, T, T) written (zeros above the
- * diagonal); qkv (B*T, 3C) read; scratch: attention_forward_scratch(T, HS) floats. */
+ * diagonal), or NULL to keep P in scratch only; qkv (B*T, 3C) read; scratch:
+ * attention_forward_scratch(T, HS) floats. */
 static inline void attention_forward_task(float *out, float *att, const float *qkv,
                                           float *scratch, ptrdiff_t task, ptrdiff_t n_tasks,
                                           ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
@@ -224,22 +226,24 @@ static inline void attention_forward_task(float *out, float *att, const float *q
 /* Backward for pair task = b * NH + h of n_tasks, accumulating into dqkv (B*T, 3C)
  * (accumulate = 1) or writing the pair's slices of it (accumulate = 0).
  * dout (B*T, C) read; att (B, NH, T, T) as saved by the forward, entries above the
- * diagonal never read. scratch: attention_backward_scratch(T, HS) floats. Each
+ * diagonal never read, or NULL: P is then recomputed from q and k by the forward's own
+ * code, bit for bit. out (B*T, C), when not NULL, is written with the forward's output
+ * (bit for bit). scratch: attention_backward_scratch(T, HS) floats. Each
  * gradient element is finished in scratch and added to (or stored in) dqkv once, so
  * two calls add exactly twice the gradient, and writing equals adding onto zeros. */
-static inline void attention_backward_task(float *dqkv, const float *dout, const float *qkv,
-                                           const float *att, float *scratch, ptrdiff_t task,
-                                           ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
-                                           ptrdiff_t NH, int accumulate)
+static inline void attention_backward_task(float *dqkv, float *out, const float *dout,
+                                           const float *qkv, const float *att, float *scratch,
+                                           ptrdiff_t task, ptrdiff_t n_tasks, ptrdiff_t T,
+                                           ptrdiff_t C, ptrdiff_t NH, int accumulate)
 {
 #if ATTN_HAVE_AVX2
     if (attn_isa_avx2) {
-        attn_avx2_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
+        attn_avx2_backward_task(dqkv, out, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
                                 accumulate);
         return;
     }
 #endif
-    attn_base_backward_task(dqkv, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
+    attn_base_backward_task(dqkv, out, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
                             accumulate);
 }
 

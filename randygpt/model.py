@@ -10,18 +10,17 @@ Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and
 with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
 Forward saves only what backward cannot cheaply redo: every residual stream (the norms' inputs
 and lm_head's), the norms' rstd (and mean), qkv and fc1's pre-activation. Backward recomputes,
-with the same deterministic kernels (so bit-identical to what forward used), the norm outputs and
-relu(fc1)^2 (one elementwise pass each) and, per layer, the attention output and probabilities
-(one attention_forward, about 2 ms per layer at the default size, ~1% of a step): the
-probabilities alone were (L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs
-(L, N, C) (12 MiB).
+with the same deterministic code (so bit-identical to what forward used), the norm outputs and
+relu(fc1)^2 (one elementwise pass each) and, inside attention_backward, each layer's attention
+probabilities and output (the scores and softmax again, about 3 ms per layer at the default
+size, 2% of a step, checked bit for bit by the attention tests): the probabilities were
+(L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
 Scratch buffers whose lifetimes do not overlap share memory: one work region holds act (N, H)
-during the MLP, and the probabilities of one layer followed by dqkv during attention (with atty
-at dqkv's start, dead before dqkv is written); fc1's input gradient overwrites act's
-recomputed values, and the squared-ReLU backward runs in place; the branch gradient and then the
-norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the arena is 127 MiB
+during the MLP, then dqkv and atty during attention; fc1's input gradient overwrites act's
+recomputed values and the squared-ReLU backward runs in place; the branch gradient and then the
+norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the arena is 125 MiB
 (189 MiB with every activation saved and separate scratch), and a training step peaks at about
-242 MiB RSS with the parameters, gradients and AdamW moments.
+240 MiB RSS with the parameters, gradients and AdamW moments (305 MiB before).
 Every scratch gradient is written (GEMM with accumulate=False, dropout_forward for the masked
 branch gradient, attention_backward(accumulate=False)), never zeroed and then accumulated into;
 only the parameter gradients accumulate, into flat_grads zeroed once per step.
@@ -102,11 +101,9 @@ class ActivationArena:
     views of the same bytes carry the names of what they hold at each point of the step."""
 
     def __init__(self, config, B, T):
-        L, C, NH, H, V = (config.n_layer, config.n_embd, config.n_head,
-                          config.mlp_hidden, config.vocab_size)
+        L, C, H, V = config.n_layer, config.n_embd, config.mlp_hidden, config.vocab_size
         N = B * T
         layernorm = config.norm == "layernorm"
-        n_att = B * NH * T * T
         table = [
             ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
             ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
@@ -124,9 +121,8 @@ class ActivationArena:
             ("logits", (N, V)),
             ("losses", (N,)),
             ("dlogits", (N, V)),
-            # act (N, H) during the MLP, or att (B, NH, T, T) followed by dqkv (B, T, 3C),
-            # with atty (B, T, C) at dqkv's start, during attention
-            ("work", (max(N * H, n_att + 3 * N * C),)),
+            # act (N, H) during the MLP; dqkv (B, T, 3C) and atty (B, T, C) during attention
+            ("work", (max(N * H, 4 * N * C),)),
         ]
         sizes = [int(np.prod(shape)) for _, shape in table]
         self.B, self.T, self.N = B, T, N
@@ -142,10 +138,8 @@ class ActivationArena:
         self.act = w[:N * H].reshape(N, H)           # relu(fc1_pre)^2, fc2's input; in backward
                                                      # recomputed, then overwritten by its
                                                      # gradient, then by fc1_pre's (in place)
-        self.att = w[:n_att].reshape(B, NH, T, T)    # one layer's attention probabilities
-        self.dqkv = w[n_att:n_att + 3 * N * C].reshape(B, T, 3 * C)
-        self.atty = w[n_att:n_att + N * C].reshape(B, T, C)  # attention output (wo's input),
-                                                             # dead before dqkv is written
+        self.dqkv = w[:3 * N * C].reshape(B, T, 3 * C)
+        self.atty = w[3 * N * C:4 * N * C].reshape(B, T, C)  # attention output, wo's input
         # 2-D views of the (B, T, X) buffers for the row-wise kernels (matmul, norm, dropout).
         self.qkv2 = self.qkv.reshape(L, N, 3 * C)
         self.atty2 = self.atty.reshape(N, C)
@@ -302,7 +296,7 @@ class GPT:
             # x_mid = x + dropout(attn(norm(x)) wo^T)
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
             matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt)
-            attention.attention_forward(a.atty, a.att, a.qkv[l], NH, nt)
+            attention.attention_forward(a.atty, None, a.qkv[l], NH, nt)  # P is not kept
             matmul.matmul_forward(a.proj, a.atty2, w.wo, nt)
             activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
@@ -380,12 +374,12 @@ class GPT:
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
             dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 0, nt)
-            # recompute the attention output (wo's input) and probabilities of this layer
-            attention.attention_forward(a.atty, a.att, a.qkv[l], NH, nt)
-            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt)
             matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt)
-            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att, NH, nt,
-                                         accumulate=False)  # overwrites atty
+            # The probabilities are recomputed inside, bit-identical to the forward's, and
+            # with them the attention output, wo's input, for its weight gradient.
+            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], None, NH, nt,
+                                         accumulate=False, out=a.atty)
+            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt)
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
                                w.ln1_b, nt)  # recompute the qkv matmul's input (datty is dead)
             matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt)

@@ -237,6 +237,20 @@ def test_unsaved_probabilities_give_the_same_results(rng, isa, B, T, C, NH):
         assert_bitwise_equal(out4, out, name=f"out from the backward with att, {n} threads")
 
 
+def test_reference_recomputes_like_it_saves(rng):
+    B, T, C, NH = 2, 5, 12, 3
+    qkv = make_qkv(rng, B, T, C, dtype=np.float64)
+    out, att = ref_forward(qkv, NH)
+    dout = rng.standard_normal((B, T, C))
+    saved = np.ones_like(qkv)
+    attention_backward_ref(saved, dout, qkv, att, NH)
+    recomputed = np.full_like(qkv, np.nan)
+    out2 = np.empty_like(out)
+    attention_backward_ref(recomputed, dout, qkv, None, NH, accumulate=False, out=out2)
+    assert_close(recomputed, saved - 1.0, rtol=1e-12, atol=1e-12, name="dqkv")
+    assert_close(out2, out, rtol=1e-12, atol=1e-12, name="out")
+
+
 @pytest.mark.parametrize("T", [1, 5, 8, 9])
 def test_recomputed_probabilities_equal_the_forwards_to_the_bit(rng, isa, T):
     # With one-hot values (v_j = e_j, needs HS >= T) the forward's output row i is P's row i

@@ -35,7 +35,7 @@ def attention_forward_ref(out, att, qkv, n_head):
 
     out : (B, T, C)       written, head h at columns h*HS .. (h+1)*HS
     att : (B, NH, T, T)   written, the attention probabilities (entries j > i are 0),
-                          saved for attention_backward_ref
+                          saved for attention_backward_ref; or None (not stored)
     qkv : (B, T, 3C)      read
     """
     B, T, C3 = qkv.shape
@@ -51,20 +51,31 @@ def attention_forward_ref(out, att, qkv, n_head):
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    att[...] = p
+    if att is not None:
+        att[...] = p
     out[...] = _merge_heads(p @ v)
 
 
-def attention_backward_ref(dqkv, dout, qkv, att, n_head):
+def attention_backward_ref(dqkv, dout, qkv, att, n_head, accumulate=True, out=None):
     """Gradient of attention_forward_ref with respect to qkv.
 
-    dqkv : (B, T, 3C)      accumulated (+=)
+    dqkv : (B, T, 3C)      accumulated (+=), or written when accumulate is False
     dout : (B, T, C)       read, gradient of out
     qkv  : (B, T, 3C)      read, the forward input
-    att  : (B, NH, T, T)   read, the probabilities saved by the forward
+    att  : (B, NH, T, T)   read, the probabilities saved by the forward; or None (recomputed)
+    out  : (B, T, C)       optional, written with the forward's output
     """
     B, T, C3 = qkv.shape
     C = C3 // 3
+    if att is None or out is not None:
+        y = np.empty((B, T, C), dtype=qkv.dtype)
+        p_new = np.empty((B, n_head, T, T), dtype=qkv.dtype)
+        attention_forward_ref(y, p_new, qkv, n_head)
+        att = p_new if att is None else att
+        if out is not None:
+            out[...] = _merge_heads(att @ _split_heads(qkv[:, :, 2 * C:], n_head))
+    if not accumulate:
+        dqkv[...] = 0
     scale = _scale(C // n_head, qkv.dtype)
     q = _split_heads(qkv[:, :, :C], n_head)
     k = _split_heads(qkv[:, :, C:2 * C], n_head)

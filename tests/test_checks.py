@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from randygpt._kernels import _checks
-from randygpt._kernels._checks import (MAX_THREADS, check_array, check_disjoint, check_input,
-                                       check_int, check_n_threads, check_output, check_real,
+from randygpt._kernels._checks import (MAX_THREADS, check_array, check_disjoint,
+                                       check_elementwise, check_input, check_int,
+                                       check_n_threads, check_output, check_real,
                                        check_writeable, out_of_range_error)
 
 F32 = np.dtype(np.float32)
@@ -35,6 +36,13 @@ def test_check_array_accepts_a_good_array():
 def test_check_array_rejects(a, error, match):
     with pytest.raises(error, match=match):
         check_array("x", a, F32, 2)
+
+
+def test_check_array_any_ndim():
+    for shape in [(), (3,), (2, 3), (2, 1, 3)]:
+        check_array("x", np.zeros(shape, np.float32), F32)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        check_array("x", np.zeros((2, 3, 4), np.float32)[:, :, ::2], F32)
 
 
 def test_check_input_shape():
@@ -83,6 +91,28 @@ def test_check_disjoint():
         check_disjoint((("a", a), ("b", buf[12:20])), (("c", c),))
     # Views of one buffer with interleaved elements do not share memory.
     check_disjoint((("even", buf[::2]),), (("odd", buf[1::2]),))
+
+
+def test_check_elementwise():
+    x = np.zeros((2, 3, 4), np.float32)
+    out, dx = np.zeros_like(x), np.zeros_like(x)
+    check_elementwise((("out", out), ("dx", dx)), (("x", x),), F32)
+    check_elementwise((("out", out),), (), F32)
+    with pytest.raises(ValueError, match=r"^x has shape \(2, 3\), expected \(2, 3, 4\) "
+                                         r"\(same as out\)$"):
+        check_elementwise((("out", out),), (("x", np.zeros((2, 3), np.float32)),), F32)
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        check_elementwise((("out", out),), (("x", x.astype(np.float64)),), F32)
+    with pytest.raises(ValueError, match="dx must be C-contiguous"):
+        check_elementwise((("out", out), ("dx", np.zeros((2, 3, 8), np.float32)[:, :, ::2])),
+                          (("x", x),), F32)
+    with pytest.raises(ValueError, match="out .* must not share memory with x"):
+        check_elementwise((("out", x),), (("x", x),), F32)
+    # An input that only overlaps another input is fine; a read-only output is not.
+    check_elementwise((("out", out),), (("x", x), ("y", x)), F32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        check_elementwise((("out", out),), (("x", x),), F32)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, MAX_THREADS, np.int64(3), np.int32(1)])

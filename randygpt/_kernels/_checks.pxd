@@ -6,10 +6,11 @@
 # Call them with positional arguments only: Cython turns a call with keyword arguments into a
 # Python-level call, which fails for a cimported name.
 
-cpdef check_array(str name, object a, object dtype, int ndim)
+cpdef check_array(str name, object a, object dtype, int ndim=*)
 cpdef check_input(str name, object a, object dtype, tuple shape, str why=*)
 cpdef check_output(str name, object a, object dtype, tuple shape, str why=*)
 cpdef check_writeable(str name, object a)
+cpdef check_elementwise(tuple outputs, tuple inputs, object dtype)
 cpdef check_disjoint(tuple outputs, tuple inputs=*)
 cpdef check_int(str name, object x, Py_ssize_t lo, object hi=*, str why=*)
 cpdef int check_n_threads(object n_threads) except -1

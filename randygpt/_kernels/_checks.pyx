@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 __all__ = ["MAX_THREADS", "check_array", "check_input", "check_output", "check_writeable",
-           "check_disjoint", "check_int", "check_n_threads", "check_real", "out_of_range_error"]
+           "check_elementwise", "check_disjoint", "check_int", "check_n_threads", "check_real",
+           "out_of_range_error"]
 
 # A sanity bound, well above any real core count: OpenMP takes the team size as a C int, and
 # a team of millions of threads would exhaust the process long before it did any work.
@@ -28,14 +29,14 @@ cdef tuple _REAL_TYPES = (int, float, np.integer, np.floating)
 cdef tuple _INT_TYPES = (int, np.integer)
 
 
-cpdef check_array(str name, object a, object dtype, int ndim):
+cpdef check_array(str name, object a, object dtype, int ndim=-1):
     """Check that ``a`` is a C-contiguous numpy.ndarray of ``dtype`` (an np.dtype) with
-    ``ndim`` axes."""
+    ``ndim`` axes (-1: any number)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     if a.dtype != dtype:
         raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype} (shape {a.shape})")
-    if a.ndim != ndim:
+    if ndim >= 0 and a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
@@ -59,6 +60,24 @@ cpdef check_output(str name, object a, object dtype, tuple shape, str why=None):
 cpdef check_writeable(str name, object a):
     if not a.flags.writeable:
         raise ValueError(f"{name} must be writeable, got a read-only array (shape {a.shape})")
+
+
+cpdef check_elementwise(tuple outputs, tuple inputs, object dtype):
+    """For kernels that map arrays to arrays of the same shape: every array C-contiguous of
+    ``dtype`` with the shape of the first output, outputs writeable, and check_disjoint.
+
+    outputs, inputs : tuples of (name, array) pairs, at least one output
+    """
+    name0, a0 = outputs[0]
+    check_array(name0, a0, dtype)
+    shape0 = a0.shape
+    for name, a in outputs[1:] + inputs:
+        check_array(name, a, dtype)
+        if a.shape != shape0:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shape0} (same as {name0})")
+    for name, a in outputs:
+        check_writeable(name, a)
+    check_disjoint(outputs, inputs)
 
 
 cpdef check_disjoint(tuple outputs, tuple inputs=()):

@@ -369,7 +369,7 @@ def test_backward_rejects_bad_out(rng):
     with pytest.raises(ValueError, match="out has shape"):
         attention.attention_backward(dqkv, dout, qkv, None, NH, 1,
                                      out=np.zeros((B, T, C + 1), np.float32))
-    with pytest.raises(ValueError, match="out .*shares memory with dout"):
+    with pytest.raises(ValueError, match="out .*must not share memory with dout"):
         attention.attention_backward(dqkv, dout, qkv, None, NH, 1, out=dout)
     with pytest.raises(TypeError, match="out must be float32"):
         attention.attention_backward(dqkv, dout, qkv, None, NH, 1,
@@ -384,7 +384,7 @@ def test_backward_rejects_aliased_gradient(other):
     start = args["dqkv"].size // 2
     args["dqkv"] = flat[:args["dqkv"].size].reshape(args["dqkv"].shape)
     args[other] = flat[start:start + args[other].size].reshape(args[other].shape)
-    with pytest.raises(ValueError, match="dqkv.*shares memory with " + other):
+    with pytest.raises(ValueError, match="dqkv .*must not share memory with " + other):
         attention.attention_backward(**args)
 
 

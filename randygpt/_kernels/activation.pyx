@@ -29,12 +29,12 @@ _ref_activation.py computes the same bits with NumPy uint64 arrays.
 The dropout loops exist in three builds (SSE2, AVX2, AVX-512; see available_isas/set_isa),
 the fastest one this CPU runs chosen at import. They give bit-identical results.
 """
-import numbers
-
 import numpy as np
 
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from randygpt._kernels._checks cimport check_elementwise, check_int, check_n_threads, check_real
 
 __all__ = ["squared_relu_forward", "squared_relu_backward", "squared_relu_backward_inplace",
            "dropout_mask", "dropout_forward", "dropout_backward", "dropout_add_forward",
@@ -198,69 +198,12 @@ def set_isa(name):
 set_isa(available_isas()[0])
 
 
-# Dropout's counters are hashed as unsigned 64-bit integers, so each must be below this.
-_U64_LIMIT = 1 << 64
+# Dropout's counters are hashed as unsigned 64-bit integers, so each must fit in one.
+_U64_MAX = (1 << 64) - 1
 
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks (run once per call, before any nogil code).
-
-def _check_array(name, a):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise TypeError(f"{name} must be float32, got {a.dtype} (shape {a.shape})")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-
-
-def _check_arrays(outputs, inputs):
-    """Dtype, contiguity and equal shapes for all; outputs writeable and disjoint from everything
-    else (a partly overlapping output would let one thread read what another already wrote)."""
-    for name, a in outputs + inputs:
-        _check_array(name, a)
-    name0, a0 = outputs[0]
-    for name, a in outputs[1:] + inputs:
-        if a.shape != a0.shape:
-            raise ValueError(f"{name} has shape {a.shape}, expected {a0.shape} "
-                             f"(the shape of {name0})")
-    for i, (oname, o) in enumerate(outputs):
-        if not o.flags.writeable:
-            raise ValueError(f"{oname} is read-only (shape {o.shape})")
-        for aname, a in outputs[i + 1:] + inputs:
-            if np.shares_memory(o, a):
-                raise ValueError(f"{oname} (shape {o.shape}) must not share memory with "
-                                 f"{aname} (shape {a.shape})")
-
-
-# OpenMP takes the team size as a C int.
-_MAX_THREADS = 2**31 - 1
-
-
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"n_threads must be an int, got {type(n_threads).__name__}")
-    if not 1 <= n_threads <= _MAX_THREADS:
-        raise ValueError(f"n_threads must be in [1, {_MAX_THREADS}], got {n_threads}")
-    return int(n_threads)
-
-
-def _check_counter(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if not 0 <= v < _U64_LIMIT:
-        raise ValueError(f"{name} must be in [0, 2**64), got {v}")
-    return v
-
-
-def _check_p(p):
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a real number, got {type(p).__name__}")
-    q = float(p)
-    if not 0.0 <= q < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p!r}")
-    return q
+# The arguments are checked once per call, before any nogil code, by the shared checks
+# (_checks.pyx): every array float32 and C-contiguous, outputs writeable and disjoint.
+cdef object F32 = np.dtype(np.float32)
 
 
 cdef inline Py_ssize_t _span_lo(Py_ssize_t k, Py_ssize_t n, Py_ssize_t n_spans) noexcept nogil:
@@ -324,8 +267,8 @@ def squared_relu_forward(out, x, n_threads):
     out : (N, H) float32  written (any shape equal to x's)
     x   : (N, H) float32  read
     """
-    _check_arrays([("out", out)], [("x", x)])
-    cdef int nt = _check_threads(n_threads)
+    check_elementwise((("out", out),), (("x", x),), F32)
+    cdef int nt = check_n_threads(n_threads)
     cdef Py_ssize_t n = x.size
     if n == 0:
         return
@@ -343,8 +286,8 @@ def squared_relu_backward(dx, dout, x, n_threads):
     dout : (N, H) float32  read
     x    : (N, H) float32  read (the forward input)
     """
-    _check_arrays([("dx", dx)], [("dout", dout), ("x", x)])
-    cdef int nt = _check_threads(n_threads)
+    check_elementwise((("dx", dx),), (("dout", dout), ("x", x)), F32)
+    cdef int nt = check_n_threads(n_threads)
     cdef Py_ssize_t n = x.size
     if n == 0:
         return
@@ -364,8 +307,8 @@ def squared_relu_backward_inplace(d, x, n_threads):
     d : (N, H) float32  read as the gradient of out, then written with the gradient of x
     x : (N, H) float32  read (the forward input; must not share memory with d)
     """
-    _check_arrays([("d", d)], [("x", x)])
-    cdef int nt = _check_threads(n_threads)
+    check_elementwise((("d", d),), (("x", x),), F32)
+    cdef int nt = check_n_threads(n_threads)
     cdef Py_ssize_t n = x.size
     if n == 0:
         return
@@ -382,14 +325,16 @@ def squared_relu_backward_inplace(d, x, n_threads):
 def dropout_key(seed, step, layer, site):
     """The 64-bit key of one dropout call (see the module header); for tests and the reference."""
     cdef uint64_t key = GOLDEN
+    cdef uint64_t u
     for name, v in (("seed", seed), ("step", step), ("layer", layer), ("site", site)):
-        key = _mix64((key ^ <uint64_t>_check_counter(name, v)) + GOLDEN)
+        u = check_int(name, v, 0, _U64_MAX, "a 64-bit counter: below 2**64")
+        key = _mix64((key ^ u) + GOLDEN)
     return int(key)
 
 
 def dropout_threshold(p):
     """Smallest kept value of the top 24 hash bits: floor(p * 2**24 + 0.5)."""
-    return int(np.floor(_check_p(p) * 16777216.0 + 0.5))
+    return int(np.floor(check_real("p", p, 0.0, 1.0) * 16777216.0 + 0.5))
 
 
 # Which elementwise operation _dropout applies (the op argument of randygpt_dropout_span).
@@ -409,9 +354,9 @@ cdef void _dropout(DropoutOp op, float* a, const float* b, const float* c, Py_ss
 
 
 cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads, c=None):
-    cdef double q = _check_p(p)
+    cdef double q = check_real("p", p, 0.0, 1.0)
     cdef uint64_t key = <uint64_t>dropout_key(seed, step, layer, site)
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_n_threads(n_threads)
     cdef uint32_t threshold = <uint32_t>dropout_threshold(q)  # <= 2**24
     cdef float scale = <float>(1.0 / (1.0 - q))
     cdef Py_ssize_t n = a.size
@@ -439,7 +384,7 @@ def dropout_mask(mask, p, seed, step, layer, site, n_threads):
     mask : (N, C) float32  written with 0 or 1/(1-p) (any shape; element i = flat index i)
     p    : float in [0, 1); seed, step, layer, site: ints in [0, 2**64)
     """
-    _check_arrays([("mask", mask)], [])
+    check_elementwise((("mask", mask),), (), F32)
     _run_dropout(DROP_MASK, mask, None, p, seed, step, layer, site, n_threads)
 
 
@@ -449,7 +394,7 @@ def dropout_forward(out, x, p, seed, step, layer, site, n_threads):
     out : (N, C) float32  written
     x   : (N, C) float32  read
     """
-    _check_arrays([("out", out)], [("x", x)])
+    check_elementwise((("out", out),), (("x", x),), F32)
     _run_dropout(DROP_FORWARD, out, x, p, seed, step, layer, site, n_threads)
 
 
@@ -459,7 +404,7 @@ def dropout_backward(dx, dout, p, seed, step, layer, site, n_threads):
     dx   : (N, C) float32  accumulated += dout * mask
     dout : (N, C) float32  read
     """
-    _check_arrays([("dx", dx)], [("dout", dout)])
+    check_elementwise((("dx", dx),), (("dout", dout),), F32)
     _run_dropout(DROP_ACCUMULATE, dx, dout, p, seed, step, layer, site, n_threads)
 
 
@@ -469,7 +414,7 @@ def dropout_add_forward(resid, x, p, seed, step, layer, site, n_threads):
     resid : (N, C) float32  updated in place += x * mask (its gradient passes through unchanged)
     x     : (N, C) float32  read (must not share memory with resid)
     """
-    _check_arrays([("resid", resid)], [("x", x)])
+    check_elementwise((("resid", resid),), (("x", x),), F32)
     _run_dropout(DROP_ACCUMULATE, resid, x, p, seed, step, layer, site, n_threads)
 
 
@@ -482,5 +427,5 @@ def dropout_add_to_forward(out, resid, x, p, seed, step, layer, site, n_threads)
     resid : (N, C) float32  read (its gradient is out's, unchanged)
     x     : (N, C) float32  read (resid and x may share memory with each other, not with out)
     """
-    _check_arrays([("out", out)], [("resid", resid), ("x", x)])
+    check_elementwise((("out", out),), (("resid", resid), ("x", x)), F32)
     _run_dropout(DROP_ADD_TO, out, x, p, seed, step, layer, site, n_threads, c=resid)

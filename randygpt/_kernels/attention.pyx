@@ -23,6 +23,9 @@ from libc.stdlib cimport abort, free, malloc
 
 import numpy as np
 
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
+                                       check_int, check_n_threads, check_output)
+
 cdef extern from "attention_impl.h" nogil:
     size_t attention_forward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
     size_t attention_backward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
@@ -111,43 +114,15 @@ cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated o
         free(scratch)
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+# The arguments are checked once per call, before any nogil code, by the shared checks
+# (_checks.pyx); only qkv's packing is attention's own.
+cdef object F32 = np.dtype(np.float32)
 
 
-def _check_array(name, a, ndim, writable=False):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise TypeError(f"{name} must be float32, got {a.dtype} (shape {a.shape})")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-    if writable and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only (shape {a.shape})")
-
-
-def _check_shape(name, a, expected, why):
-    if a.shape != expected:
-        raise ValueError(f"{name} has shape {a.shape}, expected {expected} ({why})")
-
-
-def _check_no_alias(out_name, out, others):
-    for name, a in others:
-        if np.shares_memory(out, a):
-            raise ValueError(f"{out_name} (shape {out.shape}) shares memory with {name} "
-                             f"(shape {a.shape}); it must be a separate buffer")
-
-
-def _check_qkv(qkv, n_head):
+cdef tuple _check_qkv(object qkv, object n_head):
     """Validates qkv and n_head; returns (B, T, C, NH)."""
-    _check_array("qkv", qkv, 3)
-    NH = _check_int("n_head", n_head, 1)
+    check_array("qkv", qkv, F32, 3)
+    NH = check_int("n_head", n_head, 1)
     B, T, C3 = qkv.shape
     if C3 % 3 != 0 or C3 == 0:
         raise ValueError(f"qkv's last axis must be 3*C with C >= 1, got shape {qkv.shape}")
@@ -170,16 +145,13 @@ def attention_forward(out, att, qkv, n_head, n_threads):
     """
     cdef Py_ssize_t B, T, C, NH
     B, T, C, NH = _check_qkv(qkv, n_head)
-    threads = _check_int("n_threads", n_threads, 1)
-    _check_array("out", out, 3, writable=True)
-    _check_shape("out", out, (B, T, C), f"qkv is {qkv.shape}")
+    cdef int threads = check_n_threads(n_threads)
+    check_output("out", out, F32, (B, T, C), f"qkv is {qkv.shape}")
     if att is not None:
-        _check_array("att", att, 4, writable=True)
-        _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
-        _check_no_alias("out", out, [("qkv", qkv), ("att", att)])
-        _check_no_alias("att", att, [("qkv", qkv)])
+        check_output("att", att, F32, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+        check_disjoint((("out", out), ("att", att)), (("qkv", qkv),))
     else:
-        _check_no_alias("out", out, [("qkv", qkv)])
+        check_disjoint((("out", out),), (("qkv", qkv),))
     if B * T == 0:
         return
     cdef float[:, :, ::1] out_v = out
@@ -214,21 +186,18 @@ def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True,
     """
     cdef Py_ssize_t B, T, C, NH
     B, T, C, NH = _check_qkv(qkv, n_head)
-    threads = _check_int("n_threads", n_threads, 1)
-    _check_array("dqkv", dqkv, 3, writable=True)
-    _check_array("dout", dout, 3)
-    _check_shape("dqkv", dqkv, qkv.shape, f"qkv is {qkv.shape}")
-    _check_shape("dout", dout, (B, T, C), f"qkv is {qkv.shape}")
-    inputs = [("dout", dout), ("qkv", qkv)]
+    cdef int threads = check_n_threads(n_threads)
+    check_output("dqkv", dqkv, F32, qkv.shape, f"qkv is {qkv.shape}")
+    check_input("dout", dout, F32, (B, T, C), f"qkv is {qkv.shape}")
+    inputs = (("dout", dout), ("qkv", qkv))
     if att is not None:
-        _check_array("att", att, 4)
-        _check_shape("att", att, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
-        inputs.append(("att", att))
-    _check_no_alias("dqkv", dqkv, inputs)
+        check_input("att", att, F32, (B, NH, T, T), f"qkv is {qkv.shape}, n_head = {NH}")
+        inputs += (("att", att),)
+    outputs = (("dqkv", dqkv),)
     if out is not None:
-        _check_array("out", out, 3, writable=True)
-        _check_shape("out", out, (B, T, C), f"qkv is {qkv.shape}")
-        _check_no_alias("out", out, inputs + [("dqkv", dqkv)])
+        check_output("out", out, F32, (B, T, C), f"qkv is {qkv.shape}")
+        outputs += (("out", out),)
+    check_disjoint(outputs, inputs)
     if B * T == 0:
         return
     cdef float[:, :, ::1] dqkv_v = dqkv

@@ -40,9 +40,13 @@ cdef extern from "attention_impl.h" nogil:
     int attention_select_isa(int avx2) noexcept
     int attention_get_isa() noexcept
 
-# attention_impl.h includes this file once per instruction set; naming it here makes
-# cythonize rebuild the extension when it changes (included on its own it is empty).
+# attention_impl.h includes this file once per instruction set, and fastexp.h (the exp
+# shared with xent); naming them here makes cythonize rebuild the extension when they change
+# (included on its own, attention_body.h is empty).
 cdef extern from "attention_body.h":
+    pass
+
+cdef extern from "fastexp.h":
     pass
 
 __all__ = ["attention_forward", "attention_backward", "available_isas", "get_isa", "set_isa"]

@@ -323,22 +323,14 @@ ATTN_TARGET static inline ATTN_VEC ATTN_FN(select)(ATTN_IVEC mask, ATTN_VEC a, A
     return (ATTN_VEC)((mask & (ATTN_IVEC)a) | (~mask & (ATTN_IVEC)b));
 }
 
-/* attn_exp_nonpos on every lane (see attention_impl.h for the method and its error). */
+/* randygpt_exp_nonpos on every lane (see fastexp.h for the method and its error). */
 ATTN_TARGET static inline ATTN_VEC ATTN_FN(exp_nonpos)(ATTN_VEC x)
 {
     const ATTN_VEC zero = {0};
-    const ATTN_VEC lo = zero - 87.0f;
+    const ATTN_VEC lo = zero + RANDYGPT_FASTEXP_LO;
     const ATTN_VEC xc = ATTN_FN(select)(x >= lo, x, lo);
-    const ATTN_VEC n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    ATTN_VEC r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    ATTN_VEC p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    ATTN_VEC n, r, p;
+    RANDYGPT_FASTEXP_STEPS(xc, n, r, p);
     const ATTN_IVEC bits = (__builtin_convertvector(n, ATTN_IVEC) + 127) << 23;
     const ATTN_VEC e = p * (ATTN_VEC)bits;
     return ATTN_FN(select)(x >= lo, e, ATTN_FN(select)(x < lo, zero, x));
@@ -379,7 +371,7 @@ ATTN_TARGET static inline float ATTN_FN(hmax)(ATTN_VEC m)
 
 ATTN_TARGET static inline ATTN_VEC ATTN_FN(exp_nonpos)(ATTN_VEC x)
 {
-    return attn_exp_nonpos(x);
+    return randygpt_exp_nonpos(x);
 }
 
 ATTN_TARGET static inline ATTN_VEC ATTN_FN(max)(ATTN_VEC m, ATTN_VEC x)

@@ -19,6 +19,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* e^x for x <= 0 (scores minus their row max), shared with xent: randygpt_exp_nonpos and,
+ * for attention_body.h's vector copies, the same steps on whole vectors. */
+#include "fastexp.h"
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define ATTN_HAVE_AVX2 1
 #else
@@ -78,39 +82,6 @@ static inline double attn_dot_double(const float *a, const float *b, ptrdiff_t n
     for (int l = 0; j < n; ++j, ++l)
         acc[l] += (double)a[j] * (double)b[j];
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
-}
-
-/* e^x for x <= 0 (scores minus their row max). attention_body.h runs the same steps
- * on whole vectors (libm's expf is a scalar call, and was the largest cost of the
- * forward); this scalar form serves the plain-C copy. Cody-Waite
- * reduction x = n ln2 + r with |r| <= ln2/2, then a degree-6 polynomial for e^r
- * (relative error about 1e-7, within 2 ulp of the correctly rounded value) and
- * 2^n built from its exponent bits. Below -87 the true value is under FLT_MIN and
- * becomes 0: next to the row max's e^0 = 1 it is far below float resolution. NaN
- * stays NaN (and never reaches the float-to-int conversion, where it would be
- * undefined). */
-static inline float attn_exp_nonpos(float x)
-{
-    const float lo = -87.0f;
-    const float xc = x >= lo ? x : lo;
-    /* Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a
-     * floor call (safe: -fno-fast-math keeps the two operations). */
-    const float shifter = 12582912.0f;
-    const float n = (xc * 1.44269504088896341f + shifter) - shifter;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    const float e = p * two_n;
-    return x >= lo ? e : (x < lo ? 0.0f : x);
 }
 
 /* sum_j x[j] in double over 4 lanes added in a fixed order: the softmax normalizer,

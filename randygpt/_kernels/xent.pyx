@@ -16,11 +16,17 @@ from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input
 from randygpt._kernels._rowops cimport first_out_of_range
 
 
+# Naming the shared exp header makes cythonize rebuild this module when it changes (the C
+# code below includes it).
+cdef extern from "fastexp.h":
+    pass
+
+
 cdef extern from *:
     """
     /* The row math is the whole cost of this file, so it is written in C:
-       - exp() is our own (libm's expf is an opaque call that gcc will not vectorize without
-         -ffast-math, which we refuse);
+       - exp() is our own, shared with attention (fastexp.h: libm's expf is an opaque call
+         that gcc will not vectorize without -ffast-math, which we refuse);
        - on x86-64 Linux with gcc >= 12 each row function is also compiled for x86-64-v3 (AVX2 + FMA)
          and picked at load time, doubling the vector width on CPUs that have it while the
          module itself stays baseline x86-64.
@@ -28,6 +34,7 @@ cdef extern from *:
        adds that gcc will not reorder (and so not vectorize) without -ffast-math. The lanes are
        combined in a fixed tree, so a row's sum depends on the row alone, never on threads. */
     #include <math.h>
+    #include "fastexp.h"
     /* Building with -DRANDYGPT_BASELINE_ONLY skips the clones (to test the baseline path on
        a CPU that has AVX2). */
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) \
@@ -42,29 +49,6 @@ cdef extern from *:
     #else
     #define RANDYGPT_XENT_INLINE static inline
     #endif
-
-    /* exp(x) for x <= 0, Cephes-style: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
-       polynomial, 2^n built in the exponent bits. Relative error about 2 ulp. Inputs below -87
-       (including -inf) give 0, where the true value is at most 1.7e-38 and would be a denormal
-       or below. NaN stays NaN. */
-    RANDYGPT_XENT_INLINE float randygpt_exp_nonpos(float x) {
-        const float magic = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
-        float xc = x < -87.0f ? -87.0f : x;
-        float n = (xc * 1.44269504088896341f + magic) - magic;
-        float r = xc - n * 0.693359375f;
-        r = r - n * -2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * r + 1.3981999507e-3f;
-        p = p * r + 8.3334519073e-3f;
-        p = p * r + 4.1665795894e-2f;
-        p = p * r + 1.6666665459e-1f;
-        p = p * r + 5.0000001201e-1f;
-        p = p * r * r + r + 1.0f;
-        union { int i; float f; } scale;
-        scale.i = ((int)n + 127) << 23;
-        float y = p * scale.f;
-        return x < -87.0f ? 0.0f : y;
-    }
 
     RANDYGPT_XENT_INLINE double randygpt_lanes_total(const double *acc) {
         return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));

@@ -14,9 +14,10 @@ thread in an order set by the shapes alone, and results are bit-identical for an
 thread count. Each thread mallocs its scratch once per call: the pair's rows of q, k,
 v, dy packed contiguously (keys or values also transposed, so scores need no
 horizontal sums), plus dS in the backward, and P when the caller does not store it
-(att=None: the backward then recomputes P with the forward's own code, bit for bit). The loops live in attention_impl.h and
-attention_body.h, compiled for AVX2 + FMA and for the baseline ISA; the fastest one
-this CPU runs is chosen at import (available_isas / set_isa let tests run each).
+(att=None: the backward then recomputes P with the forward's own code, bit for bit).
+The loops live in attention_impl.h and attention_body.h, compiled for AVX2 + FMA and
+for the baseline ISA; the fastest one this CPU runs is chosen at import
+(available_isas / set_isa let tests run each).
 """
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport abort, free, malloc

@@ -31,7 +31,10 @@ MAX_CALLS_PER_SAMPLE = 1000
 # After its last call, a thread pool keeps its workers spinning for a while: measured here,
 # libgomp burnt ~8 ms of CPU and OpenBLAS 30-40 ms. With more than one thread, the next
 # implementation timed would share its cores with those spinners, so the samplers wait this
-# long before each sample.
+# long before each sample. The pause has its own cost: by its end this pool's threads are
+# parked too, and the first call that wakes them was measured several times slower than
+# the next (attention forward, 2 threads: 7.5 ms, then 1.85 ms). So after the pause one
+# untimed call wakes them, and only the calls after it are timed.
 SPIN_SETTLE_S = 0.05
 
 
@@ -49,7 +52,9 @@ def time_interleaved(fns, repeat, settle_s=0.0):
 
     The functions are warmed up, then sampled round-robin (ours, reference, ours, ...)
     so that a burst of load on the machine hits all of them alike rather than one.
-    settle_s: pause before each sample (SPIN_SETTLE_S when the pools have several threads).
+    settle_s: pause before each sample (SPIN_SETTLE_S when the pools have several threads),
+    followed by one untimed call of the same function that wakes its parked threads; the
+    sample is the back-to-back block of calls after it.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -59,6 +64,7 @@ def time_interleaved(fns, repeat, settle_s=0.0):
         for fn, k, out in zip(fns, numbers, samples):
             if settle_s:
                 time.sleep(settle_s)
+                fn()
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()

@@ -213,10 +213,37 @@ def attention_cases(d):
             ref=lambda: R.attention_backward_ref(b["dqkv"], dout, qkv, att, d.NH),
             ours_out=(a["dqkv"],), ref_out=(b["dqkv"],))
 
+    def forward_unsaved(K, R, rng, n):
+        # Training's form: the probabilities stay in per-thread scratch, none are written.
+        qkv = _randn(rng, d.B, d.T, 3 * d.C)
+        a, b = _twins(out=np.empty((d.B, d.T, d.C), np.float32))
+        return Trial(
+            ours=lambda: K.attention_forward(a["out"], None, qkv, d.NH, n),
+            ref=lambda: R.attention_forward_ref(b["out"], None, qkv, d.NH),
+            ours_out=(a["out"],), ref_out=(b["out"],))
+
+    def backward_recompute(K, R, rng, n):
+        # Training's form: no saved probabilities (recomputed from q and k), the gradient
+        # written rather than accumulated, and the forward's output handed back.
+        qkv, dout = _randn(rng, d.B, d.T, 3 * d.C), _randn(rng, d.B, d.T, d.C)
+        a, b = _twins(dqkv=np.empty((d.B, d.T, 3 * d.C), np.float32),
+                      out=np.empty((d.B, d.T, d.C), np.float32))
+        return Trial(
+            ours=lambda: K.attention_backward(a["dqkv"], dout, qkv, None, d.NH, n,
+                                              accumulate=False, out=a["out"]),
+            ref=lambda: R.attention_backward_ref(b["dqkv"], dout, qkv, None, d.NH,
+                                                 accumulate=False, out=b["out"]),
+            ours_out=(a["dqkv"], a["out"]), ref_out=(b["dqkv"], b["out"]))
+
     fused = ("ref", FUSED_VS_REF)
-    # Forward: q.k and att.v, 2*HS flops each per pair; backward: four such products.
+    # Forward: q.k and att.v, 2*HS flops each per pair; backward: four such products, plus
+    # the forward's two when it recomputes the probabilities and the output.
     return [Case("attention", "attention", "fwd", shape, forward, 4 * HS * pairs, fused),
-            Case("attention", "attention", "bwd", shape, backward, 8 * HS * pairs, fused)]
+            Case("attention", "attention", "bwd", shape, backward, 8 * HS * pairs, fused),
+            Case("attention", "attention", "fwd att=None", shape, forward_unsaved,
+                 4 * HS * pairs, fused),
+            Case("attention", "attention", "bwd recompute", shape, backward_recompute,
+                 12 * HS * pairs, fused)]
 
 
 # --- norm -----------------------------------------------------------------------------------
@@ -296,6 +323,18 @@ def activation_cases(d):
             ref=lambda: R.squared_relu_backward_ref(b["dx"], dout, x),
             ours_out=(a["dx"],), ref_out=(b["dx"],))
 
+    def sqrelu_backward_inplace(K, R, rng, n):
+        # Each call overwrites d with its gradient, so the timed calls compound the factor
+        # 2 relu(x): any value other than 0 or 1 would drive d to inf or to (slow) denormals
+        # over a sample's calls. x = +-0.5 keeps the factor 1 or 0, and still half the
+        # elements take each branch.
+        x = np.where(rng.random((d.N, d.H)) < 0.5, -0.5, 0.5).astype(np.float32)
+        a, b = _twins(d=_randn(rng, d.N, d.H))
+        return Trial(
+            ours=lambda: K.squared_relu_backward_inplace(a["d"], x, n),
+            ref=lambda: R.squared_relu_backward_inplace_ref(b["d"], x),
+            ours_out=(a["d"],), ref_out=(b["d"],))
+
     def dropout_forward(K, R, rng, n):
         x = _randn(rng, d.N, d.C)
         a, b = _twins(out=np.empty((d.N, d.C), np.float32))
@@ -320,13 +359,24 @@ def activation_cases(d):
             ref=lambda: R.dropout_add_forward_ref(b["resid"], x, DROPOUT_P, *coords),
             ours_out=(a["resid"],), ref_out=(b["resid"],))
 
+    def dropout_add_to(K, R, rng, n):
+        resid, x = _randn(rng, d.N, d.C), _randn(rng, d.N, d.C)
+        a, b = _twins(out=np.empty((d.N, d.C), np.float32))
+        return Trial(
+            ours=lambda: K.dropout_add_to_forward(a["out"], resid, x, DROPOUT_P, *coords, n),
+            ref=lambda: R.dropout_add_to_forward_ref(b["out"], resid, x, DROPOUT_P, *coords),
+            ours_out=(a["out"],), ref_out=(b["out"],))
+
     fused = ("ref", FUSED_VS_REF)
     hidden, width = f"{d.N}x{d.H}", f"{d.N}x{d.C} p={DROPOUT_P}"
     return [Case("activation", "squared_relu", "fwd", hidden, sqrelu_forward, target=fused),
             Case("activation", "squared_relu", "bwd", hidden, sqrelu_backward, target=fused),
+            Case("activation", "squared_relu", "bwd inplace", hidden, sqrelu_backward_inplace,
+                 target=fused),
             Case("activation", "dropout", "fwd", width, dropout_forward, target=fused),
             Case("activation", "dropout", "bwd", width, dropout_backward, target=fused),
-            Case("activation", "dropout_add", "fwd", width, dropout_add, target=fused)]
+            Case("activation", "dropout_add", "fwd", width, dropout_add, target=fused),
+            Case("activation", "dropout_add_to", "fwd", width, dropout_add_to, target=fused)]
 
 
 # --- cross-entropy --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,45 @@ def test_bench_kernels_json(bench_kernels):
         assert len(gemms) == 15
         assert all(r["vs_numpy_matmul"] > 0 for r in gemms)
     assert doc["scaling"] is None  # one thread: nothing to scale
+    # Training's own call forms have rows of their own.
+    labels = {f"{r['kernel']} {r['direction']}" for r in doc["results"]}
+    if "attention" in built_families():
+        assert {"attention fwd att=None", "attention bwd recompute"} <= labels
+    if "activation" in built_families():
+        assert {"squared_relu bwd inplace", "dropout_add_to fwd"} <= labels
+
+
+@pytest.fixture
+def common():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("_common")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 0.001])
+def test_time_interleaved_wakes_the_pool_before_each_sample(common, monkeypatch, settle_s):
+    # A fake clock that advances only inside the calls: with a settle pause, the call right
+    # after it (the slow wake-up of parked threads, here 100 s) must stay out of every sample.
+    now = [0.0]
+    since_sleep = [None]
+
+    def sleep(s):
+        since_sleep[0] = 0
+
+    def fn():
+        if since_sleep[0] == 0:
+            now[0] += 100.0
+        else:
+            now[0] += 1e-3
+        if since_sleep[0] is not None:
+            since_sleep[0] += 1
+
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(sleep=sleep,
+                                                             perf_counter=lambda: now[0]))
+    (t,) = common.time_interleaved([fn], repeat=3, settle_s=settle_s)
+    assert t == pytest.approx(1e-3)
 
 
 def test_bench_kernels_table_and_scaling(bench_kernels):

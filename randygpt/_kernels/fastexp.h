@@ -5,8 +5,7 @@
  * Method: Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r
  * (relative error about 1e-7, within 2 ulp of the correctly rounded value), and 2^n built in
  * the exponent bits. Inputs below -87 give 0: the true value is under FLT_MIN, and next to the
- * row max's e^0 = 1 it is far below float resolution anyway. NaN stays NaN, and never reaches
- * the float-to-int conversion, where it would be undefined.
+ * row max's e^0 = 1 it is far below float resolution anyway. NaN stays NaN.
  *
  * RANDYGPT_FASTEXP_STEPS is written once for float and for GCC vector-of-float types alike
  * (their arithmetic takes scalar operands lane by lane), so the scalar function below and
@@ -48,17 +47,25 @@
 #define RANDYGPT_FASTEXP_INLINE static inline
 #endif
 
-/* e^x for one float x <= 0 (positive x are not supported: the result would overflow). */
+/* e^x for one float x <= 0 (positive x are not supported: the result would overflow).
+ * The range handling is the cheapest that vectorizes: one max for the clamp, one select at
+ * the end (a NaN-proof clamp and a second select cost xent's rows about 15%). A NaN passes
+ * the clamp and comes out NaN, since p is NaN. So that it never meets a float-to-int
+ * conversion (undefined for NaN), 2^n is built from the bits of n + 1.5 * 2^23, whose low
+ * mantissa bits hold n, in unsigned arithmetic: the same bits as converting n. */
 RANDYGPT_FASTEXP_INLINE float randygpt_exp_nonpos(float x)
 {
-    const float xc = x >= RANDYGPT_FASTEXP_LO ? x : RANDYGPT_FASTEXP_LO;
+    const float xc = x < RANDYGPT_FASTEXP_LO ? RANDYGPT_FASTEXP_LO : x;
     float n, r, p;
     RANDYGPT_FASTEXP_STEPS(xc, n, r, p);
-    const int32_t bits = ((int32_t)n + 127) << 23;
+    const float shifted = n + 12582912.0f;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;  /* 0x4B400000: the bits of 1.5 * 2^23 */
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     const float e = p * two_n;
-    return x >= RANDYGPT_FASTEXP_LO ? e : (x < RANDYGPT_FASTEXP_LO ? 0.0f : x);
+    return x < RANDYGPT_FASTEXP_LO ? 0.0f : e;
 }
 
 #endif /* RANDYGPT_FASTEXP_H */

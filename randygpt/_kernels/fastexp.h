@@ -21,14 +21,21 @@
 /* Below this the result is 0; the clamp keeps n in the normal exponent range. */
 #define RANDYGPT_FASTEXP_LO (-87.0f)
 
-/* Given xc (x clamped to >= RANDYGPT_FASTEXP_LO, not NaN), sets n to the integer nearest
- * xc / ln2 (as a float) and p to e^(xc - n ln2); e^xc is then p * 2^n. The caller declares
- * n, r, p of xc's type. Adding and subtracting 1.5 * 2^23 rounds to the nearest integer
- * without a floor call (kept as two operations: the build never uses -ffast-math). ln2 is
- * split in two parts, the first exact in few bits, so that n * ln2 loses nothing. */
+/* 1.5 * 2^23: a float of magnitude under 2^22 added to it is rounded to an integer, which
+ * the sum's low mantissa bits then hold. */
+#define RANDYGPT_FASTEXP_SHIFTER 12582912.0f
+#define RANDYGPT_FASTEXP_SHIFTER_BITS 0x4B400000u
+
+/* Given xc (x clamped to >= RANDYGPT_FASTEXP_LO), sets n to the integer nearest xc / ln2
+ * (as a float) and p to e^(xc - n ln2); e^xc is then p * 2^n (a NaN xc gives NaN n and p).
+ * The caller declares n, r, p of xc's type. Adding and subtracting the shifter rounds to the
+ * nearest integer without a floor call (kept as two operations: the build never uses
+ * -ffast-math). ln2 is split in two parts, the first exact in few bits, so that n * ln2
+ * loses nothing. */
 #define RANDYGPT_FASTEXP_STEPS(xc, n, r, p)                                   \
     do {                                                                      \
-        (n) = ((xc) * 1.44269504088896341f + 12582912.0f) - 12582912.0f;      \
+        (n) = ((xc) * 1.44269504088896341f + RANDYGPT_FASTEXP_SHIFTER)        \
+              - RANDYGPT_FASTEXP_SHIFTER;                                     \
         (r) = (xc) - (n) * 0.693359375f;                                      \
         (r) = (r) - (n) * -2.12194440e-4f;                                    \
         (p) = 1.9875691500e-4f * (r) + 1.3981999507e-3f;                      \
@@ -51,17 +58,17 @@
  * The range handling is the cheapest that vectorizes: one max for the clamp, one select at
  * the end (a NaN-proof clamp and a second select cost xent's rows about 15%). A NaN passes
  * the clamp and comes out NaN, since p is NaN. So that it never meets a float-to-int
- * conversion (undefined for NaN), 2^n is built from the bits of n + 1.5 * 2^23, whose low
+ * conversion (undefined for NaN), 2^n is built from the bits of n + shifter, whose low
  * mantissa bits hold n, in unsigned arithmetic: the same bits as converting n. */
 RANDYGPT_FASTEXP_INLINE float randygpt_exp_nonpos(float x)
 {
     const float xc = x < RANDYGPT_FASTEXP_LO ? RANDYGPT_FASTEXP_LO : x;
     float n, r, p;
     RANDYGPT_FASTEXP_STEPS(xc, n, r, p);
-    const float shifted = n + 12582912.0f;
+    const float shifted = n + RANDYGPT_FASTEXP_SHIFTER;
     uint32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
-    bits = (bits - 0x4B400000u + 127u) << 23;  /* 0x4B400000: the bits of 1.5 * 2^23 */
+    bits = (bits - RANDYGPT_FASTEXP_SHIFTER_BITS + 127u) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     const float e = p * two_n;

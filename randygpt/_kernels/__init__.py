@@ -88,29 +88,41 @@ def get_num_threads():
     return effective_n_threads()
 
 
+# SIMD paths from widest to narrowest; "generic" is the portable path of non-x86 builds.
+ISA_ORDER = ("avx512", "avx2", "sse2", "generic")
+# Kernel families with several SIMD paths chosen at run time (set_isa / available_isas).
+_DISPATCHED = ("matmul", "attention", "activation")
+
+
 def select_isa(name=None):
-    """Choose the instruction set of the GEMM microkernels and return its name.
+    """Choose the SIMD path of every dispatched kernel family and return its name.
 
     Order: ``name``, then the environment variable ``RANDYGPT_ISA``, then the fastest
-    path this CPU runs (see ``randygpt._kernels.matmul.available_isas()``). An unknown
-    name, or one this CPU cannot run, raises ValueError listing the choices.
+    path this CPU runs (``randygpt._kernels.matmul.available_isas()``). An unknown name,
+    or one this CPU cannot run, raises ValueError listing the choices. A family without
+    that exact path (attention has no AVX-512 one) takes its widest path not wider than
+    it, so forcing "sse2" really runs every kernel on baseline x86-64.
     """
-    from . import matmul
-
+    modules = [importlib.import_module(f"{__name__}.{f}") for f in _DISPATCHED
+               if importlib.util.find_spec(f"{__name__}.{f}") is not None]
+    choices = modules[0].available_isas() if modules else []
     source = "select_isa"
     if name is None:
         name = os.environ.get("RANDYGPT_ISA", "").strip() or None
         source = "RANDYGPT_ISA"
     if name is None:
-        name = matmul.available_isas()[0]
-    choices = matmul.available_isas()
+        name = choices[0]
     if name not in choices:
         raise ValueError(f"{source}: unknown or unsupported ISA {name!r}; this CPU runs {choices}")
-    matmul.set_isa(name)
+    rank = ISA_ORDER.index(name) if name in ISA_ORDER else len(ISA_ORDER)
+    for mod in modules:
+        own = [isa for isa in mod.available_isas()
+               if isa in ISA_ORDER and ISA_ORDER.index(isa) >= rank] or mod.available_isas()[-1:]
+        mod.set_isa(name if name in mod.available_isas() else own[0])
     return name
 
 
-# Chosen once at import so RANDYGPT_ISA applies to every GEMM, and a bad value fails here,
+# Chosen once at import so RANDYGPT_ISA applies to every kernel, and a bad value fails here,
 # loudly. Skipped only while the matmul extension has not been compiled at all (a partial
 # development build); a compiled one that fails to import still raises.
 if importlib.util.find_spec(f"{__name__}.matmul") is not None:

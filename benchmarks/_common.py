@@ -29,13 +29,15 @@ MIN_SAMPLE_S = 0.005
 MAX_CALLS_PER_SAMPLE = 1000
 
 # After its last call, a thread pool keeps its workers spinning for a while: measured here,
-# libgomp burnt ~8 ms of CPU and OpenBLAS 30-40 ms. With more than one thread, the next
-# implementation timed would share its cores with those spinners, so the samplers wait this
-# long before each sample. The pause has its own cost: by its end this pool's threads are
+# libgomp burnt ~8 ms of CPU, and OpenBLAS kept a core busy for 100-200 ms (our 2-thread
+# GEMM 2048x256x256 right after NumPy calls took 3.9 ms with no pause, 2.9 ms after 50 ms,
+# 1.6 ms after 100 ms and 1.4 ms after 200 ms or more, its time alone). With more than one
+# thread, the next implementation timed would share its cores with those spinners, so the
+# samplers wait this long before each sample. The pause has its own cost: by its end this pool's threads are
 # parked too, and the first call that wakes them was measured several times slower than
 # the next (attention forward, 2 threads: 7.5 ms, then 1.85 ms). So after the pause one
 # untimed call wakes them, and only the calls after it are timed.
-SPIN_SETTLE_S = 0.05
+SPIN_SETTLE_S = 0.25
 
 
 def calls_per_sample(fn):

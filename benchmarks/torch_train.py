@@ -268,7 +268,8 @@ def build_parser():
     m = p.add_argument_group("model and optimisation (defaults from randygpt.config.Config)")
     for field, flag, kind, help_text in cli.CONFIG_FLAGS:
         kw = {"choices": ["rmsnorm", "layernorm"]} if field == "norm" else {"type": cli._typed(flag, kind)}
-        m.add_argument(flag, dest=field, default=None, help=help_text, **kw)
+        m.add_argument(flag, dest=field, default=None, help=help_text,
+                       metavar=flag.lstrip("-").upper().replace("-", "_"), **kw)
     r = p.add_argument_group("run")
     r.add_argument("--threads", type=cli._thread_count, default=None,
                    help="torch threads (default: as randygpt resolves its own)")

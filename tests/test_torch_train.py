@@ -77,8 +77,11 @@ def both_runs(torch_train, tmp_path, text_path, **overrides):
     return ours, twin, out.getvalue()
 
 
-def test_twin_follows_randygpt_step_by_step(torch_train, tmp_path, text_path):
-    ours, twin, log = both_runs(torch_train, tmp_path, text_path)
+# LayerNorm brings vectors (gains, biases), which must not decay: a strong decay shows it.
+@pytest.mark.parametrize("overrides", [{}, {"norm": "layernorm", "weight_decay": 0.5}],
+                         ids=["rmsnorm", "layernorm"])
+def test_twin_follows_randygpt_step_by_step(torch_train, tmp_path, text_path, overrides):
+    ours, twin, log = both_runs(torch_train, tmp_path, text_path, **overrides)
     assert len(twin.losses) == len(ours.losses) == ITERS and twin.step == ITERS
     # Before any step both score identical weights on identical batches: only float32
     # summation order differs (~1e-7 relative).

@@ -27,8 +27,9 @@ What differs:
     ours hash (seed, step, layer, site, element). With dropout > 0 the runs see different noise,
     so their curves agree statistically, not step by step;
   - arithmetic: both are float32, but the kernels add in different orders, so even with
-    dropout 0 the losses agree to about 1e-6 relative at first and drift apart slowly as the
-    rounding differences are amplified by training;
+    dropout 0 the losses agree to rounding (about 1e-7 relative over the first dozen steps of
+    a tiny model, tests/test_torch_train.py), not bit for bit, and over a long run the
+    rounding differences grow until the two curves agree only statistically;
   - speed: tok/s is torch's, in a process that also loaded our kernels' module (to build the
     initial weights; none of them is called), so use benchmarks/bench_train.py for timings.
 

@@ -118,6 +118,7 @@ def machine_info(n_threads):
     return {
         "cpu": cpu_model(),
         "usable_cpus": randygpt._kernels.usable_cpus(),
+        "physical_cores": randygpt._kernels.physical_cores(),
         "isa": isa,
         "openmp": bool(randygpt.openmp_enabled()),
         "threads": n_threads,
@@ -138,7 +139,8 @@ def format_machine(info):
     ) or "none loaded"
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
     lines = [
-        f"CPU      : {info['cpu']} ({info['usable_cpus']} usable CPUs)",
+        f"CPU      : {info['cpu']} ({info['usable_cpus']} usable CPUs, "
+        f"{info['physical_cores']} physical cores)",
         f"randygpt : SIMD {info['isa']}, OpenMP {'on' if info['openmp'] else 'OFF'}, "
         f"{info['threads']} thread(s)",
         f"NumPy    : {info['numpy']}, BLAS {blas}",

@@ -4,7 +4,7 @@ Usage:
     python benchmarks/bench_kernels.py [--threads N] [--repeat R] [--json] [--only NAME,...]
                                        [--quick]
 
-    --threads N   threads for randygpt's kernels and NumPy's BLAS alike (default: all usable CPUs)
+    --threads N   threads for randygpt's kernels and NumPy's BLAS alike (default: one per physical core)
     --repeat R    timed samples per kernel; the median is reported (default 7)
     --json        print one JSON document instead of the table
     --only LIST   comma-separated kernel families or names, e.g. matmul,rmsnorm,adamw_step
@@ -637,7 +637,7 @@ def print_report(doc):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads for our kernels and NumPy's BLAS (default: all usable CPUs)")
+                        help="threads for our kernels and NumPy's BLAS (default: one per physical core)")
     parser.add_argument("--repeat", type=int, default=7, help="timed samples per kernel")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--only", default=None, help="comma-separated families or kernel names")
@@ -654,7 +654,7 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
 
-    randygpt.set_num_threads(args.threads if args.threads is not None else -1)
+    randygpt.set_num_threads(args.threads)
     n_threads = randygpt.effective_n_threads()
     if args.threads is not None and n_threads != args.threads:
         print(f"note: --threads {args.threads} runs as {n_threads} thread(s) "

@@ -4,8 +4,8 @@ Usage:
     python benchmarks/bench_train.py [--threads 1,2,...] [--repeat R] [--json] [--profile]
                                      [--no-torch] [--quick]
 
-    --threads LIST  thread counts to sweep (default: all usable CPUs); randygpt, PyTorch and
-                    NumPy's BLAS all get the same count
+    --threads LIST  thread counts to sweep (default: one per physical core); randygpt,
+                    PyTorch and NumPy's BLAS all get the same count
     --repeat R      timed steps per implementation; the median is reported (default 10)
     --json          print one JSON document instead of the tables
     --profile       also show where our step's time goes: each kernel, forward / backward /
@@ -570,7 +570,7 @@ def format_profile(profile):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default=None,
-                        help="comma-separated thread counts to sweep (default: all usable CPUs)")
+                        help="comma-separated thread counts to sweep (default: one per physical core)")
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per implementation")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     parser.add_argument("--profile", action="store_true", help="time each kernel of our step")
@@ -590,7 +590,8 @@ def main(argv=None):
 
     usable = randygpt._kernels.usable_cpus()
     try:
-        args.threads = parse_threads(args.threads) if args.threads else [usable]
+        args.threads = (parse_threads(args.threads) if args.threads
+                        else [randygpt._kernels.physical_cores()])
     except ValueError as e:
         parser.error(str(e))
     too_many = [n for n in args.threads if n > usable]

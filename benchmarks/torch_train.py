@@ -91,15 +91,15 @@ class _EvalAdapter:
 
 def _resolve_threads(requested):
     """Threads for torch, resolved as randygpt resolves its own (argument, RANDYGPT_NUM_THREADS,
-    OMP_NUM_THREADS, usable CPUs; negative counts back from the CPUs), except that a randygpt
+    OMP_NUM_THREADS, physical cores; negative counts back from the CPUs), except that a randygpt
     built without OpenMP does not force torch down to one thread."""
-    from randygpt._kernels import effective_n_threads, openmp_enabled, usable_cpus
+    from randygpt._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
 
     if openmp_enabled():
         return effective_n_threads(requested)
     cpus = usable_cpus()
     if requested is None:
-        return cpus
+        return physical_cores()
     n = cpus + 1 + requested if requested < 0 else requested
     return max(1, min(n, cpus))
 

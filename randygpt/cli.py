@@ -135,8 +135,9 @@ def build_parser():
                        help=help_text + shown, **kw)
     r = p.add_argument_group("run")
     r.add_argument("--threads", type=_thread_count, default=None,
-                   help="kernel threads (default: RANDYGPT_NUM_THREADS, OMP_NUM_THREADS, or all "
-                        "usable CPUs; negative counts back from all). Results do not depend on it.")
+                   help="kernel threads (default: RANDYGPT_NUM_THREADS, OMP_NUM_THREADS, or one "
+                        "per physical core; negative counts back from all logical CPUs). Results "
+                        "do not depend on it.")
     r.add_argument("--data", metavar="PATH", default=None,
                    help="UTF-8 text file to train on (default: ./train.txt, else Tiny Shakespeare)")
     r.add_argument("--eval-every", type=_non_negative_int("--eval-every"), default=250, metavar="N",

@@ -286,7 +286,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     from threadpoolctl import threadpool_limits
 
     from . import checkpoint as ckpt_mod
-    from ._kernels import effective_n_threads, openmp_enabled
+    from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
 
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
@@ -385,7 +385,8 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     log.line(f"Parameters: {model.num_params:,}")
     log.line(f"Data: {source.description}; train {len(dataset.train):,} / val {len(dataset.val):,} "
              f"tokens; vocab {tokenizer.vocab_size}")
-    log.line(f"openmp={'yes' if openmp_enabled() else 'no'} threads={n_threads}")
+    log.line(f"openmp={'yes' if openmp_enabled() else 'no'} threads={n_threads} "
+             f"(this process may use {physical_cores()} cores, {usable_cpus()} logical CPUs)")
     log.line(f"Iterations: {start} -> {opts.iters}"
              + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
              + f"; output: {out_dir}")

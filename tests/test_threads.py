@@ -1,4 +1,8 @@
 """The one place that decides thread counts: randygpt.set_num_threads / effective_n_threads."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 import randygpt
@@ -18,8 +22,43 @@ needs_openmp = pytest.mark.skipif(not randygpt.openmp_enabled(), reason="serial 
 
 
 @needs_openmp
-def test_default_is_usable_cpus():
-    assert randygpt.effective_n_threads() == _kernels.usable_cpus()
+def test_default_is_one_thread_per_physical_core():
+    assert randygpt.effective_n_threads() == _kernels.physical_cores()
+    assert 1 <= _kernels.physical_cores() <= _kernels.usable_cpus()
+
+
+@needs_openmp
+def test_hyperthreads_count_once_by_default_but_can_be_asked_for(monkeypatch):
+    # Four logical CPUs, two per core: two threads by default, four when asked for.
+    monkeypatch.setattr(_kernels, "_usable_cpu_ids", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(_kernels, "_core_of", lambda cpu: cpu // 2)
+    assert _kernels.usable_cpus() == 4
+    assert _kernels.physical_cores() == 2
+    assert randygpt.effective_n_threads() == 2
+    assert randygpt.effective_n_threads(4) == 4
+    assert randygpt.effective_n_threads(-1) == 4
+
+
+def test_core_of_reads_the_cpu_topology():
+    # Every usable CPU maps to a core; CPU 0 belongs to the same core as itself.
+    assert _kernels._core_of(0) == _kernels._core_of(0)
+    assert _kernels._core_of(10**6) == "cpu1000000"  # no such CPU: a core of its own
+
+
+@needs_openmp
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_openmp_binding_does_not_hide_cpus():
+    # With OMP_PLACES set, the OpenMP runtime pins the initial thread to its first place as it
+    # loads, so the affinity mask shows one core; usable_cpus must still count all of them.
+    env = dict(os.environ, OMP_PROC_BIND="close", OMP_PLACES="cores")
+    env.pop("RANDYGPT_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    code = ("import os, randygpt._kernels as k; "
+            "print(len(os.sched_getaffinity(0)), k.usable_cpus(), k.effective_n_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert int(out[1]) == _kernels.usable_cpus()
+    assert int(out[2]) == _kernels.physical_cores()
 
 
 @needs_openmp

@@ -6,21 +6,53 @@ Every kernel takes ``n_threads`` as its last argument; callers get it from
 import importlib.util
 import os
 
-from ._openmp import omp_max_threads, openmp_enabled
+from ._openmp import omp_max_threads, omp_place_cpus, openmp_enabled
 
 __all__ = ["openmp_enabled", "effective_n_threads", "set_num_threads", "get_num_threads",
-           "usable_cpus", "omp_max_threads", "select_isa"]
+           "usable_cpus", "physical_cores", "omp_max_threads", "select_isa"]
 
 # The value given to set_num_threads(); None means "decide from the environment".
 _requested_threads = None
 
 
-def usable_cpus():
-    """CPUs this process may run on (honours affinity masks and container limits)."""
+def _usable_cpu_ids():
+    """Logical CPU ids this process may run on, or None where the OS cannot say."""
     try:
-        return len(os.sched_getaffinity(0))
+        ids = set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        return None
+    # With OMP_PROC_BIND / OMP_PLACES set, the OpenMP runtime has pinned this thread to its
+    # first place, which narrows the mask above to one core; its places hold the rest.
+    ids.update(omp_place_cpus())
+    return ids
+
+
+def usable_cpus():
+    """Logical CPUs this process may run on (honours affinity masks such as taskset's)."""
+    ids = _usable_cpu_ids()
+    return len(ids) if ids else (os.cpu_count() or 1)
+
+
+def _core_of(cpu):
+    """An identifier of the physical core that logical CPU `cpu` belongs to (Linux sysfs)."""
+    for name in ("core_cpus_list", "thread_siblings_list"):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/{name}") as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return f"cpu{cpu}"  # topology unknown: count it as a core of its own
+
+
+def physical_cores():
+    """Physical cores among the usable CPUs, where the hyperthreads (SMT siblings) of a core
+    count once: the default thread count. The kernels are limited by each core's FMA units,
+    which its hyperthreads share, so a second thread per core adds little but contention;
+    asking for more threads explicitly still gets them."""
+    ids = _usable_cpu_ids()
+    if not ids:
+        return usable_cpus()
+    return len({_core_of(cpu) for cpu in ids})
 
 
 def _parse_env_threads(name):
@@ -44,9 +76,10 @@ def _check_request(n, source):
 def set_num_threads(n):
     """Set the thread count every kernel uses from now on.
 
-    ``n`` > 0 asks for n threads (capped at the usable CPUs); ``n`` < 0 counts back
-    from the usable CPUs (-1 = all of them); ``None`` returns to the default
-    (``RANDYGPT_NUM_THREADS``, then ``OMP_NUM_THREADS``, then all usable CPUs).
+    ``n`` > 0 asks for n threads (capped at the usable logical CPUs); ``n`` < 0 counts back
+    from the usable logical CPUs (-1 = all of them, hyperthreads included); ``None`` returns
+    to the default (``RANDYGPT_NUM_THREADS``, then ``OMP_NUM_THREADS``, then one thread per
+    physical core).
     """
     global _requested_threads
     if n is not None:
@@ -58,9 +91,10 @@ def effective_n_threads(requested=None):
     """Turn a request into the number of threads a kernel call will use.
 
     Order: ``requested`` argument, then :func:`set_num_threads`, then the
-    environment variables ``RANDYGPT_NUM_THREADS`` and ``OMP_NUM_THREADS``, then
-    the usable CPUs. Negative values count back from the usable CPUs; the result
-    is clamped to [1, usable CPUs], and is always 1 in a build without OpenMP.
+    environment variables ``RANDYGPT_NUM_THREADS`` and ``OMP_NUM_THREADS``, then one
+    thread per usable physical core (:func:`physical_cores`). Negative values count back
+    from the usable logical CPUs; the result is clamped to [1, usable logical CPUs], and is
+    always 1 in a build without OpenMP.
     """
     if requested is not None:
         n = _check_request(requested, "effective_n_threads")
@@ -75,9 +109,9 @@ def effective_n_threads(requested=None):
                 break
     if not openmp_enabled():
         return 1
-    cpus = usable_cpus()
     if n is None:
-        return cpus
+        return physical_cores()
+    cpus = usable_cpus()
     if n < 0:
         return max(1, cpus + 1 + n)
     return min(n, cpus)

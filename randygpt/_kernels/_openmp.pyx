@@ -1,5 +1,8 @@
 """How this build of the kernels was compiled: with or without OpenMP."""
-from randygpt._kernels._omp cimport OPENMP_ENABLED, omp_get_max_threads
+from libc.stdlib cimport free, malloc
+
+from randygpt._kernels._omp cimport (OPENMP_ENABLED, omp_get_max_threads, omp_get_num_places,
+                                     omp_get_place_num_procs, omp_get_place_proc_ids)
 
 
 def openmp_enabled():
@@ -10,3 +13,29 @@ def openmp_enabled():
 def omp_max_threads():
     """OpenMP's own default team size (1 in a serial build)."""
     return omp_get_max_threads()
+
+
+def omp_place_cpus():
+    """The CPU ids of all of OpenMP's places (empty when OMP_PLACES / OMP_PROC_BIND set none).
+
+    When binding is on, the OpenMP runtime pins the initial thread to its first place as it
+    loads, so the process's affinity mask then shows one place; the places still span every
+    CPU the process was given.
+    """
+    cdef int place, k, n
+    cdef int *ids
+    cpus = set()
+    for place in range(omp_get_num_places()):
+        n = omp_get_place_num_procs(place)
+        if n <= 0:
+            continue
+        ids = <int *>malloc(n * sizeof(int))
+        if ids == NULL:
+            raise MemoryError()
+        try:
+            omp_get_place_proc_ids(place, ids)
+            for k in range(n):
+                cpus.add(ids[k])
+        finally:
+            free(ids)
+    return cpus

@@ -156,15 +156,25 @@ def test_zero_sized_inner_dimension(isa, rng):
 # ---------------------------------------------------------------------------------------
 # Determinism and accumulation
 
+@pytest.fixture
+def items_per_thread():
+    """Set the GEMM's work items per thread for one test, restoring the default after."""
+    old = mm._set_items_per_thread(4)
+    yield mm._set_items_per_thread
+    mm._set_items_per_thread(old)
+
+
 @pytest.mark.parametrize("shape", [(50, 2 * KC + 18, 20), (9, KC + 44, 200)])
-def test_bitwise_identical_across_thread_counts(isa, rng, shape):
+def test_bitwise_identical_across_thread_counts(isa, rng, shape, items_per_thread):
     # (50, 530, 20) splits the rows between threads, (9, 300, 200) the columns; both
-    # have K over two K blocks.
+    # have K over two K blocks. How the tiles are cut into work items must not matter either.
     N, IC, OC = shape
     x, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
     base = _randn(rng, N, OC)
     results = []
-    for n in thread_counts():
+    runs = [(n, 4) for n in thread_counts()] + [(3, 1), (3, 7), (8, 1)]
+    for n, items in runs:
+        items_per_thread(items)
         out = np.full((N, OC), np.nan, np.float32)
         acc = base.copy()
         pre, act = np.empty((N, OC), np.float32), np.empty((N, OC), np.float32)
@@ -173,11 +183,17 @@ def test_bitwise_identical_across_thread_counts(isa, rng, shape):
         mm.matmul_forward(acc, x, w, n, accumulate=True)
         mm.matmul_sqrelu_forward(act, pre, x, w, n)
         mm.matmul_backward(dx, dw, dout, x, w, n)
-        results.append((n, [out, acc, act, pre, dx, dw]))
+        results.append((f"{n} threads, {items} items each", [out, acc, act, pre, dx, dw]))
     names = ["out", "out (accumulate)", "sqrelu out", "pre", "dx", "dw"]
-    for n, arrays in results[1:]:
+    for label, arrays in results[1:]:
         for name, a, b in zip(names, results[0][1], arrays):
-            assert_bitwise_equal(b, a, name=f"{name} [{isa}] {n} threads vs 1")
+            assert_bitwise_equal(b, a, name=f"{name} [{isa}] {label} vs 1 thread")
+
+
+def test_items_per_thread_rejects_bad_values(items_per_thread):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="_set_items_per_thread"):
+            items_per_thread(bad)
 
 
 def test_backward_twice_gives_exactly_twice(isa, rng):

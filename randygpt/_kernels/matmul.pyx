@@ -96,8 +96,17 @@ set_isa(available_isas()[0])
 # Work items per thread in the tile phase. Items are near-equal contiguous ranges of
 # strips taken dynamically: on an idle machine every thread gets the same share; on a
 # shared one a thread that lost its core hands its remaining items to the others.
-cdef enum:
-    ITEMS_PER_THREAD = 4
+# Fewer, larger items re-read the shared operand less often. Results do not depend on it.
+cdef Py_ssize_t _items_per_thread = 4
+
+
+def _set_items_per_thread(n):
+    """Tuning experiments only: set the work items per thread of every GEMM; returns the old."""
+    global _items_per_thread
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"_set_items_per_thread: need an int >= 1, got {n!r}")
+    old, _items_per_thread = _items_per_thread, n
+    return old
 
 cdef struct _Operand:
     # op(X)[i, j] is at ptr[i * rs + j * cs]
@@ -268,7 +277,8 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     # Split whichever dimension has more tiles: rows for the forward and input grads
     # (M = 2048), columns for weight grads with few output channels (M = 256 or 67).
     g.split_m = g.m_tiles >= g.n_tiles
-    g.n_items = min(<Py_ssize_t>n_threads * ITEMS_PER_THREAD, g.m_tiles if g.split_m else g.n_tiles)
+    g.n_items = min(<Py_ssize_t>n_threads * _items_per_thread,
+                    g.m_tiles if g.split_m else g.n_tiles)
     # No more threads than items: a tiny product does not wake a team it cannot use.
     n_threads = <int>min(<Py_ssize_t>n_threads, g.n_items)
     if n_threads == 1:

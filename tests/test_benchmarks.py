@@ -226,3 +226,52 @@ def test_bench_train_step_gemm_flops(bench_train):
     expected = 3 * 2 * 2048 * (6 * per_layer + 256 * 67)
     assert bench_train.step_gemm_flops(cfg) == expected
     assert len(bench_train.step_gemms(cfg)) == 15
+
+
+# ------------------------------------------------------------------------------ compare_runs
+
+def _write_metrics(run_dir, rows):
+    run_dir.mkdir()
+    lines = ["iter,train_loss,val_loss,lr,tok_per_s,elapsed_s"]
+    lines += [f"{it},{tr},{'' if va is None else va},1e-3,1000,{it}" for it, tr, va in rows]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_runs_table_json_and_png(tmp_path):
+    _write_metrics(tmp_path / "a", [(0, 4.2, 4.2), (10, 3.0, None), (20, 2.5, 2.6), (30, 2.4, 2.7)])
+    _write_metrics(tmp_path / "b", [(0, 4.2, 4.2), (10, 3.1, 3.2), (20, 2.6, 2.5), (30, 2.5, 2.55)])
+    proc = run_script("compare_runs.py", str(tmp_path / "a"), str(tmp_path / "b"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["iters"] == [0, 20, 30]  # 10 only in b: not a shared evaluation
+    assert doc["val_loss"] == {"a": [4.2, 2.6, 2.7], "b": [4.2, 2.5, 2.55]}
+    a, b = doc["runs"]
+    assert (a["final_val"], a["best_val"], a["best_iter"]) == (2.7, 2.6, 20)
+    assert (b["final_val"], b["best_val"], b["best_iter"]) == (2.55, 2.5, 20)
+    assert b["final_minus_first"] == pytest.approx(-0.15)
+    assert b["best_minus_first"] == pytest.approx(-0.1)
+
+    args = [str(tmp_path / "a"), str(tmp_path / "b" / "metrics.csv"), "--labels", "ours,ref"]
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if has_mpl:
+        args += ["--png", str(tmp_path / "cmp.png")]
+    proc = run_script("compare_runs.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.splitlines()
+    assert table[1].split() == ["iter", "ours", "ref"]
+    assert table[3].split() == ["20", "2.6000", "2.5000"]
+    assert any(line.split()[:1] == ["ref"] and "-0.1500" in line for line in table)
+    if has_mpl:
+        assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_bad_input_is_one_line(tmp_path):
+    _write_metrics(tmp_path / "a", [(0, 4.2, 4.2)])
+    proc = run_script("compare_runs.py", str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "missing" in proc.stderr
+    proc = run_script("compare_runs.py", str(tmp_path / "a"), str(tmp_path / "a"))
+    assert proc.returncode == 2 and "distinct labels" in proc.stderr
+    _write_metrics(tmp_path / "empty_val", [(0, 4.2, None)])
+    proc = run_script("compare_runs.py", str(tmp_path / "a"), str(tmp_path / "empty_val"))
+    assert proc.returncode == 2 and "no validation loss" in proc.stderr

@@ -138,6 +138,20 @@ def atomic_write(path, write):
     _fsync_dir(directory)
 
 
+def _write_npz(f, arrays):
+    """Write ``arrays`` ({name: array}) to the binary file ``f`` as an uncompressed .npz, the
+    format np.load reads. Each array's bytes go straight from its own memory into the file:
+    np.savez would copy them through 16 MiB buffers, which a training run would pay for in
+    peak memory on every save."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(
+                    member, np.lib.format.header_data_from_array_1_0(arr))
+                member.write(memoryview(arr.reshape(-1)).cast("B"))
+
+
 def save(path, *, model, optimizer, tokenizer, step, rng_state, extra=None):
     """Write a checkpoint to ``path`` atomically (see the module docstring).
 
@@ -198,8 +212,7 @@ def save(path, *, model, optimizer, tokenizer, step, rng_state, extra=None):
     if path.is_dir():
         raise CheckpointError(f"cannot save checkpoint {str(path)!r}: it is a directory")
     try:
-        # A file object (not a name) keeps np.savez from appending ".npz" to the name.
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: _write_npz(f, arrays))
     except OSError as e:
         raise CheckpointError(f"cannot save checkpoint {str(path)!r}: {e.strerror or e}") from None
 

@@ -127,13 +127,13 @@ def test_failed_write_leaves_old_checkpoint_and_no_temp_file(tmp_path, monkeypat
     path = tmp_path / "ckpt.npz"
     save_tiny(path)
     before = path.read_bytes()
-    real_savez = np.savez
+    real_write = checkpoint._write_npz
 
-    def savez_then_disk_full(f, **arrays):
-        real_savez(f, **arrays)  # half the story: bytes reached the temp file ...
+    def savez_then_disk_full(f, arrays):
+        real_write(f, arrays)  # half the story: bytes reached the temp file ...
         raise OSError(28, "No space left on device")  # ... then the disk filled up
 
-    monkeypatch.setattr(checkpoint.np, "savez", savez_then_disk_full)
+    monkeypatch.setattr(checkpoint, "_write_npz", savez_then_disk_full)
     model, opt = trained(tiny_config(), seed=5)
     with pytest.raises(CheckpointError, match="No space left on device") as info:
         save(path, model=model, optimizer=opt, tokenizer=CharTokenizer.from_text(TEXT), step=9,
@@ -148,16 +148,16 @@ def test_disk_full_halfway_through_the_bytes(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.npz"
     save_tiny(path)
     before = path.read_bytes()
-    real_savez = np.savez
+    real_write = checkpoint._write_npz
 
-    def half_then_enospc(f, **arrays):
+    def half_then_enospc(f, arrays):
         import io
         buf = io.BytesIO()
-        real_savez(buf, **arrays)
+        real_write(buf, arrays)
         f.write(buf.getvalue()[:len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.np, "savez", half_then_enospc)
+    monkeypatch.setattr(checkpoint, "_write_npz", half_then_enospc)
     with pytest.raises(CheckpointError, match="No space left"):
         save_tiny(path)
     assert path.read_bytes() == before
@@ -357,3 +357,20 @@ def test_default_size_round_trip(tmp_path):
     assert ck.step == 123 and loaded.num_params == 4_769_280
     assert np.array_equal(loaded.flat_params, model.flat_params)
     assert np.array_equal(ck.adam_m, opt.m)
+
+
+def test_written_npz_is_what_numpy_reads(tmp_path):
+    # The checkpoint writer streams arrays itself; np.load must see exactly the arrays given.
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal(1001).astype(np.float32),
+              "b": np.arange(12, dtype=np.int64).reshape(3, 4),
+              "c": np.frombuffer(b'{"x": 1}', dtype=np.uint8),
+              "d": rng.standard_normal((5, 3)).astype(np.float32).T}  # not C-contiguous
+    path = tmp_path / "x.npz"
+    with open(path, "wb") as f:
+        checkpoint._write_npz(f, arrays)
+    with np.load(path, allow_pickle=False) as npz:
+        assert sorted(npz.files) == sorted(arrays)
+        for name, arr in arrays.items():
+            assert npz[name].dtype == arr.dtype and npz[name].shape == arr.shape
+            np.testing.assert_array_equal(npz[name], arr)

@@ -170,10 +170,16 @@ class GPT:
         self.params = self.table.views(self.flat_params)
         self.grads = self.table.views(self.flat_grads)
         # Weight decay follows one rule: matrices decay, vectors (LayerNorm gains, biases) don't.
-        self.decay_mask = np.zeros(self.table.total, dtype=np.uint8)
+        # As runs of the flat buffer: a per-parameter mask would cost a byte per parameter.
+        spans = []
         for name, shape in zip(self.table.names, self.table.shapes):
             o, n = self.table.span(name)
-            self.decay_mask[o:o + n] = 1 if len(shape) == 2 else 0
+            decay = len(shape) == 2
+            if spans and spans[-1][2] == decay and spans[-1][1] == o:
+                spans[-1] = (spans[-1][0], o + n, decay)
+            else:
+                spans.append((o, o + n, decay))
+        self.decay_spans = tuple(spans)
         self._layers_p = self._layer_views(self.flat_params, self.params)
         self._layers_g = self._layer_views(self.flat_grads, self.grads)
         self.training = True
@@ -216,6 +222,14 @@ class GPT:
         np.copyto(self.flat_params, array, casting="same_kind")
 
     @property
+    def decay_mask(self):
+        """decay_spans as a new (P,) uint8 array, 1 where weight decay applies (for inspection)."""
+        mask = np.zeros(self.num_params, dtype=np.uint8)
+        for lo, hi, decay in self.decay_spans:
+            mask[lo:hi] = decay
+        return mask
+
+    @property
     def n_threads(self):
         return effective_n_threads(self._n_threads)
 
@@ -251,6 +265,13 @@ class GPT:
             raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside "
                              f"[0, vocab_size={self.config.vocab_size})")
         return a
+
+    def release_buffers(self):
+        """Free the activation arena (125 MiB at the default size) until the next forward
+        allocates it again: for when only sampling is left, whose KV cache has buffers of its
+        own. A backward() needs a new forward first."""
+        self._arena = None
+        self._pending = None
 
     def _arena_for(self, B, T):
         if self._arena is None or (self._arena.B, self._arena.T) != (B, T):

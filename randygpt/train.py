@@ -518,6 +518,10 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                  f"val {final_estimate['val']:.4f} (started at {first_estimate['val']:.4f})")
     log.line(f"Checkpoint: {saved}")
     if opts.sample and opts.sample_tokens > 0 and step == opts.iters:
+        # Training is over: its activations and AdamW moments would only add to the run's
+        # peak memory while the samples are drawn.
+        model.release_buffers()
+        optimizer = None
         result.samples = _print_samples(model, tokenizer, config, opts, log)
     if opts.plot:
         _write_plot(out_dir, log)

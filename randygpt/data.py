@@ -8,7 +8,6 @@ source and any warning. It owns no RNG either: ``get_batch`` takes the caller's 
 import hashlib
 import os
 import tempfile
-import urllib.request
 from collections import namedtuple
 from pathlib import Path
 
@@ -132,6 +131,10 @@ def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
                 return path
         except OSError:
             pass
+    # Imported here: urllib.request brings in ssl and http, 7 MiB of a run's memory that a run
+    # whose text is already on disk does not need.
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read(_MAX_DOWNLOAD_BYTES + 1)

@@ -454,13 +454,12 @@ def adamw_cases(d):
 
     def step(K, R, rng, n):
         grads = _randn(rng, d.P)
-        mask = (rng.random(d.P) < 0.99).astype(np.uint8)
         a, b = _twins(params=_randn(rng, d.P), m=0.1 * _randn(rng, d.P),
                       v=np.abs(0.01 * _randn(rng, d.P)))
         hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, 10, 0.5)  # lr, betas, eps, decay, step t, scale
         return Trial(
-            ours=lambda: K.adamw_step(a["params"], grads, a["m"], a["v"], mask, *hyper, n),
-            ref=lambda: R.adamw_step_ref(b["params"], grads, b["m"], b["v"], mask, *hyper),
+            ours=lambda: K.adamw_step(a["params"], grads, a["m"], a["v"], True, *hyper, n),
+            ref=lambda: R.adamw_step_ref(b["params"], grads, b["m"], b["v"], True, *hyper),
             ours_out=(a["params"], a["m"], a["v"]), ref_out=(b["params"], b["m"], b["v"]))
 
     fused = ("ref", FUSED_VS_REF)

@@ -1,7 +1,8 @@
 """AdamW on the flat parameter buffer, the learning-rate schedule and global-norm clipping.
 
-The optimizer never sees named views: params, grads, both moments and the decay mask are flat
-(P,) arrays with one layout, so a step is one fused kernel call.
+The optimizer never sees named views: params, grads and both moments are flat (P,) arrays with
+one layout, and weight decay is given as runs of that layout, so a step is one fused kernel call
+per run (one in all for the default model, whose parameters are all matrices).
 """
 import math
 
@@ -10,29 +11,48 @@ import numpy as np
 from ._kernels import adamw as _adamw
 from ._kernels import effective_n_threads
 
-__all__ = ["AdamW", "lr_at", "clip_scale"]
+__all__ = ["AdamW", "lr_at", "clip_scale", "decay_runs"]
+
+
+def decay_runs(flags):
+    """[(start, end, decay)] for the maximal runs of equal values in a 1-D bool sequence."""
+    flags = np.asarray(flags, dtype=bool)
+    if flags.ndim != 1:
+        raise ValueError(f"decay flags must be 1-D, got shape {flags.shape}")
+    if flags.size == 0:
+        return []
+    edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+    starts = [0] + edges.tolist()
+    ends = edges.tolist() + [flags.size]
+    return [(s, e, bool(flags[s])) for s, e in zip(starts, ends)]
 
 
 class AdamW:
     """Decoupled-weight-decay Adam (PyTorch's arithmetic) on flat float32 buffers.
 
-    model_or_flat_buffers: a GPT (its flat_params, flat_grads and decay_mask are used) or a
-    tuple (params, grads, decay_mask) of (P,) arrays (float32, float32, uint8).
+    model_or_flat_buffers: a GPT (its flat_params, flat_grads and decay_spans are used) or a
+    tuple (params, grads, decay_mask) of (P,) arrays (float32, float32, uint8: nonzero where
+    weight decay applies); the mask is read once, into runs, and not kept.
     """
 
     def __init__(self, model_or_flat_buffers, config, n_threads=None):
         if isinstance(model_or_flat_buffers, tuple):
             params, grads, decay_mask = model_or_flat_buffers
+            arrays = (("params", params, np.float32), ("grads", grads, np.float32),
+                      ("decay_mask", decay_mask, np.uint8))
         else:
             m = model_or_flat_buffers
-            params, grads, decay_mask = m.flat_params, m.flat_grads, m.decay_mask
-        for name, arr, dtype in (("params", params, np.float32), ("grads", grads, np.float32),
-                                 ("decay_mask", decay_mask, np.uint8)):
+            params, grads, decay_mask = m.flat_params, m.flat_grads, None
+            arrays = (("params", params, np.float32), ("grads", grads, np.float32))
+        for name, arr, dtype in arrays:
             if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
                 raise TypeError(f"{name} must be a 1-D {np.dtype(dtype).name} array")
             if arr.shape != params.shape:
                 raise ValueError(f"{name} shape {arr.shape} != params shape {params.shape}")
-        self.params, self.grads, self.decay_mask = params, grads, decay_mask
+        self.params, self.grads = params, grads
+        # [(start, end, decay)] covering the buffer in order, neighbours differing in decay.
+        self.decay_spans = (decay_runs(decay_mask != 0) if decay_mask is not None
+                            else list(model_or_flat_buffers.decay_spans))
         self.config = config
         self._n_threads = n_threads
         self.m = np.zeros_like(params)
@@ -48,9 +68,11 @@ class AdamW:
         (clip_scale's result)."""
         c = self.config
         self.t += 1
-        _adamw.adamw_step(self.params, self.grads, self.m, self.v, self.decay_mask,
-                          float(lr), c.beta1, c.beta2, c.adam_eps, c.weight_decay, self.t,
-                          float(grad_scale), effective_n_threads(self._n_threads))
+        nt = effective_n_threads(self._n_threads)
+        for lo, hi, decay in self.decay_spans:
+            _adamw.adamw_step(self.params[lo:hi], self.grads[lo:hi], self.m[lo:hi],
+                              self.v[lo:hi], decay, float(lr), c.beta1, c.beta2, c.adam_eps,
+                              c.weight_decay, self.t, float(grad_scale), nt)
 
     def state_dict(self):
         return {"m": self.m, "v": self.v, "t": self.t}

@@ -19,14 +19,13 @@ def make_state(rng, P, dtype=np.float32, warm=True):
     grads = rng.standard_normal(P, dtype=dtype)
     m = dtype(0.1) * rng.standard_normal(P, dtype=dtype) if warm else np.zeros(P, dtype)
     v = dtype(0.01) * rng.random(P, dtype=dtype) if warm else np.zeros(P, dtype)
-    mask = (rng.random(P, dtype=np.float32) < 0.7).astype(np.uint8)
-    return params, grads, m, v, mask
+    return params, grads, m, v
 
 
-def step_both(rng, P, step, grad_scale=1.0, n_threads=2):
-    params, grads, m, v, mask = make_state(rng, P)
-    ours = [params.copy(), grads, m.copy(), v.copy(), mask]
-    ref = [params.copy(), grads, m.copy(), v.copy(), mask]
+def step_both(rng, P, step, grad_scale=1.0, n_threads=2, decay=True):
+    params, grads, m, v = make_state(rng, P)
+    ours = [params.copy(), grads, m.copy(), v.copy(), decay]
+    ref = [params.copy(), grads, m.copy(), v.copy(), decay]
     adamw.adamw_step(*ours, **HYPER, step=step, grad_scale=grad_scale, n_threads=n_threads)
     adamw_step_ref(*ref, **HYPER, step=step, grad_scale=grad_scale)
     return ours, ref
@@ -72,8 +71,9 @@ def test_grad_norm_bad_input(rng):
 
 @pytest.mark.parametrize("P", [1, 7, 1001, 16384 * 2 + 3])
 @pytest.mark.parametrize("step", [1, 2, 1000])
-def test_adamw_matches_reference(rng, P, step):
-    ours, ref = step_both(rng, P, step, grad_scale=0.37)
+@pytest.mark.parametrize("decay", [True, False])
+def test_adamw_matches_reference(rng, P, step, decay):
+    ours, ref = step_both(rng, P, step, grad_scale=0.37, decay=decay)
     for name, i in (("params", 0), ("m", 2), ("v", 3)):
         assert_close(ours[i], ref[i], rtol=1e-5, atol=1e-7, name=name)
 
@@ -115,11 +115,16 @@ def test_reference_against_hand_computed_steps():
     # After step 1 with zero moments, the Adam part is lr * sign(g): check the hand values too.
     P = np.array(p0)
     M, Vv = np.zeros(3), np.zeros(3)
-    mask_arr = np.array(mask, np.uint8)
-    adamw_step_ref(P, np.array(g1), M, Vv, mask_arr, lr, b1, b2, eps, wd, 1, scale)
+
+    def ref_step(g, t):  # one call per parameter, with its own decay flag
+        for i in range(3):
+            adamw_step_ref(P[i:i + 1], np.array(g[i:i + 1]), M[i:i + 1], Vv[i:i + 1],
+                           bool(mask[i]), lr, b1, b2, eps, wd, t, scale)
+
+    ref_step(g1, 1)
     expected1 = [p0[i] * (1 - lr * wd * mask[i]) - lr * math.copysign(1, g1[i]) for i in range(3)]
     np.testing.assert_allclose(P, expected1, rtol=1e-7)
-    adamw_step_ref(P, np.array(g2), M, Vv, mask_arr, lr, b1, b2, eps, wd, 2, scale)
+    ref_step(g2, 2)
     np.testing.assert_allclose(P, p, rtol=1e-12)
     np.testing.assert_allclose(M, m, rtol=1e-12)
     np.testing.assert_allclose(Vv, v, rtol=1e-12)
@@ -128,43 +133,50 @@ def test_reference_against_hand_computed_steps():
 def test_reference_against_torch(rng):
     torch = pytest.importorskip("torch")
     P = 50
-    params, _, _, _, mask = make_state(rng, P, dtype=np.float64, warm=False)
+    params, _, _, _ = make_state(rng, P, dtype=np.float64, warm=False)
+    mask = rng.random(P) < 0.7
     grads = [rng.standard_normal(P) for _ in range(3)]
     hp = dict(lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.3)
-    decay = torch.tensor(params[mask == 1], requires_grad=True)
-    no_decay = torch.tensor(params[mask == 0], requires_grad=True)
+    decay = torch.tensor(params[mask], requires_grad=True)
+    no_decay = torch.tensor(params[~mask], requires_grad=True)
     opt = torch.optim.AdamW(
         [{"params": [decay], "weight_decay": hp["weight_decay"]},
          {"params": [no_decay], "weight_decay": 0.0}],
         lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])
-    p, m, v = params.copy(), np.zeros(P), np.zeros(P)
+    # Our reference on each group as its own flat buffer, like the optimizer's runs.
+    ref = {flag: [params[mask == flag].copy(), np.zeros((mask == flag).sum()),
+                  np.zeros((mask == flag).sum())] for flag in (True, False)}
     for t, g in enumerate(grads, start=1):
-        decay.grad = torch.tensor(g[mask == 1])
-        no_decay.grad = torch.tensor(g[mask == 0])
+        decay.grad = torch.tensor(g[mask])
+        no_decay.grad = torch.tensor(g[~mask])
         opt.step()
-        adamw_step_ref(p, g, m, v, mask, **hp, step=t, grad_scale=1.0)
+        for flag, (p, m, v) in ref.items():
+            adamw_step_ref(p, g[mask == flag], m, v, flag, **hp, step=t, grad_scale=1.0)
     with torch.no_grad():
-        np.testing.assert_allclose(p[mask == 1], decay.numpy(), rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(p[mask == 0], no_decay.numpy(), rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(m[mask == 1], opt.state[decay]["exp_avg"].numpy(), rtol=1e-12)
-        np.testing.assert_allclose(v[mask == 0], opt.state[no_decay]["exp_avg_sq"].numpy(),
+        (pd, md, _), (pn, _, vn) = ref[True], ref[False]
+        np.testing.assert_allclose(pd, decay.numpy(), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(pn, no_decay.numpy(), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(md, opt.state[decay]["exp_avg"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(vn, opt.state[no_decay]["exp_avg_sq"].numpy(),
                                    rtol=1e-12)
 
 
-def test_decay_mask_and_grad_scale(rng):
+def test_decay_and_grad_scale(rng):
     P = 1001
-    params, grads, _, _, mask = make_state(rng, P)
+    params, grads, _, _ = make_state(rng, P)
     # Zero gradient and moments: the Adam part is exactly zero, only the decay moves params.
-    p = params.copy()
-    adamw.adamw_step(p, np.zeros(P, np.float32), np.zeros(P, np.float32), np.zeros(P, np.float32),
-                     mask, **HYPER, step=1, grad_scale=1.0, n_threads=2)
-    decayed = params * np.float32(1 - HYPER["lr"] * HYPER["weight_decay"])
-    assert_bitwise_equal(p, np.where(mask == 1, decayed, params), name="params")
+    for decay in (True, False):
+        p = params.copy()
+        adamw.adamw_step(p, np.zeros(P, np.float32), np.zeros(P, np.float32),
+                         np.zeros(P, np.float32), decay, **HYPER, step=1, grad_scale=1.0,
+                         n_threads=2)
+        decayed = params * np.float32(1 - HYPER["lr"] * HYPER["weight_decay"])
+        assert_bitwise_equal(p, decayed if decay else params, name=f"params (decay={decay})")
     # grad_scale multiplies the gradient: scaling by 0.5 here equals halving it beforehand.
     a = [params.copy(), grads, np.zeros(P, np.float32), np.zeros(P, np.float32)]
     b = [params.copy(), grads * np.float32(0.5), np.zeros(P, np.float32), np.zeros(P, np.float32)]
-    adamw.adamw_step(*a, mask, **HYPER, step=2, grad_scale=0.5, n_threads=2)
-    adamw.adamw_step(*b, mask, **HYPER, step=2, grad_scale=1.0, n_threads=2)
+    adamw.adamw_step(*a, True, **HYPER, step=2, grad_scale=0.5, n_threads=2)
+    adamw.adamw_step(*b, True, **HYPER, step=2, grad_scale=1.0, n_threads=2)
     for x, y, name in zip(a, b, ("params", "grads", "m", "v")):
         if name != "grads":
             assert_bitwise_equal(x, y, name=name)
@@ -172,11 +184,11 @@ def test_decay_mask_and_grad_scale(rng):
 
 def test_adamw_bad_input(rng):
     P = 9
-    params, grads, m, v, mask = make_state(rng, P)
+    params, grads, m, v = make_state(rng, P)
     before = [params.copy(), m.copy(), v.copy()]
 
     def call(**over):
-        args = dict(params=params, grads=grads, m=m, v=v, decay_mask=mask, **HYPER, step=1,
+        args = dict(params=params, grads=grads, m=m, v=v, decay=True, **HYPER, step=1,
                     grad_scale=1.0, n_threads=1)
         args.update(over)
         adamw.adamw_step(**args)
@@ -185,8 +197,10 @@ def test_adamw_bad_input(rng):
         call(step=0)
     with pytest.raises(TypeError, match="step must be an int"):
         call(step=1.0)
-    with pytest.raises(TypeError, match="decay_mask must be uint8"):
-        call(decay_mask=mask.astype(bool))
+    with pytest.raises(TypeError, match="decay must be a bool, got int"):
+        call(decay=1)
+    with pytest.raises(TypeError, match="decay must be a bool, got ndarray"):
+        call(decay=np.ones(P, np.uint8))
     with pytest.raises(TypeError, match="grads must be float32"):
         call(grads=grads.astype(np.float64))
     with pytest.raises(ValueError, match=r"m has shape \(8,\), expected \(9,\) \(same as params\)"):
@@ -220,7 +234,7 @@ def test_adamw_bad_input(rng):
 
 
 def test_adamw_read_only_state_rejected(rng):
-    params, grads, m, v, mask = make_state(rng, 9)
+    params, grads, m, v = make_state(rng, 9)
     v.flags.writeable = False
     with pytest.raises(ValueError, match="v must be writeable"):
-        adamw.adamw_step(params, grads, m, v, mask, **HYPER, step=1, grad_scale=1.0, n_threads=1)
+        adamw.adamw_step(params, grads, m, v, True, **HYPER, step=1, grad_scale=1.0, n_threads=1)

@@ -123,7 +123,12 @@ def test_layernorm_parameters_init_and_decay_mask():
     for name, shape in zip(model.table.names, model.table.shapes):
         o, n = model.table.span(name)
         assert np.all(model.decay_mask[o:o + n] == (1 if len(shape) == 2 else 0)), name
-    assert GPT(tiny_config()).decay_mask.all()  # RMSNorm: matrices only
+    # The runs cover the buffer in order and neighbouring runs differ.
+    spans = model.decay_spans
+    assert spans[0][0] == 0 and spans[-1][1] == model.num_params
+    assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(spans, spans[1:]))
+    rms = GPT(tiny_config())
+    assert rms.decay_spans == ((0, rms.num_params, True),)  # RMSNorm: matrices only
 
 
 def test_initial_loss_is_near_log_vocab(rng):

@@ -8,7 +8,7 @@ import randygpt._kernels as kernels
 from conftest import assert_close
 from randygpt.config import Config
 from randygpt.model import GPT
-from randygpt.optim import AdamW, clip_scale, lr_at
+from randygpt.optim import AdamW, clip_scale, decay_runs, lr_at
 
 CONFIG = Config(lr=1e-3, warmup_iters=100, warmup_start=0.1, decay_start=0.8, min_lr_ratio=0.1)
 
@@ -124,3 +124,31 @@ def test_state_dict_round_trip_and_checks(rng):
     with pytest.raises(TypeError, match="grads"):
         AdamW((model.flat_params, model.flat_grads.astype(np.float64), model.decay_mask),
               model.config)
+
+
+def test_decay_runs():
+    assert decay_runs([]) == []
+    assert decay_runs([True]) == [(0, 1, True)]
+    assert decay_runs([1, 1, 0, 0, 0, 1]) == [(0, 2, True), (2, 5, False), (5, 6, True)]
+    flags = np.random.default_rng(0).random(1000) < 0.5
+    runs = decay_runs(flags)
+    rebuilt = np.concatenate([np.full(hi - lo, d) for lo, hi, d in runs])
+    np.testing.assert_array_equal(rebuilt, flags)
+    assert all(a[2] != b[2] for a, b in zip(runs, runs[1:]))
+    with pytest.raises(ValueError, match="1-D"):
+        decay_runs(np.ones((2, 2), bool))
+
+
+def test_model_runs_and_mask_give_the_same_step(rng):
+    # The optimizer of a LayerNorm model (decayed matrices between undecayed gains and biases)
+    # steps exactly as one given the same rule as a per-parameter mask.
+    model = GPT(Config(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8,
+                       norm="layernorm", weight_decay=0.3), seed=5)
+    assert len(model.decay_spans) > 1
+    other = (model.flat_params.copy(), model.flat_grads, model.decay_mask)
+    a, b = AdamW(model, model.config), AdamW(other, model.config)
+    model.flat_grads[...] = rng.standard_normal(model.num_params)
+    for _ in range(2):
+        a.step(1e-2, grad_scale=0.5)
+        b.step(1e-2, grad_scale=0.5)
+    np.testing.assert_array_equal(model.flat_params, other[0])

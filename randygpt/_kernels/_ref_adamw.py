@@ -1,7 +1,7 @@
 """NumPy reference for the optimizer kernels: global gradient norm and one AdamW step.
 
-All arrays are flat (P,); params, grads, m, v share one float dtype (float32 or float64) and
-decay_mask is an integer array (nonzero = apply weight decay). Used only by tests and benchmarks.
+All arrays are flat (P,); params, grads, m, v share one float dtype (float32 or float64).
+decay says whether weight decay applies to them all. Used only by tests and benchmarks.
 """
 import math
 
@@ -16,7 +16,7 @@ def grad_norm_ref(g):
     return float(math.sqrt(np.dot(g64, g64)))
 
 
-def adamw_step_ref(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step,
+def adamw_step_ref(params, grads, m, v, decay, lr, beta1, beta2, eps, weight_decay, step,
                    grad_scale):
     """One AdamW step in place on params, m and v (grads is read).
 
@@ -29,6 +29,6 @@ def adamw_step_ref(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weigh
     v[...] = dt(beta2) * v + dt(1.0 - beta2) * (g * g)
     step_size = dt(lr / (1.0 - beta1 ** step))
     bias2_sqrt = dt(math.sqrt(1.0 - beta2 ** step))
-    decay = np.where(decay_mask != 0, dt(1.0 - lr * weight_decay), dt(1.0))
-    params *= decay
+    if decay:
+        params *= dt(1.0 - lr * weight_decay)
     params -= step_size * m / (np.sqrt(v) / bias2_sqrt + dt(eps))

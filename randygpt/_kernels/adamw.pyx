@@ -6,7 +6,9 @@
 # Both run in parallel over fixed chunks of the flat arrays. grad_norm's chunk count depends
 # on P only and the chunk sums are added serially in chunk order, so the norm is the same for
 # any thread count. adamw_step is elementwise, so its chunking cannot change any result; it is
-# one memory-bound pass (read params, grads, m, v, mask; write params, m, v).
+# one memory-bound pass (read params, grads, m, v; write params, m, v). Weight decay applies
+# to a whole call or not at all: the optimizer calls it once per run of parameters that share
+# the rule, which costs no memory (a per-parameter mask would be a byte per parameter).
 import numpy as np
 
 from cython.parallel cimport prange
@@ -51,7 +53,7 @@ cdef double grad_norm_chunks(const float* g, Py_ssize_t P, int n_threads) noexce
 
 
 cdef inline void adamw_span(float* params, const float* grads, float* m, float* v,
-                            const unsigned char* decay_mask, float b1, float one_minus_b1,
+                            float b1, float one_minus_b1,
                             float b2, float one_minus_b2, float decay, float step_size,
                             float bias2_sqrt, float eps, float grad_scale,
                             Py_ssize_t n) noexcept nogil:
@@ -64,12 +66,13 @@ cdef inline void adamw_span(float* params, const float* grads, float* m, float* 
         m[i] = mi
         v[i] = vi
         # Decoupled weight decay first, then the bias-corrected Adam step, as PyTorch orders it.
-        p = params[i] * decay if decay_mask[i] != 0 else params[i]
+        # decay is 1 - lr * weight_decay, or exactly 1 for parameters that do not decay.
+        p = params[i] * decay
         params[i] = p - step_size * mi / (sqrtf(vi) / bias2_sqrt + eps)
 
 
 cdef void adamw_chunks(float* params, const float* grads, float* m, float* v,
-                       const unsigned char* decay_mask, float b1, float one_minus_b1,
+                       float b1, float one_minus_b1,
                        float b2, float one_minus_b2, float decay, float step_size,
                        float bias2_sqrt, float eps, float grad_scale, Py_ssize_t P,
                        int n_threads) noexcept nogil:
@@ -77,14 +80,13 @@ cdef void adamw_chunks(float* params, const float* grads, float* m, float* v,
     cdef Py_ssize_t k, lo
     for k in prange(n_chunks, schedule="static", num_threads=n_threads):
         lo = k * STEP_CHUNK
-        adamw_span(params + lo, grads + lo, m + lo, v + lo, decay_mask + lo, b1, one_minus_b1,
+        adamw_span(params + lo, grads + lo, m + lo, v + lo, b1, one_minus_b1,
                    b2, one_minus_b2, decay, step_size, bias2_sqrt, eps, grad_scale,
                    min(STEP_CHUNK, P - lo))
 
 
 # Dtypes the checks compare against (see _checks.pyx), built once.
 cdef object F32 = np.dtype(np.float32)
-cdef object U8 = np.dtype(np.uint8)
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -107,25 +109,26 @@ def grad_norm(g, n_threads):
     return norm
 
 
-def adamw_step(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step,
+def adamw_step(params, grads, m, v, decay, lr, beta1, beta2, eps, weight_decay, step,
                grad_scale, n_threads):
-    """One AdamW step, in place, on the flat buffers.
+    """One AdamW step, in place, on flat buffers (the whole parameter buffer or one span of it).
 
-    params     : (P,) float32  updated in place
-    grads      : (P,) float32  read (multiplied by grad_scale, e.g. the clipping factor)
-    m, v       : (P,) float32  updated in place (first and second moments)
-    decay_mask : (P,) uint8    read; nonzero = apply weight decay to this parameter
-    step       : int >= 1, the number of this step (for the bias corrections)
+    params : (P,) float32  updated in place
+    grads  : (P,) float32  read (multiplied by grad_scale, e.g. the clipping factor)
+    m, v   : (P,) float32  updated in place (first and second moments)
+    decay  : bool, apply weight decay to these parameters (d = 1) or not (d = 0)
+    step   : int >= 1, the number of this step (for the bias corrections)
 
     g = grads * grad_scale; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
-    params = params*(1 - lr*wd*mask) - (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    params = params*(1 - lr*wd*d) - (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
     """
     cdef int nt = check_n_threads(n_threads)
     check_array("params", params, F32, 1)
     check_input("grads", grads, F32, params.shape, "same as params")
     check_input("m", m, F32, params.shape, "same as params")
     check_input("v", v, F32, params.shape, "same as params")
-    check_input("decay_mask", decay_mask, U8, params.shape, "same as params")
+    if not isinstance(decay, (bool, np.bool_)):
+        raise TypeError(f"decay must be a bool, got {type(decay).__name__}")
     lr = check_real("lr", lr, 0.0)
     beta1 = check_real("beta1", beta1, 0.0, 1.0)
     beta2 = check_real("beta2", beta2, 0.0, 1.0)
@@ -134,7 +137,7 @@ def adamw_step(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_de
     grad_scale = check_real("grad_scale", grad_scale)
     step = check_int("step", step, 1, None, "the first step is 1")
     check_disjoint((("params", params), ("m", m), ("v", v)),
-                   (("grads", grads), ("decay_mask", decay_mask)))
+                   (("grads", grads),))
     check_writeable("params", params)
     check_writeable("m", m)
     check_writeable("v", v)
@@ -145,15 +148,14 @@ def adamw_step(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_de
     cdef double bias2 = 1.0 - pow(beta2, <double>step)
     cdef float step_size = <float>(lr / bias1)
     cdef float bias2_sqrt = <float>sqrt(bias2)
-    cdef float decay = <float>(1.0 - lr * weight_decay)
+    cdef float d = <float>(1.0 - lr * weight_decay) if decay else 1.0
     cdef float[::1] pv = params
     cdef const float[::1] gv = grads
     cdef float[::1] mv = m
     cdef float[::1] vv = v
-    cdef const unsigned char[::1] dm = decay_mask
     cdef float b1 = beta1, b2 = beta2
     cdef float c1 = 1.0 - beta1, c2 = 1.0 - beta2
     cdef float e = eps, s = grad_scale
     with nogil:
-        adamw_chunks(&pv[0], &gv[0], &mv[0], &vv[0], &dm[0], b1, c1, b2, c2, decay, step_size,
+        adamw_chunks(&pv[0], &gv[0], &mv[0], &vv[0], b1, c1, b2, c2, d, step_size,
                      bias2_sqrt, e, s, pv.shape[0], nt)

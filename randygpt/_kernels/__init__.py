@@ -3,6 +3,7 @@
 Every kernel takes ``n_threads`` as its last argument; callers get it from
 :func:`effective_n_threads`, never from OpenMP's own defaults.
 """
+import functools
 import importlib.util
 import os
 
@@ -14,6 +15,11 @@ __all__ = ["openmp_enabled", "effective_n_threads", "set_num_threads", "get_num_
 # The value given to set_num_threads(); None means "decide from the environment".
 _requested_threads = None
 
+# With OMP_PROC_BIND / OMP_PLACES set, the OpenMP runtime pinned this thread to its first place
+# when it loaded, which narrows the affinity mask to one core; its places hold the rest. They
+# are fixed once the runtime has started.
+_OMP_PLACE_CPUS = frozenset(omp_place_cpus())
+
 
 def _usable_cpu_ids():
     """Logical CPU ids this process may run on, or None where the OS cannot say."""
@@ -21,10 +27,7 @@ def _usable_cpu_ids():
         ids = set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return None
-    # With OMP_PROC_BIND / OMP_PLACES set, the OpenMP runtime has pinned this thread to its
-    # first place, which narrows the mask above to one core; its places hold the rest.
-    ids.update(omp_place_cpus())
-    return ids
+    return ids | _OMP_PLACE_CPUS
 
 
 def usable_cpus():
@@ -33,8 +36,10 @@ def usable_cpus():
     return len(ids) if ids else (os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=None)
 def _core_of(cpu):
-    """An identifier of the physical core that logical CPU `cpu` belongs to (Linux sysfs)."""
+    """An identifier of the physical core that logical CPU `cpu` belongs to (Linux sysfs; read
+    once per CPU, since every kernel call asks for the thread count)."""
     for name in ("core_cpus_list", "thread_siblings_list"):
         try:
             with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/{name}") as f:

@@ -60,10 +60,9 @@ class CharTokenizer:
             raise ValueError(f"text contains characters not in the vocabulary: {shown}{more}")
         # Vectorised: a Python list of a megabyte of text's ids would cost 9 MB of memory.
         codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
-        ids = np.empty(len(codes) + bool(bos) + bool(eos), dtype=np.int32)
-        body = ids[int(bool(bos)):len(ids) - int(bool(eos))]
-        body[:] = np.searchsorted(self._codes, codes)
-        body += FIRST_CHAR_ID
+        lead = 1 if bos else 0
+        ids = np.empty(lead + len(codes) + (1 if eos else 0), dtype=np.int32)
+        ids[lead:lead + len(codes)] = np.searchsorted(self._codes, codes) + FIRST_CHAR_ID
         if bos:
             ids[0] = BOS
         if eos:

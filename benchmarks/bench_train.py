@@ -46,7 +46,7 @@ from _common import (REPO_ROOT, SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
-NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads"}
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads", "fma_peak_gflops"}
 
 WARMUP_STEPS = 2
 QUICK_CONFIG = {"n_embd": 32, "n_head": 2, "n_layer": 1, "block_size": 16, "batch_size": 4}
@@ -211,6 +211,7 @@ def ours_session(cfg, n_threads, profile_steps):
     from threadpoolctl import threadpool_limits
 
     import randygpt
+    from randygpt._kernels import matmul
     from randygpt.model import GPT
     from randygpt.optim import AdamW
 
@@ -232,8 +233,15 @@ def ours_session(cfg, n_threads, profile_steps):
         state["it"] += 1
 
     def finish():
-        result = {"impl": "ours", "threads": randygpt.effective_n_threads(),
-                  "num_params": model.num_params, "loss": state["loss"]}
+        threads = randygpt.effective_n_threads()
+        # The peak of the widest path is not always the highest (a core may clock down for
+        # 512-bit vectors): the floor uses the best of them.
+        peaks = {isa: matmul.fma_peak_gflops(threads, isa=isa) for isa in matmul.available_isas()}
+        best_isa = max(peaks, key=peaks.get)
+        result = {"impl": "ours", "threads": threads,
+                  "num_params": model.num_params, "loss": state["loss"],
+                  "isa": matmul.get_isa(), "fma_peaks_gflops": peaks,
+                  "fma_peak_isa": best_isa, "fma_peak_gflops": peaks[best_isa]}
         if profile_steps:
             profiler = KernelProfiler()
             profiled = make_step(cfg, x, y,
@@ -486,6 +494,15 @@ def measure(cfg, threads, repeat, profile, with_torch):
             r["tokens_per_s"] = tokens / (r["step_ms"] / 1e3)
             r["gemm_gflops"] = flops / (r["step_ms"] / 1e3) / 1e9
             r["share_of_numpy_gemm"] = gemm_ms / r["step_ms"] if gemm_ms else None
+        peak = run["ours"].get("fma_peak_gflops")
+        if peak:
+            # The FMA peak bounds every implementation alike: no step's GEMMs run faster.
+            run["fma_peak_gflops"] = peak
+            run["gemm_floor_ms"] = flops / (peak * 1e9) * 1e3
+            for impl in ("ours", "torch", "numpy_gemm"):
+                r = run.get(impl)
+                if r and "error" not in r:
+                    r["share_of_fma_peak"] = r["gemm_gflops"] / peak
         if with_torch and "error" not in run["ours"] and "error" not in run["torch"]:
             run["speed_vs_torch"] = run["torch"]["step_ms"] / run["ours"]["step_ms"]
         runs.append(run)
@@ -509,7 +526,7 @@ def print_report(doc):
     print()
     base = doc["runs"][0]["threads"]
     headers = ["threads", "impl", "ms/step", "tok/s", "speed vs torch", "GEMM GFLOP/s",
-               "% of NumPy @", "peak RSS MB", f"scaling vs {base}T"]
+               "% of NumPy @", "% of FMA peak", "peak RSS MB", f"scaling vs {base}T"]
     rows, errors = [], []
     for run in doc["runs"]:
         for impl in ("ours", "torch"):
@@ -521,19 +538,31 @@ def print_report(doc):
                 continue
             speed = run.get("speed_vs_torch") if impl == "ours" else None
             share = r.get("share_of_numpy_gemm")
+            peak_share = r.get("share_of_fma_peak")
             rows.append([str(run["threads"]), impl, f"{r['step_ms']:.1f}",
                          f"{r['tokens_per_s']:,.0f}", fmt_ratio(speed),
                          f"{r['gemm_gflops']:.1f}", fmt(share and 100 * share, ".0f"),
+                         fmt(peak_share and 100 * peak_share, ".0f"),
                          f"{r['peak_rss_mb']:.0f}", fmt_ratio(r.get("scaling"))])
         g = run["numpy_gemm"]
         if "error" in g:
             errors.append(f"NumPy GEMMs at {run['threads']} thread(s): {g['error']}")
         else:
+            peak_share = g.get("share_of_fma_peak")
             rows.append([str(run["threads"]), "NumPy @ (GEMMs only)", f"{g['gemm_ms']:.1f}",
-                         "-", "-", f"{g['gemm_gflops']:.1f}", "100", "-", "-"])
+                         "-", "-", f"{g['gemm_gflops']:.1f}", "100",
+                         fmt(peak_share and 100 * peak_share, ".0f"), "-", "-"])
     print(format_table(headers, rows))
     print("speed vs torch = torch ms / ours ms; % of NumPy @ = NumPy's time for the step's "
-          "GEMMs / the whole step's time")
+          "GEMMs / the whole step's time; % of FMA peak = the step's GEMM FLOPs per second "
+          "against the cores' peak FMA rate")
+    for run in doc["runs"]:
+        if run.get("fma_peak_gflops"):
+            print(f"FMA peak at {run['threads']} thread(s) ({run['ours']['fma_peak_isa']} "
+                  f"vectors, measured in this run): {run['fma_peak_gflops']:.1f} GFLOP/s; at "
+                  "that rate "
+                  f"the step's GEMMs alone take {run['gemm_floor_ms']:.1f} ms, a floor for "
+                  "any implementation")
     for line in errors:
         print(f"error: {line}")
     for run in doc["runs"]:

@@ -185,6 +185,11 @@ def test_bench_train_json():
     assert ours["tokens_per_s"] > 0 and 0 < ours["share_of_numpy_gemm"]
     assert run["numpy_gemm"]["gemm_ms"] > 0
     assert doc["gemm_gflop_per_step"] > 0
+    # The FMA peak is the best over our GEMM paths, and bounds every measured GEMM rate.
+    assert run["fma_peak_gflops"] == max(ours["fma_peaks_gflops"].values())
+    assert run["gemm_floor_ms"] > 0
+    for impl in ("ours", "numpy_gemm"):
+        assert 0 < run[impl]["share_of_fma_peak"] < 1
     # The profile sees every kernel call: per step, one lm_head plus 4 linear layers per block
     # go backward through matmul_backward, and the kernels fit inside the step's time.
     profile = ours["profile"]
@@ -199,7 +204,8 @@ def test_bench_train_profile_table():
     proc = run_script("bench_train.py", "--quick", "--no-torch", "--threads", "1", "--profile")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    for needle in ("ms/step", "tok/s", "% of NumPy @", "peak RSS MB", "where our step's time goes",
+    for needle in ("ms/step", "tok/s", "% of NumPy @", "% of FMA peak", "FMA peak at 1 thread",
+                   "a floor for any implementation", "peak RSS MB", "where our step's time goes",
                    "matmul_backward", "adamw_step", "outside kernels"):
         assert needle in out, f"{needle!r} missing from:\n{out}"
 

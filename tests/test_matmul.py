@@ -321,3 +321,42 @@ def test_rejects_aliasing_and_bad_thread_counts(rng):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         mm.matmul_forward(ro, x, w, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# The FMA-peak yardstick of the benchmarks
+
+def _best_gemm_gflops(n, repeat=5):
+    """Our GEMM's best rate on an n x n x n product that fits in cache, one thread."""
+    import time
+
+    rng = np.random.default_rng(0)
+    a, b = _randn(rng, n, n), _randn(rng, n, n)
+    c = np.empty((n, n), np.float32)
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        mm.gemm(c, a, b, False, False, False, 1)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def test_fma_peak_bounds_the_gemm(isa):
+    # The peak is the rate no GEMM on the same path can beat: measured on registers alone,
+    # it must come out above (with room for timing noise) what the GEMM itself reaches on
+    # a cache-resident product, and below a rate no x86 core has (64 flops a cycle at 8 GHz).
+    peak = mm.fma_peak_gflops(1, seconds=0.05, isa=isa)
+    assert np.isfinite(peak) and peak < 64 * 8.0
+    assert peak > 0.8 * _best_gemm_gflops(192)
+
+
+def test_fma_peak_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n_threads"):
+        mm.fma_peak_gflops(0)
+    with pytest.raises(TypeError, match="n_threads"):
+        mm.fma_peak_gflops(1.5)
+    for bad in (0, -1.0, 100, "0.1", True, None):
+        with pytest.raises(ValueError, match="seconds must be a number"):
+            mm.fma_peak_gflops(1, seconds=bad)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        mm.fma_peak_gflops(1, seconds=0.01, isa="avx1024")

@@ -28,6 +28,7 @@ typedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
                              int mr, int nr);
 typedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                            Py_ssize_t rows, Py_ssize_t cols);
+typedef float (*rg_peak_fn)(Py_ssize_t iters);
 
 typedef struct {
     const char *name;
@@ -37,6 +38,7 @@ typedef struct {
     rg_kernel_fn kernel_narrow; /* left nr/2 columns only, for a last strip that narrow */
     rg_pack_fn pack_a;   /* (dst, a, rs, cs, mc, kc) */
     rg_pack_fn pack_b;   /* (dst, b, rs, cs, kc, nc) */
+    rg_peak_fn fma_peak; /* iters rounds of 2 * mr * nr flops, for benchmarks */
 } rg_isa_t;
 
 /* K block: the same on every path, so a path's results never depend on it (the kernel
@@ -96,11 +98,15 @@ typedef struct {
 /* Fastest first; rg_isa_supported() says which ones this CPU runs. */
 static const rg_isa_t rg_isas[] = {
 #ifdef RG_X86
-    {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_kernel_narrow, rg_avx512_pack_a, rg_avx512_pack_b},
-    {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_kernel_narrow, rg_avx2_pack_a, rg_avx2_pack_b},
-    {"sse2", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b},
+    {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_kernel_narrow, rg_avx512_pack_a, rg_avx512_pack_b,
+     rg_avx512_fma_peak},
+    {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_kernel_narrow, rg_avx2_pack_a, rg_avx2_pack_b,
+     rg_avx2_fma_peak},
+    {"sse2", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
+     rg_base_fma_peak},
 #else
-    {"generic", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b},
+    {"generic", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
+     rg_base_fma_peak},
 #endif
 };
 

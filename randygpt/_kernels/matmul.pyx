@@ -25,6 +25,8 @@ FMA chain in k order, continued across K blocks; so every element is computed th
 way whatever the thread count or which thread ran it: results are bit-identical for any
 n_threads (and identical between the avx2 and avx512 paths; sse2 has no FMA).
 """
+import time
+
 import numpy as np
 
 from cython.parallel cimport parallel, prange
@@ -34,7 +36,7 @@ from randygpt._kernels._omp cimport omp_get_thread_num
 
 
 __all__ = ["matmul_forward", "matmul_backward", "gemm", "matmul_sqrelu_forward",
-           "available_isas", "get_isa", "set_isa"]
+           "available_isas", "get_isa", "set_isa", "fma_peak_gflops"]
 
 
 cdef extern from "gemm_kernels.h" nogil:
@@ -44,6 +46,7 @@ cdef extern from "gemm_kernels.h" nogil:
                                   int mr, int nr) noexcept nogil
     ctypedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t cols) noexcept nogil
+    ctypedef float (*rg_peak_fn)(Py_ssize_t iters) noexcept nogil
     ctypedef struct rg_isa_t:
         const char *name
         int mr
@@ -53,6 +56,7 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_kernel_fn kernel_narrow
         rg_pack_fn pack_a
         rg_pack_fn pack_b
+        rg_peak_fn fma_peak
     int RG_KC
     int rg_isa_count()
     const rg_isa_t *rg_isa_at(int i)
@@ -88,6 +92,57 @@ def set_isa(name):
 
 
 set_isa(available_isas()[0])
+
+
+cdef double _fma_rounds(const rg_isa_t *isa, Py_ssize_t iters, int n_threads):
+    """Seconds for n_threads threads to run `iters` FMA rounds each, at the same time."""
+    cdef Py_ssize_t t
+    cdef float sink = 0.0
+    start = time.perf_counter()
+    with nogil:
+        if n_threads == 1:
+            sink += isa.fma_peak(iters)
+        else:
+            for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+                sink += isa.fma_peak(iters)
+    elapsed = time.perf_counter() - start
+    if sink != sink:  # never true; keeps the result alive
+        raise FloatingPointError("fma_peak_gflops: NaN")
+    return elapsed
+
+
+def fma_peak_gflops(n_threads=1, seconds=0.2, isa=None):
+    """The machine's peak float32 FMA rate on n_threads threads, in GFLOP/s, measured now
+    with the vector width and accumulator count of GEMM path `isa` (default: the current
+    one), on registers alone (no memory traffic).
+
+    A yardstick for benchmarks: no GEMM on this path can run faster than this. Takes
+    about `seconds`; the best of three timings is returned (a lost time slice only slows).
+    """
+    cdef int threads = _check_threads("fma_peak_gflops", n_threads)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not 0.001 <= seconds <= 60:
+        raise ValueError(f"fma_peak_gflops: seconds must be a number in [0.001, 60], "
+                         f"got {seconds!r}")
+    cdef const rg_isa_t *path = _isa
+    if isa is not None:
+        choices = available_isas()
+        if not isinstance(isa, str) or isa not in choices:
+            raise ValueError(f"fma_peak_gflops: isa must be one of {choices} on this CPU, "
+                             f"got {isa!r}")
+        for i in range(rg_isa_count()):
+            if rg_isa_at(i).name.decode() == isa:
+                path = rg_isa_at(i)
+    flops_per_round = 2.0 * path.mr * path.nr
+    cdef Py_ssize_t iters = 1000
+    while True:  # calibrate on one thread: a few percent of the budget per try
+        elapsed = _fma_rounds(path, iters, 1)
+        if elapsed >= seconds / 30 or iters >= (1 << 40):
+            break
+        iters *= 4
+    iters = max(int(iters * (seconds / 3) / max(elapsed, 1e-9)), 1)
+    best = min(_fma_rounds(path, iters, threads) for _ in range(3))
+    return threads * iters * flops_per_round / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------

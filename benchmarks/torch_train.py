@@ -117,15 +117,15 @@ def run(options, *, stdout=None, stderr=None):
 
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
-    log = train._Logger(out)
+    log = train.Logger(out)
     opts = options
     if opts.resume is not None or opts.stop_at is not None:
         raise TrainError("the torch twin writes no checkpoints: resume and stop_at are not supported")
 
-    config = train._build_config(opts.overrides)
+    config = train.build_config(opts.overrides)
     source = resolve_source(opts.data_path, opts.cache_dir, url=opts.data_url)
     tokenizer = CharTokenizer.from_text(source.text)
-    config = train._build_config({}, vocab_size=tokenizer.vocab_size, base=config)
+    config = train.build_config({}, vocab_size=tokenizer.vocab_size, base=config)
     dataset = Dataset(source.text, tokenizer, config.block_size)
 
     from randygpt.model import GPT
@@ -145,12 +145,12 @@ def run(options, *, stdout=None, stderr=None):
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                                   eps=config.adam_eps)
     # train.py's generators, as train.run derives them (it has no helper to call for this).
-    batch_rng = np.random.default_rng([config.seed, train._BATCH_STREAM])
-    eval_rng_seed = [config.seed, train._EVAL_STREAM]
+    batch_rng = np.random.default_rng([config.seed, train.BATCH_STREAM])
+    eval_rng_seed = [config.seed, train.EVAL_STREAM]
 
     out_dir = Path(opts.out_dir) if opts.out_dir is not None else \
-        Path("runs") / ("torch-" + train._default_out_dir().name)
-    out_dir = train._prepare_out_dir(out_dir)
+        Path("runs") / ("torch-" + train.default_out_dir().name)
+    out_dir = train.prepare_out_dir(out_dir)
     if (out_dir / "ckpt.npz").exists():
         raise TrainError(f"{str(out_dir)!r} holds a randygpt run (ckpt.npz); its metrics.csv "
                          "would be overwritten: choose another --out")
@@ -185,15 +185,15 @@ def run(options, *, stdout=None, stderr=None):
     final_estimate = None
     diverged = None
     step = 0
-    metrics_file, metrics = train._open_metrics(out_dir / "metrics.csv", None)
+    metrics_file, metrics = train.open_metrics(out_dir / "metrics.csv", None)
     try:
         model.train()
         first_estimate = evaluate()
         last_val = best_val = first_estimate["val"]
         log.line(f"Initial loss estimate: train {first_estimate['train']:.4f} | "
                  f"val {first_estimate['val']:.4f}")
-        metrics.writerow([0, f"{first_estimate['train']:.6f}", f"{first_estimate['val']:.6f}",
-                          f"{lr_at(0, opts.iters, config):.6e}", "", "0.000"])
+        metrics.writerow(train.metrics_row(0, first_estimate["train"], first_estimate["val"],
+                                          lr_at(0, opts.iters, config), None, 0.0))
         metrics_file.flush()
         t_start = time.perf_counter()
         t_mark, it_mark, loss_sum, train_time = t_start, 0, 0.0, 0.0
@@ -233,12 +233,11 @@ def run(options, *, stdout=None, stderr=None):
                 now = time.perf_counter()
                 eta = (now - t_mark) / n * (opts.iters - step)
                 mean_loss = loss_sum / n
-                log.progress(
-                    f"Iter {step}/{opts.iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | "
-                    f"LR {lr:.1e} | Best {best_val:.3f} | {train._format_rate(tok_s)} | "
-                    f"ETA {train.format_duration(eta)}", keep=evaluated)
-                metrics.writerow([step, f"{mean_loss:.6f}", f"{last_val:.6f}" if evaluated else "",
-                                  f"{lr:.6e}", f"{tok_s:.1f}", f"{now - t_start:.3f}"])
+                log.progress(train.progress_line(step, opts.iters, mean_loss, last_val, lr,
+                                                 best_val, tok_s, eta), keep=evaluated)
+                metrics.writerow(train.metrics_row(step, mean_loss,
+                                                   last_val if evaluated else None, lr, tok_s,
+                                                   now - t_start))
                 metrics_file.flush()
                 t_mark, it_mark, loss_sum, train_time = now, step, 0.0, 0.0
         log.end_progress()
@@ -250,7 +249,7 @@ def run(options, *, stdout=None, stderr=None):
                  f"val {final_estimate['val']:.4f} (started at {first_estimate['val']:.4f})")
     log.line(f"Metrics: {out_dir / 'metrics.csv'}")
     if opts.plot and diverged is None:
-        train._write_plot(out_dir, log)
+        train.write_plot(out_dir, log)
     return RunResult(out_dir=out_dir, checkpoint=None, step=step, iters=opts.iters, losses=losses,
                      first_estimate=first_estimate, final_estimate=final_estimate,
                      best_val=best_val, diverged=diverged)

@@ -23,16 +23,22 @@ from .data import SHAKESPEARE_URL, DataError, Dataset, resolve_source
 from .tokenizer import CharTokenizer
 
 __all__ = ["RunOptions", "RunResult", "TrainError", "run", "estimate_loss", "SAMPLE_PROMPTS",
-           "format_duration", "METRICS_HEADER"]
+           "format_duration", "METRICS_HEADER",
+           # run()'s building blocks, for a trainer that must reproduce its runs exactly (the
+           # PyTorch twin, benchmarks/torch_train.py): the same random streams, output
+           # directory, metrics file, log lines and plot.
+           "BATCH_STREAM", "EVAL_STREAM", "SAMPLE_STREAM", "Logger", "build_config",
+           "default_out_dir", "prepare_out_dir", "open_metrics", "format_rate", "write_plot",
+           "progress_line", "metrics_row"]
 
 SAMPLE_PROMPTS = ("ROMEO:", "To be or not to be", "Once upon a time")
 METRICS_HEADER = ("iter", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s")
 
 # Stream tags mixed with config.seed: np.random.default_rng([seed, tag]) gives independent
 # generators, so evaluating or sampling never shifts the batch positions training sees.
-_BATCH_STREAM = 1
-_EVAL_STREAM = 2
-_SAMPLE_STREAM = 3
+BATCH_STREAM = 1
+EVAL_STREAM = 2
+SAMPLE_STREAM = 3
 
 
 class TrainError(ValueError):
@@ -115,7 +121,22 @@ def format_duration(seconds):
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _format_rate(tok_per_s):
+def progress_line(step, iters, mean_loss, last_val, lr, best_val, tok_per_s, eta_s):
+    """The log line printed every log_every iterations."""
+    return (f"Iter {step}/{iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | LR {lr:.1e} | "
+            f"Best {best_val:.3f} | {format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
+
+
+def metrics_row(step, train_loss, val_loss, lr, tok_per_s, elapsed_s):
+    """One metrics.csv row (METRICS_HEADER's columns). val_loss is None on rows without an
+    evaluation, tok_per_s None before the first step; their cells stay empty, so a plot
+    shows only measured points."""
+    return [step, f"{train_loss:.6f}", "" if val_loss is None else f"{val_loss:.6f}",
+            f"{lr:.6e}", "" if tok_per_s is None else f"{tok_per_s:.1f}", f"{elapsed_s:.3f}"]
+
+
+def format_rate(tok_per_s):
+    """Tokens per second as the log line shows them: "12,345 tok/s"."""
     return f"{tok_per_s:,.0f} tok/s"
 
 
@@ -172,7 +193,7 @@ class _StopFlag:
         return self.signal_name is not None
 
 
-class _Logger:
+class Logger:
     """Log lines to a stream: plain lines when it is not a terminal; on a terminal the line is
     redrawn in place with \\r and kept (newline) at each evaluation."""
 
@@ -206,7 +227,8 @@ class _Logger:
             self._open_line = False
 
 
-def _default_out_dir():
+def default_out_dir():
+    """runs/<UTC date-time>, with -2, -3, ... appended when that directory exists."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / stamp
     path, n = base, 1
@@ -216,7 +238,8 @@ def _default_out_dir():
     return path
 
 
-def _prepare_out_dir(path):
+def prepare_out_dir(path):
+    """Create the output directory (and its parents); TrainError when that is impossible."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TrainError(f"output path {str(path)!r} exists and is not a directory")
@@ -227,7 +250,7 @@ def _prepare_out_dir(path):
     return path
 
 
-def _open_metrics(path, keep_until):
+def open_metrics(path, keep_until):
     """Open metrics.csv for appending. A resumed run keeps the rows up to its checkpoint's step and
     drops later ones (logged by a run that died before saving), so the file stays one curve."""
     rows = []
@@ -250,7 +273,9 @@ def _open_metrics(path, keep_until):
     return f, writer
 
 
-def _build_config(overrides, vocab_size=None, base=None):
+def build_config(overrides, vocab_size=None, base=None):
+    """Config(**overrides), or base with overrides applied; vocab_size, when given, replaces
+    the config's. A bad value is a TrainError with a one-line message."""
     from .config import Config
     try:
         if base is None:
@@ -264,7 +289,8 @@ def _build_config(overrides, vocab_size=None, base=None):
         raise TrainError(f"invalid configuration: {e}") from None
 
 
-def _write_plot(out_dir, log):
+def write_plot(out_dir, log):
+    """Draw the run's loss curves into out_dir and log where; a failure is a note, not an error."""
     from .plot import PlotError, plot_run
     try:
         log.line(f"Plot: {plot_run(out_dir)}")
@@ -290,7 +316,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
 
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
-    log = _Logger(out)
+    log = Logger(out)
     opts = options
     if opts is None:
         raise TrainError("options are required")
@@ -317,7 +343,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
             raise TrainError(f"checkpoint is already at iteration {start}; ask for more than "
                              f"{start} iterations to continue")
     else:
-        config = _build_config(opts.overrides, base=config)
+        config = build_config(opts.overrides, base=config)
         tokenizer = None
         start = 0
     if opts.stop_at is not None and opts.stop_at <= start:
@@ -326,7 +352,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     source = resolve_source(opts.data_path, opts.cache_dir, url=opts.data_url)
     if tokenizer is None:
         tokenizer = CharTokenizer.from_text(source.text)
-        config = _build_config({}, vocab_size=tokenizer.vocab_size, base=config)
+        config = build_config({}, vocab_size=tokenizer.vocab_size, base=config)
     try:
         dataset = Dataset(source.text, tokenizer, config.block_size)
     except DataError as e:
@@ -347,7 +373,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     except MemoryError:
         raise TrainError("not enough memory for this model and batch size; choose smaller "
                          "--n-embd, --n-layer or --batch-size") from None
-    batch_rng = np.random.default_rng([config.seed, _BATCH_STREAM])
+    batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
     best_val = math.inf
     if resumed is not None:
         model.load_flat_params(resumed.params)
@@ -366,8 +392,8 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
     elif resumed is not None:
         out_dir = Path(opts.resume).resolve().parent
     else:
-        out_dir = _default_out_dir()
-    out_dir = _prepare_out_dir(out_dir)
+        out_dir = default_out_dir()
+    out_dir = prepare_out_dir(out_dir)
     ckpt_path = out_dir / "ckpt.npz"
     if resumed is None and ckpt_path.exists():
         # A fresh run would overwrite that run's weights and metrics.
@@ -406,7 +432,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
         f.write("\n")
 
     B, T = config.batch_size, config.block_size
-    eval_rng_seed = [config.seed, _EVAL_STREAM]
+    eval_rng_seed = [config.seed, EVAL_STREAM]
     end = opts.iters if opts.stop_at is None else min(opts.iters, opts.stop_at)
     losses = []
     saved = None
@@ -429,7 +455,7 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                       rng_state=batch_rng.bit_generator.state, extra=extra)
         saved = ckpt_path
 
-    metrics_file, metrics = _open_metrics(metrics_path, start if resumed is not None else None)
+    metrics_file, metrics = open_metrics(metrics_path, start if resumed is not None else None)
     step = start
     try:
         with _StopFlag() as stop, threadpool_limits(1, "blas"):
@@ -441,8 +467,8 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                      f"val {first_estimate['val']:.4f}")
             if start == 0:
                 # The curve starts at the untrained model (a resumed run already has this row).
-                metrics.writerow([0, f"{first_estimate['train']:.6f}", f"{first_estimate['val']:.6f}",
-                                  f"{lr_at(0, opts.iters, config):.6e}", "", "0.000"])
+                metrics.writerow(metrics_row(0, first_estimate["train"], first_estimate["val"],
+                                            lr_at(0, opts.iters, config), None, 0.0))
                 metrics_file.flush()
             t_start = time.perf_counter()
             t_mark, it_mark, loss_sum = t_start, step, 0.0
@@ -485,13 +511,10 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
                     per_it = (now - t_mark) / n
                     eta = per_it * (end - step)
                     mean_loss = loss_sum / n
-                    log.progress(
-                        f"Iter {step}/{opts.iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | "
-                        f"LR {lr:.1e} | Best {best_val:.3f} | {_format_rate(tok_s)} | "
-                        f"ETA {format_duration(eta)}", keep=evaluated)
-                    # val_loss only on rows where it was measured, so a plot shows real points.
-                    metrics.writerow([step, f"{mean_loss:.6f}", f"{last_val:.6f}" if evaluated else "",
-                                      f"{lr:.6e}", f"{tok_s:.1f}", f"{now - t_start:.3f}"])
+                    log.progress(progress_line(step, opts.iters, mean_loss, last_val, lr,
+                                               best_val, tok_s, eta), keep=evaluated)
+                    metrics.writerow(metrics_row(step, mean_loss, last_val if evaluated else None,
+                                                 lr, tok_s, now - t_start))
                     metrics_file.flush()
                     t_mark, it_mark, loss_sum, train_time = now, step, 0.0, 0.0
                 if opts.save_every > 0 and step % opts.save_every == 0 and step < end:
@@ -527,13 +550,13 @@ def run(config=None, options=None, *, stdout=None, stderr=None):
         optimizer = None
         result.samples = _print_samples(model, tokenizer, config, opts, log)
     if opts.plot:
-        _write_plot(out_dir, log)
+        write_plot(out_dir, log)
     return result
 
 
 def _print_samples(model, tokenizer, config, opts, log):
     from .sample import generate
-    rng = np.random.default_rng([config.seed, _SAMPLE_STREAM])
+    rng = np.random.default_rng([config.seed, SAMPLE_STREAM])
     samples = {}
     for prompt in SAMPLE_PROMPTS:
         missing = tokenizer.unknown_chars(prompt)

@@ -168,6 +168,26 @@ def _matmul_sqrelu(d):
     return build
 
 
+def _matmul_sqrelu_backward(d):
+    """fc2's two gradients from fc1's pre-activation: NumPy's `@` does the same two products
+    (dW and dX) on relu(pre)^2 made beforehand, so "vs @" leaves out the squaring passes."""
+    def build(K, R, rng, n):
+        pre, dout, w = _randn(rng, d.N, d.H), _randn(rng, d.N, d.C), _randn(rng, d.C, d.H)
+        a, b = _twins(dpre=np.empty((d.N, d.H), np.float32), dw=np.zeros((d.C, d.H), np.float32))
+        act = np.square(np.maximum(pre, 0))
+        c_dw, c_dx = np.empty((d.C, d.H), np.float32), np.empty((d.N, d.H), np.float32)
+
+        def numpy_matmul():
+            np.matmul(dout.T, act, out=c_dw)
+            np.matmul(dout, w, out=c_dx)
+        return Trial(
+            ours=lambda: K.matmul_sqrelu_backward(a["dpre"], a["dw"], dout, pre, w, n),
+            ref=lambda: R.matmul_sqrelu_backward_ref(b["dpre"], b["dw"], dout, pre, w),
+            ours_out=(a["dpre"], a["dw"]), ref_out=(b["dpre"], b["dw"]),
+            numpy_matmul=numpy_matmul)
+    return build
+
+
 def matmul_cases(d):
     at_least = ("@", MATMUL_VS_NUMPY)
     cases = []
@@ -183,6 +203,8 @@ def matmul_cases(d):
         ]
     cases.append(Case("matmul", "matmul_sqrelu fc1", "fwd", f"NT {d.N}x{d.C}x{d.H}",
                       _matmul_sqrelu(d), 2.0 * d.N * d.C * d.H, at_least))
+    cases.append(Case("matmul", "matmul_sqrelu fc2", "bwd", f"TN+NN {d.N}x{d.H}x{d.C}",
+                      _matmul_sqrelu_backward(d), 4.0 * d.N * d.C * d.H, at_least))
     return cases
 
 

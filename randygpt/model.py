@@ -10,14 +10,16 @@ Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and
 with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
 Forward saves only what backward cannot cheaply redo: every residual stream (the norms' inputs
 and lm_head's), the norms' rstd (and mean), qkv and fc1's pre-activation. Backward recomputes,
-with the same deterministic code (so bit-identical to what forward used), the norm outputs and
-relu(fc1)^2 (one elementwise pass each) and, inside attention_backward, each layer's attention
+with the same deterministic code (so bit-identical to what forward used), the norm outputs (one
+elementwise pass each), relu(fc1)^2 inside fc2's backward GEMM (squared as it is packed, with
+the squared-ReLU backward in the same GEMM's write-back) and, inside attention_backward, each
+layer's attention
 probabilities and output (the scores and softmax again, about 3 ms per layer at the default
 size, 2% of a step, checked bit for bit by the attention tests): the probabilities were
 (L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
 Scratch buffers whose lifetimes do not overlap share memory: one work region holds act (N, H)
-during the MLP, then dqkv and atty during attention; fc1's input gradient overwrites act's
-recomputed values and the squared-ReLU backward runs in place; the branch gradient and then the
+during the MLP, then dqkv and atty during attention; in backward fc1's pre-activation gradient
+is written into act's memory; the branch gradient and then the
 norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the arena is 125 MiB
 (189 MiB with every activation saved and separate scratch), and a training step peaks at about
 240 MiB RSS with the parameters, gradients and AdamW moments (305 MiB before).
@@ -136,8 +138,7 @@ class ActivationArena:
         self.targets = np.zeros(N, dtype=np.int32)
         w = self.work
         self.act = w[:N * H].reshape(N, H)           # relu(fc1_pre)^2, fc2's input; in backward
-                                                     # recomputed, then overwritten by its
-                                                     # gradient, then by fc1_pre's (in place)
+                                                     # fc1_pre's gradient
         self.dqkv = w[:3 * N * C].reshape(B, T, 3 * C)
         self.atty = w[3 * N * C:4 * N * C].reshape(B, T, C)  # attention output, wo's input
         # 2-D views of the (B, T, X) buffers for the row-wise kernels (matmul, norm, dropout).
@@ -381,16 +382,15 @@ class GPT:
             w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
             dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 1, nt)
-            activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)  # bit-identical to fused
-            matmul.matmul_backward(None, gw.fc2, dproj, a.act, w.fc2, nt)
-            dact = a.act  # act is dead once fc2's weight gradient has read it
-            matmul.gemm(dact, dproj, w.fc2, False, False, False, nt)
-            activation.squared_relu_backward_inplace(dact, a.fc1_pre[l], nt)  # now dfc1_pre
+            # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the
+            # GEMM packs it, and the squared-ReLU backward runs in the write-back.
+            dpre = a.act  # act's memory, free in backward
+            matmul.matmul_sqrelu_backward(dpre, gw.fc2, dproj, a.fc1_pre[l], w.fc2, nt)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
                                w.ln2_b, nt)  # recompute fc1's input
-            matmul.matmul_backward(None, gw.fc1, dact, a.ln, w.fc1, nt)
+            matmul.matmul_backward(None, gw.fc1, dpre, a.ln, w.fc1, nt)
             dln = a.proj  # the branch gradient (proj or dresid) has been used up
-            matmul.gemm(dln, dact, w.fc1, False, False, False, nt)
+            matmul.gemm(dln, dpre, w.fc1, False, False, False, nt)
             self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l],
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T

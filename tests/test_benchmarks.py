@@ -190,11 +190,13 @@ def test_bench_train_json():
     assert run["gemm_floor_ms"] > 0
     for impl in ("ours", "numpy_gemm"):
         assert 0 < run[impl]["share_of_fma_peak"] < 1
-    # The profile sees every kernel call: per step, one lm_head plus 4 linear layers per block
-    # go backward through matmul_backward, and the kernels fit inside the step's time.
+    # The profile sees every kernel call: per step, lm_head's and each block's qkv, wo and fc1
+    # weight gradients go through matmul_backward, fc2's through matmul_sqrelu_backward, and
+    # the kernels fit inside the step's time.
     profile = ours["profile"]
     calls = {(r["phase"], r["kernel"]): r["calls"] for r in profile["kernels"]}
-    assert calls[("backward", "matmul_backward")] == 4 * doc["config"]["n_layer"] + 1
+    assert calls[("backward", "matmul_backward")] == 3 * doc["config"]["n_layer"] + 1
+    assert calls[("backward", "matmul_sqrelu_backward")] == doc["config"]["n_layer"]
     assert calls[("optimizer", "adamw_step")] == 1
     assert 0 < sum(r["ms"] for r in profile["kernels"]) <= profile["step_ms"]
 

@@ -9,8 +9,10 @@ from randygpt._kernels._ref_matmul import (
     gemm_ref,
     matmul_backward_ref,
     matmul_forward_ref,
+    matmul_sqrelu_backward_ref,
     matmul_sqrelu_forward_ref,
 )
+from randygpt._kernels import activation
 
 from conftest import assert_bitwise_equal, assert_close, assert_grad_close, numerical_grad, thread_counts
 
@@ -116,6 +118,76 @@ def test_sqrelu_forward_matches_reference(isa, rng, shape):
     assert_bitwise_equal(pre, plain, name=f"pre vs matmul_forward [{isa}]")
 
 
+def _sqrelu_backward_unfused(dpre, dw, dout, pre, w, n_threads):
+    """The steps matmul_sqrelu_backward fuses, each by its own kernel."""
+    act = np.empty_like(pre)
+    activation.squared_relu_forward(act, pre, n_threads)
+    if dw is not None:
+        mm.matmul_backward(None, dw, dout, act, w, n_threads)
+    if dpre is not None:
+        mm.gemm(dpre, dout, w, False, False, False, n_threads)
+        activation.squared_relu_backward_inplace(dpre, pre, n_threads)
+
+
+# (N, IC, OC): besides the linear shapes, OC over one K block, for dpre's write-back
+# (2 relu(pre) applied only once the sums are complete), and OC = 0 (an empty product).
+SQRELU_BACKWARD_SHAPES = LINEAR_SHAPES + [(9, 20, KC + 44), (4, 3, 0)]
+
+
+@pytest.mark.parametrize("shape", SQRELU_BACKWARD_SHAPES)
+@pytest.mark.parametrize("which", ["both", "dpre", "dw"])
+def test_sqrelu_backward_matches_reference_and_unfused(isa, rng, shape, which):
+    N, IC, OC = shape
+    pre, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
+    pre[0, 0] = 0.0  # relu's kink: both the forward and the gradient are 0 there
+    dw0 = _randn(rng, OC, IC)
+    outs = {}
+    for name, fn in (("fused", mm.matmul_sqrelu_backward), ("unfused", _sqrelu_backward_unfused),
+                     ("ref", None)):
+        dpre = np.full((N, IC), np.nan, np.float32) if which in ("both", "dpre") else None
+        dw = dw0.copy() if which in ("both", "dw") else None
+        if fn is None:
+            matmul_sqrelu_backward_ref(dpre, dw, dout, pre, w)
+        else:
+            fn(dpre, dw, dout, pre, w, 1)
+        outs[name] = (dpre, dw)
+    for i, label, k in ((0, "dpre", OC), (1, "dw", N)):
+        got = outs["fused"][i]
+        if got is None:
+            continue
+        assert not np.isnan(got).any(), f"{label}: the write-back read the NaN-filled output"
+        assert_close(got, outs["ref"][i], name=f"{label}[{isa}]", **_tol(k))
+        # Bit for bit what the separate kernels give: the model's results do not change.
+        assert_bitwise_equal(got, outs["unfused"][i], name=f"{label} vs unfused [{isa}]")
+
+
+def test_sqrelu_backward_passes_nan_through(isa, rng):
+    # relu(NaN) is NaN on every path, so a NaN pre-activation shows up in both gradients.
+    N, IC, OC = 13, 37, 20
+    pre, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
+    pre[3, 5] = np.nan
+    dpre, dw = np.zeros((N, IC), np.float32), np.zeros((OC, IC), np.float32)
+    mm.matmul_sqrelu_backward(dpre, dw, dout, pre, w, 1)
+    assert np.isnan(dpre[3, 5]) and np.isnan(dpre).sum() == 1
+    assert np.isnan(dw[:, 5]).all() and np.isnan(dw).sum() == OC
+
+
+def test_sqrelu_backward_rejects_bad_input(rng):
+    N, IC, OC = 5, 4, 3
+    pre, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
+    dpre, dw = np.zeros((N, IC), np.float32), np.zeros((OC, IC), np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        mm.matmul_sqrelu_backward(pre, dw, dout, pre, w, 1)
+    with pytest.raises(ValueError, match=r"dpre has shape \(4, 4\)"):
+        mm.matmul_sqrelu_backward(dpre[:4].copy(), dw, dout, pre, w, 1)
+    with pytest.raises(ValueError, match=r"dout has shape"):
+        mm.matmul_sqrelu_backward(dpre, dw, dout[:, :2].copy(), pre, w, 1)
+    with pytest.raises(TypeError, match="pre must be float32"):
+        mm.matmul_sqrelu_backward(dpre, dw, dout, pre.astype(np.float64), w, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        mm.matmul_sqrelu_backward(dpre, dw, dout, pre, w, 0)
+
+
 def test_model_shapes_match_reference(isa, rng):
     # The fc1 forward and the fc2 weight gradient at the real size (N = B*T = 2048).
     N, C, H = 2048, 256, 1024
@@ -179,12 +251,14 @@ def test_bitwise_identical_across_thread_counts(isa, rng, shape, items_per_threa
         acc = base.copy()
         pre, act = np.empty((N, OC), np.float32), np.empty((N, OC), np.float32)
         dx, dw = np.ones((N, IC), np.float32), np.ones((OC, IC), np.float32)
+        dpre, dw2 = np.empty((N, IC), np.float32), np.ones((OC, IC), np.float32)
         mm.matmul_forward(out, x, w, n)
         mm.matmul_forward(acc, x, w, n, accumulate=True)
         mm.matmul_sqrelu_forward(act, pre, x, w, n)
         mm.matmul_backward(dx, dw, dout, x, w, n)
-        results.append((f"{n} threads, {items} items each", [out, acc, act, pre, dx, dw]))
-    names = ["out", "out (accumulate)", "sqrelu out", "pre", "dx", "dw"]
+        mm.matmul_sqrelu_backward(dpre, dw2, dout, x, w, n)  # x as the pre-activation
+        results.append((f"{n} threads, {items} items each", [out, acc, act, pre, dx, dw, dpre, dw2]))
+    names = ["out", "out (accumulate)", "sqrelu out", "pre", "dx", "dw", "sqrelu dpre", "sqrelu dw"]
     for label, arrays in results[1:]:
         for name, a, b in zip(names, results[0][1], arrays):
             assert_bitwise_equal(b, a, name=f"{name} [{isa}] {label} vs 1 thread")
@@ -244,6 +318,24 @@ def test_backward_ref_matches_finite_differences():
     dx, dw = np.zeros_like(x), np.zeros_like(w)
     matmul_backward_ref(dx, dw, g, x, w)
     assert_grad_close(dx, numerical_grad(loss, x), name="dx")
+    assert_grad_close(dw, numerical_grad(loss, w), name="dw")
+
+
+def test_sqrelu_backward_ref_matches_finite_differences():
+    rng = np.random.default_rng(8)
+    N, IC, OC = 3, 4, 5
+    # Away from relu's kink, where the finite difference would straddle it.
+    pre = rng.standard_normal((N, IC))
+    pre[np.abs(pre) < 0.1] = 0.5
+    w = rng.standard_normal((OC, IC))
+    g = rng.standard_normal((N, OC))  # loss = sum(g * relu(pre)^2 @ w.T)
+
+    def loss():
+        return float(np.sum(g * (np.square(np.maximum(pre, 0)) @ w.T)))
+
+    dpre, dw = np.zeros_like(pre), np.zeros_like(w)
+    matmul_sqrelu_backward_ref(dpre, dw, g, pre, w)
+    assert_grad_close(dpre, numerical_grad(loss, pre), name="dpre")
     assert_grad_close(dw, numerical_grad(loss, w), name="dw")
 
 

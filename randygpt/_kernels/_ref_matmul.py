@@ -6,7 +6,8 @@ Weights are stored (out, in), so a linear layer is ``x @ w.T``.
 """
 import numpy as np
 
-__all__ = ["matmul_forward_ref", "matmul_backward_ref", "gemm_ref", "matmul_sqrelu_forward_ref"]
+__all__ = ["matmul_forward_ref", "matmul_backward_ref", "gemm_ref", "matmul_sqrelu_forward_ref",
+           "matmul_sqrelu_backward_ref"]
 
 
 def matmul_forward_ref(out, x, w, accumulate=False):
@@ -42,3 +43,15 @@ def matmul_sqrelu_forward_ref(out, pre, x, w):
     """pre (N, OC) written = x @ w.T (saved for backward); out (N, OC) written = relu(pre)**2."""
     pre[...] = x @ w.T
     out[...] = np.square(np.maximum(pre, 0))
+
+
+def matmul_sqrelu_backward_ref(dpre, dw, dout, pre, w):
+    """Gradients of out = relu(pre)**2 @ w.T with respect to pre and w; dpre or dw may be None.
+    dpre : (N, IC)  written = (dout @ w) * 2 relu(pre)
+    dw   : (OC, IC) accumulated += dout.T @ relu(pre)**2
+    """
+    relu = np.maximum(pre, 0)
+    if dw is not None:
+        dw += dout.T @ np.square(relu)
+    if dpre is not None:
+        dpre[...] = (dout @ w) * (2 * relu)

@@ -25,7 +25,8 @@
 typedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
                              const float *init, Py_ssize_t ld_init,
                              float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
-                             int mr, int nr);
+                             const float *gate, int mr, int nr);
+typedef void (*rg_inplace_fn)(float *p, Py_ssize_t n);
 typedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                            Py_ssize_t rows, Py_ssize_t cols);
 typedef float (*rg_peak_fn)(Py_ssize_t iters);
@@ -38,6 +39,7 @@ typedef struct {
     rg_kernel_fn kernel_narrow; /* left nr/2 columns only, for a last strip that narrow */
     rg_pack_fn pack_a;   /* (dst, a, rs, cs, mc, kc) */
     rg_pack_fn pack_b;   /* (dst, b, rs, cs, kc, nc) */
+    rg_inplace_fn sqrelu_inplace; /* relu(x)^2 over a packed strip */
     rg_peak_fn fma_peak; /* iters rounds of 2 * mr * nr flops, for benchmarks */
 } rg_isa_t;
 
@@ -99,14 +101,14 @@ typedef struct {
 static const rg_isa_t rg_isas[] = {
 #ifdef RG_X86
     {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_kernel_narrow, rg_avx512_pack_a, rg_avx512_pack_b,
-     rg_avx512_fma_peak},
+     rg_avx512_sqrelu_inplace, rg_avx512_fma_peak},
     {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_kernel_narrow, rg_avx2_pack_a, rg_avx2_pack_b,
-     rg_avx2_fma_peak},
+     rg_avx2_sqrelu_inplace, rg_avx2_fma_peak},
     {"sse2", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
-     rg_base_fma_peak},
+     rg_base_sqrelu_inplace, rg_base_fma_peak},
 #else
     {"generic", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
-     rg_base_fma_peak},
+     rg_base_sqrelu_inplace, rg_base_fma_peak},
 #endif
 };
 

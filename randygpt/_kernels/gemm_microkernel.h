@@ -41,9 +41,20 @@ static inline RG_TARGET RG_NAME(vec) RG_NAME(sqrelu)(RG_NAME(vec) v)
     return (RG_NAME(vec))(~negative & (RG_NAME(ivec))(v * v));
 }
 
+/* 2 relu(g), relu written "g <= 0 ? 0 : g" like activation.pyx's, so NaN passes through. */
+static inline RG_TARGET RG_NAME(vec) RG_NAME(relu2x)(RG_NAME(vec) g)
+{
+    const RG_NAME(vec) zero = {0};
+    const RG_NAME(ivec) nonpos = g <= zero;
+    const RG_NAME(vec) r = (RG_NAME(vec))(~nonpos & (RG_NAME(ivec))g);
+    return r + r;
+}
+
 /* One MR x NR tile: acc = init (or 0); acc += sum_k a[:, k] b[k, :] as one FMA chain per
  * element in k order; then dst = acc (or dst + acc when add_dst), and c2 = relu(acc)^2
- * if c2 is given (same leading dimension as dst).
+ * if c2 is given (same leading dimension as dst). With gate given (same leading
+ * dimension, never together with add_dst or c2), dst = 2 relu(gate) * acc instead: the
+ * squared-ReLU backward, rounded like activation.pyx's squared_relu_backward_inplace.
  *
  * Continuing the chain from a stored partial (init) makes the result independent of how
  * K is cut into blocks, and the final "+ dst" makes repeated accumulation exact: adding
@@ -54,12 +65,19 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
     const int nv, /* vectors per row actually computed: RG_NV, or RG_NV / 2 (narrow) */
     Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
     const float *init, Py_ssize_t ld_init,
-    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, const float *gate,
     int mr, int nr)
 {
     RG_NAME(vec) acc[RG_MR][RG_NV];
     float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
     const int full = (mr == RG_MR && nr == nv * RG_VW);
+
+    /* The gate is read only after the k loop: ask for its rows now, so that they arrive
+     * while the FMAs run instead of stalling the write-back. */
+    if (gate != NULL)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j += 16)
+                __builtin_prefetch(gate + i * ld_dst + j);
 
     if (init == NULL) {
 #pragma GCC unroll 16
@@ -109,6 +127,8 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
                 RG_NAME(vec) v = acc[i][j];
                 if (add_dst)
                     v = RG_NAME(loadu)(d) + v;
+                if (gate != NULL)
+                    v = RG_NAME(relu2x)(RG_NAME(loadu)(gate + i * ld_dst + j * RG_VW)) * v;
                 RG_NAME(storeu)(d, v);
                 if (c2 != NULL)
                     RG_NAME(storeu)(c2 + i * ld_dst + j * RG_VW, RG_NAME(sqrelu)(v));
@@ -124,6 +144,11 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
                 float v = tile[i * RG_NR + j];
                 if (add_dst)
                     v = dst[i * ld_dst + j] + v;
+                if (gate != NULL) {
+                    const float g = gate[i * ld_dst + j];
+                    const float r = g <= 0.0f ? 0.0f : g;
+                    v = (r + r) * v;
+                }
                 dst[i * ld_dst + j] = v;
                 if (c2 != NULL)
                     c2[i * ld_dst + j] = v < 0.0f ? 0.0f : v * v;
@@ -134,9 +159,9 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
 static RG_TARGET void RG_NAME(kernel)(
     Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
     const float *init, Py_ssize_t ld_init,
-    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, int mr, int nr)
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, const float *gate, int mr, int nr)
 {
-    RG_NAME(tile)(RG_NV, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, mr, nr);
+    RG_NAME(tile)(RG_NV, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, gate, mr, nr);
 }
 
 /* The same tile with only the left half of the columns: for a last B strip of at most
@@ -146,9 +171,9 @@ static RG_TARGET void RG_NAME(kernel)(
 static RG_TARGET void RG_NAME(kernel_narrow)(
     Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
     const float *init, Py_ssize_t ld_init,
-    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, int mr, int nr)
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, const float *gate, int mr, int nr)
 {
-    RG_NAME(tile)(RG_NV / 2, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, mr, nr);
+    RG_NAME(tile)(RG_NV / 2, kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2, gate, mr, nr);
 }
 
 /* dst[k * ld + r] = src[r * rs + k] for r < rows, k < kc: packing rows that are
@@ -252,6 +277,17 @@ static RG_TARGET void RG_NAME(pack_b)(
             }
         }
     }
+}
+
+/* p[i] = relu(p[i])^2 for i < n, in place: a packed strip of an operand that the
+ * caller holds before its squared ReLU (fc2's input, recomputed while packing). */
+static RG_TARGET void RG_NAME(sqrelu_inplace)(float *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + RG_VW <= n; i += RG_VW)
+        RG_NAME(storeu)(p + i, RG_NAME(sqrelu)(RG_NAME(loadu)(p + i)));
+    for (; i < n; i++)
+        p[i] = p[i] < 0.0f ? 0.0f : p[i] * p[i];
 }
 
 /* The core's peak FMA rate, as a yardstick for the GEMM: iters rounds of one FMA on each

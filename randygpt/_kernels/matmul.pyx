@@ -5,6 +5,9 @@
     matmul_backward        dx (N, IC) += dout . w                           (NN)
                            dw (OC, IC) += dout^T . x                        (TN)
     matmul_sqrelu_forward  pre = x . w^T, out = relu(pre)^2 in the write-back
+    matmul_sqrelu_backward gradients of out = relu(pre)^2 . w^T from pre alone:
+                           dw += dout^T . relu(pre)^2 (squared while packing), and
+                           dpre = (dout . w) * 2 relu(pre) (in the write-back)
     gemm                   c (M, N) (+)= op(a) . op(b)
 
 Dimension letters: N = B*T rows, IC/OC input/output channels; M, N, K for gemm.
@@ -36,16 +39,17 @@ from randygpt._kernels._omp cimport omp_get_thread_num
 
 
 __all__ = ["matmul_forward", "matmul_backward", "gemm", "matmul_sqrelu_forward",
-           "available_isas", "get_isa", "set_isa", "fma_peak_gflops"]
+           "matmul_sqrelu_backward", "available_isas", "get_isa", "set_isa", "fma_peak_gflops"]
 
 
 cdef extern from "gemm_kernels.h" nogil:
     ctypedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
                                   const float *init, Py_ssize_t ld_init,
                                   float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
-                                  int mr, int nr) noexcept nogil
+                                  const float *gate, int mr, int nr) noexcept nogil
     ctypedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t cols) noexcept nogil
+    ctypedef void (*rg_inplace_fn)(float *p, Py_ssize_t n) noexcept nogil
     ctypedef float (*rg_peak_fn)(Py_ssize_t iters) noexcept nogil
     ctypedef struct rg_isa_t:
         const char *name
@@ -56,6 +60,7 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_kernel_fn kernel_narrow
         rg_pack_fn pack_a
         rg_pack_fn pack_b
+        rg_inplace_fn sqrelu_inplace
         rg_peak_fn fma_peak
     int RG_KC
     int rg_isa_count()
@@ -177,7 +182,9 @@ cdef struct _Gemm:
     _Operand a, b
     float *c            # (M, N), leading dimension ldc
     float *c2           # relu(c)^2 written in the last K block, or NULL
+    const float *gate   # c = 2 relu(gate) * product in the last K block, or NULL
     Py_ssize_t ldc
+    bint b_sqrelu       # op(b) is relu(b)^2, applied as its strips are packed
     bint accumulate
     float *partial      # (M, N) running sums when accumulating over several K blocks
     Py_ssize_t m_tiles, n_tiles, n_items
@@ -212,6 +219,9 @@ cdef inline void _pack_b_strips(const _Gemm *g, float *dst, Py_ssize_t jt_lo, Py
     cdef Py_ssize_t j = jt_lo * g.isa.nr
     g.isa.pack_b(dst, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
                  kc, min(jt_hi * g.isa.nr, g.N) - j)
+    if g.b_sqrelu:
+        # The zero padding stays zero.
+        g.isa.sqrelu_inplace(dst, (jt_hi - jt_lo) * g.isa.nr * kc)
 
 
 cdef void _pack_shared(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nogil:
@@ -250,6 +260,7 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
     cdef const float *init
     cdef float *dst
     cdef float *c2_tile
+    cdef const float *gate_tile
     cdef Py_ssize_t ld_init, ld_dst
     cdef int add_dst, tile_n
     cdef rg_kernel_fn kernel
@@ -279,6 +290,7 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
                     ap = shared + i * kc
                 add_dst = 0
                 c2_tile = NULL
+                gate_tile = NULL
                 if g.accumulate and not last:
                     dst = g.partial + i * g.N + j
                     ld_dst = g.N
@@ -296,14 +308,22 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
                         ld_init = g.ldc
                     if g.c2 != NULL:
                         c2_tile = g.c2 + i * g.ldc + j
-                kernel(kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2_tile,
+                    if g.gate != NULL and last:
+                        # Only once the sums are complete: earlier blocks' partial sums
+                        # in c are read back as the next block's init.
+                        gate_tile = g.gate + i * g.ldc + j
+                kernel(kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2_tile, gate_tile,
                        <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
 
 
 cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
-               bint accumulate, int n_threads) noexcept nogil:
+               const float *gate, bint b_sqrelu, bint accumulate,
+               int n_threads) noexcept nogil:
     """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory.
+
+    c2 (relu(c)^2 beside c) and gate (c = 2 relu(gate) * product) share c's leading
+    dimension and come only without accumulate; b_sqrelu uses relu(op(b))^2 for op(b).
 
     For each K block: pack the shared operand's strips (all threads together), then run
     the tiles in work items.
@@ -314,6 +334,7 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     cdef _Gemm g
     if M == 0 or N == 0:
         return 0
+    cdef float r
     if K == 0:
         if not accumulate:
             for i in range(M):
@@ -321,11 +342,16 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                     c[i * ldc + j] = 0.0
                     if c2 != NULL:
                         c2[i * ldc + j] = 0.0
+                    if gate != NULL:
+                        # 2 relu(gate) * 0, as the kernel's write-back would round it
+                        r = 0.0 if gate[i * ldc + j] <= 0.0 else gate[i * ldc + j]
+                        c[i * ldc + j] = (r + r) * c[i * ldc + j]
         return 0
     g.isa = isa
     g.M, g.N, g.K = M, N, K
     g.a, g.b = a, b
     g.c, g.c2, g.ldc = c, c2, ldc
+    g.gate, g.b_sqrelu = gate, b_sqrelu
     g.accumulate = accumulate
     g.m_tiles = (M + isa.mr - 1) // isa.mr
     g.n_tiles = (N + isa.nr - 1) // isa.nr
@@ -445,15 +471,20 @@ cdef inline _Operand _operand(const float[:, ::1] arr, bint transposed):
 
 
 cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand b,
-               Py_ssize_t K, bint accumulate, int n_threads):
+               Py_ssize_t K, bint accumulate, int n_threads,
+               const float[:, ::1] gate=None, bint b_sqrelu=False):
+    """c (+)= op(a) . op(b) (see _gemm for c2, gate and b_sqrelu), the GIL released."""
     cdef Py_ssize_t M = c.shape[0], N = c.shape[1]
     cdef float *cp = &c[0, 0] if M > 0 and N > 0 else NULL
     cdef float *c2p = NULL
+    cdef const float *gatep = NULL
     cdef int rc
     if c2 is not None and M > 0 and N > 0:
         c2p = &c2[0, 0]
+    if gate is not None and M > 0 and N > 0:
+        gatep = &gate[0, 0]
     with nogil:
-        rc = _gemm(_isa, M, N, K, a, b, cp, N, c2p, accumulate, n_threads)
+        rc = _gemm(_isa, M, N, K, a, b, cp, N, c2p, gatep, b_sqrelu, accumulate, n_threads)
     if rc != 0:
         raise MemoryError(f"{func}: could not allocate GEMM packing buffers for {M}x{K}x{N}")
 
@@ -559,3 +590,49 @@ def matmul_sqrelu_forward(out, pre, x, w, n_threads):
     _check_no_alias(func, {"out": out, "pre": pre}, {"x": x, "w": w})
     nt = _check_threads(func, n_threads)
     _run_gemm(func, pre, out, _operand(x, False), _operand(w, True), IC, False, nt)
+
+
+def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
+    """Gradients of out = relu(pre)^2 . w^T (a linear layer on a squared ReLU's output), with
+    the activation never stored: pass None to skip one.
+    dpre : (N, IC)  float32  written = (dout . w) * 2 relu(pre)
+    dw   : (OC, IC) float32  accumulated += dout^T . relu(pre)^2
+    dout : (N, OC)  float32  read
+    pre  : (N, IC)  float32  read, the squared ReLU's input
+    w    : (OC, IC) float32  read
+
+    Bit for bit what the unfused steps give: squared_relu_forward(act, pre),
+    matmul_backward(None, dw, dout, act, w), gemm(dpre, dout, w, False, False, False) and
+    squared_relu_backward_inplace(dpre, pre); without the two passes over (N, IC) arrays.
+    """
+    func = "matmul_sqrelu_backward"
+    for name, arr in (("dout", dout), ("pre", pre), ("w", w)):
+        _check_matrix(func, name, arr)
+    outputs = {}
+    if dpre is not None:
+        _check_output(func, "dpre", dpre)
+        outputs["dpre"] = dpre
+    if dw is not None:
+        _check_output(func, "dw", dw)
+        outputs["dw"] = dw
+    shapes = (f"dpre {None if dpre is None else dpre.shape}, "
+              f"dw {None if dw is None else dw.shape}, dout {dout.shape}, pre {pre.shape}, "
+              f"w {w.shape}")
+    N, IC = pre.shape
+    OC = w.shape[0]
+    _check_shape(func, "w", w, (OC, IC), shapes)
+    _check_shape(func, "dout", dout, (N, OC), shapes)
+    if dpre is not None:
+        _check_shape(func, "dpre", dpre, (N, IC), shapes)
+    if dw is not None:
+        _check_shape(func, "dw", dw, (OC, IC), shapes)
+    _check_no_alias(func, outputs, {"dout": dout, "pre": pre, "w": w})
+    nt = _check_threads(func, n_threads)
+    # dw = dout^T (OC, N) . relu(pre)^2 (N, IC)
+    if dw is not None:
+        _run_gemm(func, dw, None, _operand(dout, True), _operand(pre, False), N, True, nt,
+                  None, True)
+    # dpre = dout (N, OC) . w (OC, IC), times 2 relu(pre) in the write-back
+    if dpre is not None:
+        _run_gemm(func, dpre, None, _operand(dout, False), _operand(w, False), OC, False, nt,
+                  pre, False)

@@ -228,12 +228,8 @@ static RG_TARGET void RG_NAME(pack_a)(
         const Py_ssize_t mr = mc - i0 < RG_MR ? mc - i0 : RG_MR;
         if (mr == RG_MR && rs == 1) {
             /* op(A) columns are contiguous (a transposed operand): MR floats per k. */
-            for (Py_ssize_t k = 0; k < kc; k++) {
-                const float *s = a + i0 + k * cs;
-#pragma GCC unroll 16
-                for (int r = 0; r < RG_MR; r++)
-                    d[k * RG_MR + r] = s[r];
-            }
+            for (Py_ssize_t k = 0; k < kc; k++)
+                __builtin_memcpy(d + k * RG_MR, a + i0 + k * cs, RG_MR * sizeof(float));
         } else if (mr == RG_MR && cs == 1) {
             /* Rows contiguous along k (X in the forward, dY in the input grad). */
             RG_NAME(transpose_rows)(d, RG_MR, a + i0 * rs, rs, RG_MR, kc);

@@ -72,12 +72,16 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
     float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
     const int full = (mr == RG_MR && nr == nv * RG_VW);
 
-    /* The gate is read only after the k loop: ask for its rows now, so that they arrive
-     * while the FMAs run instead of stalling the write-back. */
+    /* dst (when added to) and the gate are read only after the k loop: ask for their rows
+     * now, so that they arrive while the FMAs run instead of stalling the write-back. */
     if (gate != NULL)
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j += 16)
                 __builtin_prefetch(gate + i * ld_dst + j);
+    if (add_dst)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j += 16)
+                __builtin_prefetch(dst + i * ld_dst + j, 1);
 
     if (init == NULL) {
 #pragma GCC unroll 16

@@ -457,6 +457,34 @@ cdef int _check_threads(str func, n_threads) except -1:
     return <int>min(int(n_threads), 1 << 16)
 
 
+cdef tuple _check_linear_grads(str func, str dx_name, dx, dw, dout, str x_name, x, w,
+                               n_threads):
+    """Checks the arguments of a linear layer's backward (dx (N, IC) and dw (OC, IC), either
+    may be None; dout (N, OC), x (N, IC), w (OC, IC)); returns (N, IC, OC, n_threads)."""
+    for name, arr in (("dout", dout), (x_name, x), ("w", w)):
+        _check_matrix(func, name, arr)
+    outputs = {}
+    if dx is not None:
+        _check_output(func, dx_name, dx)
+        outputs[dx_name] = dx
+    if dw is not None:
+        _check_output(func, "dw", dw)
+        outputs["dw"] = dw
+    shapes = (f"{dx_name} {None if dx is None else dx.shape}, "
+              f"dw {None if dw is None else dw.shape}, dout {dout.shape}, {x_name} {x.shape}, "
+              f"w {w.shape}")
+    N, IC = x.shape
+    OC = w.shape[0]
+    _check_shape(func, "w", w, (OC, IC), shapes)
+    _check_shape(func, "dout", dout, (N, OC), shapes)
+    if dx is not None:
+        _check_shape(func, dx_name, dx, (N, IC), shapes)
+    if dw is not None:
+        _check_shape(func, "dw", dw, (OC, IC), shapes)
+    _check_no_alias(func, outputs, {"dout": dout, x_name: x, "w": w})
+    return N, IC, OC, _check_threads(func, n_threads)
+
+
 cdef inline _Operand _operand(const float[:, ::1] arr, bint transposed):
     """op(arr) as (pointer, row stride, column stride)."""
     cdef _Operand op
@@ -518,27 +546,7 @@ def matmul_backward(dx, dw, dout, x, w, n_threads):
     w    : (OC, IC) float32  read
     """
     func = "matmul_backward"
-    for name, arr in (("dout", dout), ("x", x), ("w", w)):
-        _check_matrix(func, name, arr)
-    outputs = {}
-    if dx is not None:
-        _check_output(func, "dx", dx)
-        outputs["dx"] = dx
-    if dw is not None:
-        _check_output(func, "dw", dw)
-        outputs["dw"] = dw
-    shapes = (f"dx {None if dx is None else dx.shape}, dw {None if dw is None else dw.shape}, "
-              f"dout {dout.shape}, x {x.shape}, w {w.shape}")
-    N, IC = x.shape
-    OC = w.shape[0]
-    _check_shape(func, "w", w, (OC, IC), shapes)
-    _check_shape(func, "dout", dout, (N, OC), shapes)
-    if dx is not None:
-        _check_shape(func, "dx", dx, (N, IC), shapes)
-    if dw is not None:
-        _check_shape(func, "dw", dw, (OC, IC), shapes)
-    _check_no_alias(func, outputs, {"dout": dout, "x": x, "w": w})
-    nt = _check_threads(func, n_threads)
+    N, IC, OC, nt = _check_linear_grads(func, "dx", dx, dw, dout, "x", x, w, n_threads)
     # d(x . w^T)/dx: dx = dout (N, OC) . w (OC, IC)
     if dx is not None:
         _run_gemm(func, dx, None, _operand(dout, False), _operand(w, False), OC, True, nt)
@@ -606,28 +614,7 @@ def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
     squared_relu_backward_inplace(dpre, pre); without the two passes over (N, IC) arrays.
     """
     func = "matmul_sqrelu_backward"
-    for name, arr in (("dout", dout), ("pre", pre), ("w", w)):
-        _check_matrix(func, name, arr)
-    outputs = {}
-    if dpre is not None:
-        _check_output(func, "dpre", dpre)
-        outputs["dpre"] = dpre
-    if dw is not None:
-        _check_output(func, "dw", dw)
-        outputs["dw"] = dw
-    shapes = (f"dpre {None if dpre is None else dpre.shape}, "
-              f"dw {None if dw is None else dw.shape}, dout {dout.shape}, pre {pre.shape}, "
-              f"w {w.shape}")
-    N, IC = pre.shape
-    OC = w.shape[0]
-    _check_shape(func, "w", w, (OC, IC), shapes)
-    _check_shape(func, "dout", dout, (N, OC), shapes)
-    if dpre is not None:
-        _check_shape(func, "dpre", dpre, (N, IC), shapes)
-    if dw is not None:
-        _check_shape(func, "dw", dw, (OC, IC), shapes)
-    _check_no_alias(func, outputs, {"dout": dout, "pre": pre, "w": w})
-    nt = _check_threads(func, n_threads)
+    N, IC, OC, nt = _check_linear_grads(func, "dpre", dpre, dw, dout, "pre", pre, w, n_threads)
     # dw = dout^T (OC, N) . relu(pre)^2 (N, IC)
     if dw is not None:
         _run_gemm(func, dw, None, _operand(dout, True), _operand(pre, False), N, True, nt,

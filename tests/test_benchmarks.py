@@ -35,15 +35,20 @@ def run_script(name, *args, timeout=60):
     return proc
 
 
+def _import_benchmark(name):
+    """Yields the module benchmarks/<name>.py, with benchmarks/ on sys.path only meanwhile."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
 @pytest.fixture(scope="module")
 def bench_kernels():
     if not built_families():
         pytest.skip("no kernel family is built")
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("bench_kernels")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    yield from _import_benchmark("bench_kernels")
 
 
 def need_model():
@@ -80,11 +85,7 @@ def test_bench_kernels_json(bench_kernels):
 
 @pytest.fixture
 def common():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("_common")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    yield from _import_benchmark("_common")
 
 
 @pytest.mark.parametrize("settle_s", [0.0, 0.001])
@@ -214,11 +215,7 @@ def test_bench_train_profile_table():
 
 @pytest.fixture(scope="module")
 def bench_train():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("bench_train")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    yield from _import_benchmark("bench_train")
 
 
 def test_bench_train_reports_a_dead_worker(bench_train):

@@ -39,9 +39,6 @@ from .config import Config
 
 __all__ = ["GPT", "ParamTable", "ActivationArena"]
 
-# fc1 fuses the squared ReLU into its GEMM write-back when the matmul family provides it.
-_FUSED_SQRELU = hasattr(matmul, "matmul_sqrelu_forward")
-
 _LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc1", "fc2")
 _LAYER_NORM_PARAMS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
 
@@ -323,11 +320,8 @@ class GPT:
             activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
-            if _FUSED_SQRELU:
-                matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt)
-            else:
-                matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt)
-                activation.squared_relu_forward(a.act, a.fc1_pre[l], nt)
+            # the squared ReLU in fc1's GEMM write-back (fc1_pre kept for backward)
+            matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt)
             matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
             activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt)
         matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)

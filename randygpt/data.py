@@ -187,6 +187,19 @@ def resolve_text(data_path=None, cache_dir=None, **kw):
     return src.text, src.description
 
 
+def _id_dtype(vocab_size):
+    """The narrowest unsigned integer type holding ids 0 .. vocab_size - 1."""
+    for dtype in (np.uint8, np.uint16):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return dtype
+    return np.int32
+
+
+def _as_ids(windows):
+    """Token windows as the model takes them: a C-contiguous int32 array."""
+    return np.ascontiguousarray(windows, dtype=np.int32)
+
+
 class Dataset:
     """A text encoded once, split into train (first 90%) and validation (last 10%) ids.
 
@@ -205,7 +218,10 @@ class Dataset:
             raise DataError(f"the text has characters the tokenizer does not know: {shown}")
         self.tokenizer = tokenizer
         self.block_size = int(block_size)
-        ids = tokenizer.encode(text)
+        # Held in the narrowest unsigned type that fits every id (one byte per character for
+        # vocabularies up to 256): a megabyte of text stays a megabyte during training, not
+        # four. Batches and windows come out as int32.
+        ids = tokenizer.encode(text).astype(_id_dtype(tokenizer.vocab_size))
         n_train = int(len(ids) * (1.0 - val_fraction))
         self.train = ids[:n_train]
         self.val = ids[n_train:]
@@ -237,9 +253,7 @@ class Dataset:
         T = self.block_size
         starts = rng.integers(0, len(data) - T, size=int(batch_size))
         windows = data[starts[:, None] + self._offsets]  # (B, T+1)
-        x = np.ascontiguousarray(windows[:, :T])
-        y = np.ascontiguousarray(windows[:, 1:])
-        return x, y
+        return _as_ids(windows[:, :T]), _as_ids(windows[:, 1:])
 
     def val_windows(self, max_windows=None):
         """Non-overlapping windows over the validation split, in order: x, y int32 (N, T).
@@ -253,4 +267,4 @@ class Dataset:
             n = min(n, int(max_windows))
         starts = np.arange(n, dtype=np.int64) * T
         windows = self.val[starts[:, None] + self._offsets]
-        return np.ascontiguousarray(windows[:, :T]), np.ascontiguousarray(windows[:, 1:])
+        return _as_ids(windows[:, :T]), _as_ids(windows[:, 1:])

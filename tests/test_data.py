@@ -109,7 +109,23 @@ def _tiny_dataset(block_size=8, n=200):
 def test_split_sizes_and_contents():
     text, tok, ds = _tiny_dataset(n=200)
     assert len(ds.train) == 180 and len(ds.val) == 20
-    assert ds.train.dtype == np.int32 and ds.val.dtype == np.int32
+    # 26 letters and the special ids fit a byte: the splits are stored as uint8.
+    assert ds.train.dtype == np.uint8 and ds.val.dtype == np.uint8
+    assert tok.decode(ds.train) + tok.decode(ds.val) == text
+    x, y = ds.val_windows()
+    assert x.dtype == np.int32 and y.dtype == np.int32 and x.flags.c_contiguous
+
+
+def test_ids_are_stored_in_the_narrowest_type():
+    from randygpt.data import _id_dtype
+    assert _id_dtype(1) == np.uint8 and _id_dtype(256) == np.uint8
+    assert _id_dtype(257) == np.uint16 and _id_dtype(65536) == np.uint16
+    assert _id_dtype(65537) == np.int32
+    # A vocabulary over 256 ids keeps every id exactly.
+    text = "".join(chr(0x4E00 + i) for i in range(300)) * 3
+    tok = CharTokenizer.from_text(text)
+    ds = Dataset(text, tok, 8)
+    assert tok.vocab_size > 256 and ds.train.dtype == np.uint16
     assert tok.decode(ds.train) + tok.decode(ds.val) == text
 
 

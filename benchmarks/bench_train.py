@@ -559,10 +559,9 @@ def print_report(doc):
     for run in doc["runs"]:
         if run.get("fma_peak_gflops"):
             print(f"FMA peak at {run['threads']} thread(s) ({run['ours']['fma_peak_isa']} "
-                  f"vectors, measured in this run): {run['fma_peak_gflops']:.1f} GFLOP/s; at "
-                  "that rate "
-                  f"the step's GEMMs alone take {run['gemm_floor_ms']:.1f} ms, a floor for "
-                  "any implementation")
+                  f"vectors, measured in this run): {run['fma_peak_gflops']:.1f} GFLOP/s; "
+                  f"at that rate the step's GEMMs alone take {run['gemm_floor_ms']:.1f} ms, "
+                  "a floor for any implementation")
     for line in errors:
         print(f"error: {line}")
     for run in doc["runs"]:

@@ -85,15 +85,20 @@ def get_isa():
     return _isa.name.decode()
 
 
+cdef const rg_isa_t *_isa_named(str func, object name) except NULL:
+    """The GEMM path called `name`; ValueError unless this CPU runs it."""
+    choices = available_isas()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"{func}: isa must be one of {choices} on this CPU, got {name!r}")
+    for i in range(rg_isa_count()):
+        if rg_isa_at(i).name.decode() == name:
+            return rg_isa_at(i)
+
+
 def set_isa(name):
     """Use the GEMM path `name` (one of available_isas()) from now on."""
     global _isa
-    choices = available_isas()
-    if not isinstance(name, str) or name not in choices:
-        raise ValueError(f"set_isa: isa must be one of {choices} on this CPU, got {name!r}")
-    for i in range(rg_isa_count()):
-        if rg_isa_at(i).name.decode() == name:
-            _isa = rg_isa_at(i)
+    _isa = _isa_named("set_isa", name)
 
 
 set_isa(available_isas()[0])
@@ -129,15 +134,7 @@ def fma_peak_gflops(n_threads=1, seconds=0.2, isa=None):
             or not 0.001 <= seconds <= 60:
         raise ValueError(f"fma_peak_gflops: seconds must be a number in [0.001, 60], "
                          f"got {seconds!r}")
-    cdef const rg_isa_t *path = _isa
-    if isa is not None:
-        choices = available_isas()
-        if not isinstance(isa, str) or isa not in choices:
-            raise ValueError(f"fma_peak_gflops: isa must be one of {choices} on this CPU, "
-                             f"got {isa!r}")
-        for i in range(rg_isa_count()):
-            if rg_isa_at(i).name.decode() == isa:
-                path = rg_isa_at(i)
+    cdef const rg_isa_t *path = _isa if isa is None else _isa_named("fma_peak_gflops", isa)
     flops_per_round = 2.0 * path.mr * path.nr
     cdef Py_ssize_t iters = 1000
     while True:  # calibrate on one thread: a few percent of the budget per try

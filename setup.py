@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_DIR = os.path.join("randygpt", "_kernels")
+KERNEL_DIR = os.path.join("src", "randygpt", "_kernels")
 
 OPENMP_PROBE = textwrap.dedent(
     """
@@ -77,7 +77,13 @@ def _warn_serial(reason):
 
 
 class BuildExt(build_ext):
-    """Adds OpenMP and optimisation flags once the real compiler is known."""
+    """Adds OpenMP and optimisation flags once the real compiler is known, and compiles the
+    kernel families in parallel (one per CPU), since `pip install .` offers no -j flag."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
         compiler = self.compiler

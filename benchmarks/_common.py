@@ -12,16 +12,10 @@ import platform
 import statistics
 import time
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-# Run from a checkout (python benchmarks/X.py), the package sits one level up; put it first
-# so the benchmarks measure the tree they live in, not some other installed copy.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(1, str(REPO_ROOT))
+# The benchmarks measure the installed randygpt (`pip install .`, or `pip install -e .` for the
+# tree they live in): the package sits in src/, so running from the checkout cannot shadow it.
 
 # A sample shorter than this is dominated by timer and call overhead, so fast calls are
 # repeated inside one sample until it lasts at least this long.

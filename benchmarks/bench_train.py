@@ -37,11 +37,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from _common import (REPO_ROOT, SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine,
+from _common import (SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine,
                      format_table, machine_info, parse_threads)
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
@@ -280,7 +281,8 @@ def run_profiled(profiler, step, first_it, repeat):
 def _load_torch_ref():
     """randygpt/torch_ref.py loaded by path: importing the randygpt package would load our
     kernels' OpenMP runtime into PyTorch's process."""
-    path = REPO_ROOT / "randygpt" / "torch_ref.py"
+    # find_spec of a top-level package locates it without running its __init__.
+    path = Path(importlib.util.find_spec("randygpt").submodule_search_locations[0]) / "torch_ref.py"
     spec = importlib.util.spec_from_file_location("randygpt_torch_ref", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

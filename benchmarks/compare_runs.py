@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from randygpt.checkpoint import atomic_write  # noqa: E402
-from randygpt.plot import PlotError, _import_matplotlib, read_metrics  # noqa: E402
+from randygpt.checkpoint import atomic_write
+from randygpt.plot import PlotError, _import_matplotlib, read_metrics
 
 
 def _metrics_path(run):

@@ -45,17 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Run from a checkout (python benchmarks/torch_train.py), the package sits one level up; put it
-# first so the twin follows the recipe of the tree it lives in.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(1, str(REPO_ROOT))
-
-from randygpt import cli, train  # noqa: E402
-from randygpt.data import DataError, Dataset, resolve_source  # noqa: E402
-from randygpt.optim import lr_at  # noqa: E402
-from randygpt.tokenizer import CharTokenizer  # noqa: E402
-from randygpt.train import METRICS_HEADER, RunOptions, RunResult, TrainError  # noqa: E402
+from randygpt import cli, train
+from randygpt.data import DataError, Dataset, resolve_source
+from randygpt.optim import lr_at
+from randygpt.tokenizer import CharTokenizer
+from randygpt.train import METRICS_HEADER, RunOptions, RunResult, TrainError
 
 PROG = "torch_train"
 EXIT_DIVERGED = 1

@@ -10,7 +10,6 @@ import pytest
 
 from randygpt import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +133,7 @@ def test_subcommands_dispatch(monkeypatch, capsys):
 
 
 def _run_module(args, cwd, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RANDYGPT_CACHE_DIR=str(cwd / "cache"))
+    env = dict(os.environ, RANDYGPT_CACHE_DIR=str(cwd / "cache"))
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "randygpt", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=60)

@@ -18,7 +18,6 @@ from conftest import assert_bitwise_equal
 from randygpt import checkpoint, cli, train
 from randygpt.train import RunOptions, TrainError
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_NETWORK_URL = "http://randygpt-test.invalid/input.txt"
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 8, "batch_size": 4}
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
@@ -290,7 +289,7 @@ def test_builtin_fallback_warns(tmp_path):
 
 
 def test_ctrl_c_in_subprocess_exits_130_with_summary(tmp_path, text_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RANDYGPT_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, RANDYGPT_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-u", "-m", "randygpt", "1000000", *TINY_FLAGS,
                              "--data", str(text_path), "--out", "sig", "--eval-iters", "1",
                              "--log-every", "1", "--threads", "1"],

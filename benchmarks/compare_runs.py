@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from randygpt.checkpoint import atomic_write
-from randygpt.plot import PlotError, _import_matplotlib, read_metrics
+from randygpt.metrics import MetricsError, read_metrics
+from randygpt.plot import PlotError, import_matplotlib
 
 
 def _metrics_path(run):
@@ -29,7 +30,7 @@ def _metrics_path(run):
 
 
 def load_runs(runs):
-    """{column: array} for each run, in order; PlotError names a run that cannot be read."""
+    """{column: array} for each run, in order; MetricsError names a run that cannot be read."""
     return [read_metrics(_metrics_path(run)) for run in runs]
 
 
@@ -80,7 +81,7 @@ def format_table(result):
 
 def draw(metrics_list, labels, out):
     """Every run's train loss (thin) and validation loss (markers) in one PNG, written atomically."""
-    Figure, FigureCanvasAgg = _import_matplotlib()
+    Figure, FigureCanvasAgg = import_matplotlib()
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -127,7 +128,7 @@ def main(argv=None):
         result = compare(metrics_list, labels)
         if args.png:
             draw(metrics_list, labels, args.png)
-    except (PlotError, OSError) as e:
+    except (MetricsError, PlotError, OSError) as e:
         print(f"compare_runs: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from randygpt import cli
+from randygpt.cli import train as train_cli
 
 
 
@@ -30,12 +31,12 @@ def _one_error_line(capsys, code):
 
 
 def test_parse_defaults_and_overrides():
-    overrides, opts = cli.parse_train_args(["5000"])
+    overrides, opts = train_cli.parse_train_args(["5000"])
     assert overrides == {}
     assert opts["iters"] == 5000 and opts["eval_every"] == 250 and opts["log_every"] == 10
     assert opts["save_every"] == 1000 and opts["sample"] is True and opts["plot"] is False
     assert opts["resume"] is None and opts["out_dir"] is None and opts["n_threads"] is None
-    overrides, opts = cli.parse_train_args(
+    overrides, opts = train_cli.parse_train_args(
         ["300", "--lr", "2e-3", "--batch-size", "4", "--block-size", "8", "--n-layer", "1",
          "--n-embd", "16", "--n-head", "2", "--dropout", "0", "--norm", "layernorm", "--seed", "7",
          "--threads", "2", "--data", "x.txt", "--eval-every", "0", "--log-every", "5",
@@ -53,7 +54,7 @@ def test_parse_defaults_and_overrides():
 def test_every_config_field_has_a_flag():
     from randygpt.config import Config
     fields = set(Config().to_dict()) - {"vocab_size"}  # vocab comes from the data
-    assert fields == {f for f, *_ in cli.CONFIG_FLAGS}
+    assert fields == {f for f, *_ in train_cli.CONFIG_FLAGS}
 
 
 def test_help_lists_flags_and_subcommands(capsys):
@@ -67,8 +68,21 @@ def test_help_lists_flags_and_subcommands(capsys):
     assert "randygpt sample" in out and "randygpt eval" in out and "randygpt plot" in out
 
 
+def test_no_arguments_shows_the_usage_and_the_commands(capsys):
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: randygpt ITERS" in captured.err
+    for name in cli.SUBCOMMANDS:
+        assert f"randygpt {name} ..." in captured.err
+
+
+def test_version(capsys):
+    import randygpt
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"randygpt {randygpt.__version__}"
+
+
 @pytest.mark.parametrize("argv, needle", [
-    ([], "ITERS"),
     (["abc"], "ITERS must be a positive integer"),
     (["0"], "ITERS must be a positive integer"),
     (["-5"], "ITERS must be a positive integer"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from randygpt import evaluate as evaluate_mod
+from randygpt import cli
 from randygpt.checkpoint import save
 from randygpt.config import Config
 from randygpt.data import Dataset
@@ -105,7 +105,7 @@ def run(tmp_path):
 
 
 def run_main(capsys, *argv):
-    code = evaluate_mod.main([str(a) for a in argv])
+    code = cli.main(["eval", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -162,7 +162,7 @@ def test_cli_needs_data_when_the_checkpoint_does_not_say(run, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--threads", "0"], "--threads must not be 0"),
     (["--split", "test"], "invalid choice"),
     (["--data", "{missing}"], "does not exist"),

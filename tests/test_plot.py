@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from randygpt import plot
-from randygpt.plot import PlotError, plot_run, read_metrics
+from randygpt import cli, plot
+from randygpt.metrics import MetricsError, read_metrics
+from randygpt.plot import PlotError, plot_run
 
 HEADER = "iter,train_loss,val_loss,lr,tok_per_s,elapsed_s\n"
 ROWS = ("0,4.20,4.21,1e-4,0,0.0\n"
@@ -43,12 +44,12 @@ def test_read_metrics_blank_val_is_nan(run_dir):
 def test_read_metrics_errors(tmp_path, content, match):
     path = tmp_path / "metrics.csv"
     path.write_text(content)
-    with pytest.raises(PlotError, match=match):
+    with pytest.raises(MetricsError, match=match):
         read_metrics(path)
 
 
 def test_read_metrics_missing_file(tmp_path):
-    with pytest.raises(PlotError, match="does not exist"):
+    with pytest.raises(MetricsError, match="does not exist"):
         read_metrics(tmp_path / "metrics.csv")
 
 
@@ -81,10 +82,10 @@ def test_plot_run_writes_png_headless(run_dir):
 
 def test_main_with_run_dir_csv_path_and_out(run_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert plot.main([str(run_dir)]) == 0
+    assert cli.main(["plot", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {run_dir / 'loss.png'}"
     other = tmp_path / "elsewhere.png"
-    assert plot.main([str(run_dir / "metrics.csv"), "--out", str(other)]) == 0
+    assert cli.main(["plot", str(run_dir / "metrics.csv"), "--out", str(other)]) == 0
     assert other.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -101,7 +102,7 @@ def test_missing_matplotlib_is_one_line_and_exit_2(run_dir, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotError, match=r"pip install 'randygpt\[plot\]'"):
         plot_run(run_dir)
-    assert plot.main([str(run_dir)]) == 2
+    assert cli.main(["plot", str(run_dir)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith("randygpt: error: plotting needs matplotlib")
@@ -119,7 +120,7 @@ def test_main_bad_input(tmp_path, capsys, argv, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.csv").write_text(HEADER + "x,1,,1,1,1\n")
-    code = plot.main([a.format(tmp=tmp_path) for a in argv])
+    code = cli.main(["plot", *(a.format(tmp=tmp_path) for a in argv)])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith("randygpt: error: ") and err.count("\n") == 1, err

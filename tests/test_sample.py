@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from randygpt import sample
+from randygpt import cli, sample
 from randygpt.checkpoint import save
 from randygpt.config import Config
 from randygpt.model import GPT
@@ -253,7 +253,7 @@ def ckpt_path(tmp_path):
 
 
 def run_main(capsys, *argv):
-    code = sample.main([str(a) for a in argv])
+    code = cli.main(["sample", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -272,14 +272,16 @@ def test_cli_streams_prompt_and_text(ckpt_path, capsys):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
-    (["--max-new-tokens", "many"], "expected an integer"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be a non-negative integer"),
+    (["--max-new-tokens", "many"], "--max-new-tokens must be a non-negative integer"),
     (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
     (["--top-p", "1.01"], r"--top-p must be in \(0, 1\]"),
-    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "0"], "--top-k must be a positive integer"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--temperature", "inf"], "expected a finite number"),
-    (["--seed", "-3"], "--seed must be >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--seed", "-3"], r"--seed must be an integer in \[0, 18446744073709551615\]"),
+    (["--seed", str(2**64)], r"--seed must be an integer in \[0, "),
+    (["--threads", "0"], "--threads must not be 0"),
     (["--prompt", "JULIET€"], r"--prompt has characters not in the model's vocabulary: 'I', 'J', 'L', 'U', '€'"),
     (["--bogus"], "unrecognized arguments"),
 ])

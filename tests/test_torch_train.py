@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 
 from conftest import assert_close  # noqa: E402
 from randygpt import train  # noqa: E402
-from randygpt.train import METRICS_HEADER, RunOptions, TrainError  # noqa: E402
+from randygpt.metrics import METRICS_HEADER  # noqa: E402
+from randygpt.train import RunOptions, TrainError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_train.py"
 # Tiny on purpose (the whole file runs in seconds on a busy 2-core machine). lr 1e-2 with a

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import assert_bitwise_equal
 from randygpt import checkpoint, cli, train
+from randygpt.metrics import METRICS_HEADER
 from randygpt.train import RunOptions, TrainError
 
 NO_NETWORK_URL = "http://randygpt-test.invalid/input.txt"
@@ -77,7 +78,7 @@ def test_end_to_end_cli_run_writes_log_metrics_and_checkpoint(tmp_path, text_pat
     run = tmp_path / "run"
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert tuple(rows[0]) == train.METRICS_HEADER
+    assert tuple(rows[0]) == METRICS_HEADER
     assert [int(r[0]) for r in rows[1:]] == [0, 5, 10, 15, 20, 25]
     # The validation loss appears where it was measured: at the start, every 10, and the end.
     assert [r[2] != "" for r in rows[1:]] == [True, False, True, False, True, True]
@@ -126,7 +127,10 @@ def test_stop_at_prints_how_to_continue(tmp_path, text_path, capsys):
             "--eval-iters", "1", "--stop-at", "4"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert f"Continue with: randygpt 9 --resume {Path('run') / 'ckpt.npz'} --data {text_path}" in out
+    # Every run option that differs from its default comes back, so the resumed run behaves
+    # as the interrupted one would have.
+    assert (f"Continue with: randygpt 9 --resume {Path('run') / 'ckpt.npz'} --eval-iters 1 "
+            f"--threads 1 --data {text_path}\n") in out
     assert checkpoint.load(tmp_path / "run" / "ckpt.npz").step == 4
     assert cli.main(["9", "--threads", "1", "--resume", "run/ckpt.npz", "--data", str(text_path),
                      "--eval-iters", "1", "--no-sample"]) == 0
@@ -214,8 +218,7 @@ def test_resume_rejects_changed_settings_and_finished_runs(tmp_path, text_path):
 def test_signal_saves_a_consistent_checkpoint_and_resumes_exactly(tmp_path, text_path, monkeypatch,
                                                                   signum, name):
     full = _run(tmp_path / "full", 20, text_path, eval_every=0, save_every=0)
-    import randygpt.optim as optim
-    real_lr_at = optim.lr_at
+    real_lr_at = train.lr_at
 
     def lr_at_with_signal(it, total, config):
         # The signal lands inside iteration 7, after its batch is drawn: the loop must finish
@@ -224,10 +227,10 @@ def test_signal_saves_a_consistent_checkpoint_and_resumes_exactly(tmp_path, text
             signal.raise_signal(signum)
         return real_lr_at(it, total, config)
 
-    monkeypatch.setattr(optim, "lr_at", lr_at_with_signal)
+    monkeypatch.setattr(train, "lr_at", lr_at_with_signal)
     out = io.StringIO()
     cut = _run(tmp_path / "cut", 20, text_path, eval_every=0, save_every=0, stdout=out)
-    monkeypatch.setattr(optim, "lr_at", real_lr_at)
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
     assert cut.interrupted == name and cut.step == 8 and cut.final_estimate is None
     assert checkpoint.load(cut.checkpoint).step == 8
     assert "Final loss" not in out.getvalue()

@@ -1,5 +1,5 @@
-"""Deterministic evaluation: the mean loss of a model over a whole token sequence, and the
-``python -m randygpt eval`` command that reports it (with perplexity) for a checkpoint.
+"""Deterministic evaluation: the mean loss of a model over a whole token sequence, and of a
+checkpoint over a split of its text (what ``randygpt eval`` reports, with perplexity).
 
 The sequence is cut into non-overlapping windows of ``block_size`` inputs, in order, each
 predicting the next ``block_size`` tokens; a last, shorter window covers the tail, so every
@@ -7,16 +7,40 @@ token after the first is predicted exactly once. No RNG and no dropout are invol
 checkpoint and text always give the same number, whatever the batch size (up to float
 rounding) and thread count.
 """
+import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["evaluate", "main"]
+from .checkpoint import load_model
+from .data import BUILTIN_TEXT, DataError, Dataset, load_text
+
+__all__ = ["evaluate", "evaluate_checkpoint", "EvalReport", "EvalError", "BUILTIN"]
 
 # Stands for the trainer's built-in sample text in place of a path.
 BUILTIN = "<built-in sample>"
+
+
+class EvalError(ValueError):
+    """A checkpoint cannot be evaluated as asked (no text to score, a split too short); one line."""
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """What evaluate_checkpoint measured."""
+
+    loss: float             # mean cross-entropy, nats per predicted token
+    split: str              # "val" or "train"
+    n_tokens: int           # predicted tokens
+    n_windows: int          # windows of at most block_size
+    block_size: int
+    step: int               # the checkpoint's training iterations
+    data: str               # the text's path (or BUILTIN)
+
+    @property
+    def perplexity(self):
+        return math.exp(self.loss)
 
 
 def evaluate(model, tokens, block_size, batch_size):
@@ -49,12 +73,10 @@ def evaluate(model, tokens, block_size, batch_size):
     n_full = n_targets // T
     offsets = np.arange(T, dtype=np.int64)
 
-    was_training = model.training
-    model.eval()
     # Sum of per-token losses in float64: a mean of batch means weighted by their token counts,
     # so the result does not depend on how the windows were grouped into batches.
     total = 0.0
-    try:
+    with model.evaluating():
         for b0 in range(0, n_full, batch_size):
             starts = np.arange(b0, min(b0 + batch_size, n_full), dtype=np.int64) * T
             x = tokens[starts[:, None] + offsets]
@@ -66,9 +88,6 @@ def evaluate(model, tokens, block_size, batch_size):
             x = tokens[None, s:s + tail]
             y = tokens[None, s + 1:s + 1 + tail]
             total += float(model.forward(np.ascontiguousarray(x), np.ascontiguousarray(y))) * tail
-    finally:
-        if was_training:
-            model.train()
     return total / n_targets
 
 
@@ -96,62 +115,37 @@ def _recorded_data(extra):
     return None, None
 
 
-def _build_parser():
-    from .sample import ArgumentParser, _int_arg
+def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads=None):
+    """The loss of the checkpoint at ``path`` over a whole split of a text, as an EvalReport.
 
-    p = ArgumentParser(prog="randygpt eval",
-                       description="Loss and perplexity of a checkpoint over a whole data split.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.npz)")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="text file (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", choices=("val", "train"), default="val",
-                   help="which split of the text to evaluate (default: val)")
-    p.add_argument("--batch-size", type=_int_arg, default=None, metavar="B",
-                   help="windows per forward pass (default: the checkpoint's batch_size)")
-    p.add_argument("--threads", type=_int_arg, default=None, metavar="N",
-                   help="kernel threads (default: RANDYGPT_NUM_THREADS or all usable CPUs)")
-    return p
-
-
-def main(argv=None):
-    """``python -m randygpt eval ...``: prints loss and perplexity; returns the exit code."""
-    from .checkpoint import CheckpointError, load_model
-    from .data import BUILTIN_TEXT, DataError, Dataset, load_text
-    from .sample import parse_args, report_error
-
-    args, code = parse_args(_build_parser(), argv)
-    if args is None:
-        return code
-    if args.batch_size is not None and args.batch_size < 1:
-        return report_error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads == 0:
-        return report_error("--threads must not be 0")
-    try:
-        model, tokenizer, ckpt = load_model(args.checkpoint, n_threads=args.threads)
-    except CheckpointError as e:
-        return report_error(e)
-    data_path = args.data
-    if data_path is None:
-        data_path, recorded = _recorded_data(ckpt.extra)
-        if data_path is None:
+    data       : text file to score; None: the one the checkpoint records it was trained on
+    split      : "val" or "train", split as in training (the checkpoint's val fraction)
+    batch_size : windows per forward pass (None: the checkpoint's); the result does not depend on it
+    Raises CheckpointError, DataError or EvalError, each one line for the user.
+    """
+    if split not in ("val", "train"):
+        raise EvalError(f"split must be 'val' or 'train', got {split!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise EvalError(f"batch size must be a positive integer, got {batch_size!r}")
+    model, tokenizer, ckpt = load_model(path, n_threads=n_threads)
+    if data is None:
+        data, recorded = _recorded_data(ckpt.extra)
+        if data is None:
             said = f" (it records {recorded!r})" if recorded else ""
-            return report_error(f"the checkpoint does not name a readable training file{said}; "
-                                "pass --data PATH")
+            raise EvalError(f"the checkpoint does not name a readable training file{said}; "
+                            "pass --data PATH")
     val_fraction = ckpt.extra.get("val_fraction", 0.1)
+    text = BUILTIN_TEXT if data is BUILTIN else load_text(data)
     try:
-        text = BUILTIN_TEXT if data_path is BUILTIN else load_text(data_path)
         dataset = Dataset(text, tokenizer, ckpt.config.block_size, val_fraction=val_fraction)
-    except DataError as e:
-        return report_error(e)
+    except DataError:
+        raise
     except ValueError as e:
-        return report_error(f"cannot split {data_path!r}: {e}")
-    tokens = dataset.split(args.split)
+        raise EvalError(f"cannot split {data!r}: {e}") from None
+    tokens = dataset.split(split)
     T = ckpt.config.block_size
-    batch_size = args.batch_size or ckpt.config.batch_size
-    loss = evaluate(model, tokens, T, batch_size)
-    n_windows = math.ceil((tokens.size - 1) / T)
-    print(f"{args.split} loss {loss:.4f} | perplexity {math.exp(loss):.3f} | "
-          f"{tokens.size - 1:,} predicted tokens in {n_windows:,} windows of <= {T} "
-          f"| checkpoint step {ckpt.step} | data {data_path}")
-    sys.stdout.flush()
-    return 0
+    loss = evaluate(model, tokens, T, batch_size or ckpt.config.batch_size)
+    return EvalReport(loss=loss, split=split, n_tokens=int(tokens.size - 1),
+                      n_windows=math.ceil((tokens.size - 1) / T), block_size=T, step=ckpt.step,
+                      data=str(data))

@@ -29,6 +29,7 @@ only the parameter gradients accumulate, into flat_grads zeroed once per step.
 Backward reads the forward in reverse, one kernel per forward kernel; the residual stream's
 gradient is accumulated into by both branches' norm backwards, so the fan-out needs no special case.
 """
+import contextlib
 import types
 
 import numpy as np
@@ -157,10 +158,8 @@ class GPT:
     def __init__(self, config, seed=1337, n_threads=None):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a randygpt.Config, got {type(config).__name__}")
-        if n_threads is not None:
-            effective_n_threads(n_threads)  # reject 0 / non-int now rather than at forward
         self.config = config
-        self._n_threads = n_threads
+        self.n_threads = n_threads
         self.table = ParamTable(config)
         self.num_params = self.table.total
         self.flat_params = np.zeros(self.table.total, dtype=np.float32)
@@ -229,13 +228,14 @@ class GPT:
 
     @property
     def n_threads(self):
-        return effective_n_threads(self._n_threads)
+        """The kernel thread count (an int), resolved once when set: every forward, backward
+        and decode step uses it as it is."""
+        return self._n_threads
 
     @n_threads.setter
     def n_threads(self, value):
-        if value is not None:
-            effective_n_threads(value)
-        self._n_threads = value
+        # None takes randygpt's default now (set_num_threads, the environment, the cores).
+        self._n_threads = effective_n_threads(value)
 
     def train(self):
         self.training = True
@@ -244,6 +244,16 @@ class GPT:
     def eval(self):
         self.training = False
         return self
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode (no dropout) for the ``with`` block, then the mode the model had before."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.training = was_training
 
     # ------------------------------------------------------------------ input checks
 

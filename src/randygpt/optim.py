@@ -54,21 +54,22 @@ class AdamW:
         self.decay_spans = (decay_runs(decay_mask != 0) if decay_mask is not None
                             else list(model_or_flat_buffers.decay_spans))
         self.config = config
-        self._n_threads = n_threads
+        # Resolved once (None: randygpt's default now); every step uses this int.
+        self.n_threads = effective_n_threads(n_threads)
         self.m = np.zeros_like(params)
         self.v = np.zeros_like(params)
         self.t = 0
 
     def grad_norm(self):
         """Global L2 norm of the gradient buffer (thread-count independent)."""
-        return float(_adamw.grad_norm(self.grads, effective_n_threads(self._n_threads)))
+        return float(_adamw.grad_norm(self.grads, self.n_threads))
 
     def step(self, lr, grad_scale=1.0):
         """One update with learning rate lr; the gradient is multiplied by grad_scale first
         (clip_scale's result)."""
         c = self.config
         self.t += 1
-        nt = effective_n_threads(self._n_threads)
+        nt = self.n_threads
         for lo, hi, decay in self.decay_spans:
             _adamw.adamw_step(self.params[lo:hi], self.grads[lo:hi], self.m[lo:hi],
                               self.v[lo:hi], decay, float(lr), c.beta1, c.beta2, c.adam_eps,

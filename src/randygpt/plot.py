@@ -1,23 +1,19 @@
 """The loss plot of a run: ``RUN_DIR/metrics.csv`` -> ``RUN_DIR/loss.png`` (train and validation
-loss against iterations, learning rate on a second axis), and the command
-``python -m randygpt plot RUN_DIR [--out PNG]``.
+loss against iterations, learning rate on a second axis).
 
 matplotlib is an optional extra (``pip install randygpt[plot]``); without it, plotting fails
 with one clear line and nothing else in randygpt is affected. The figure is drawn with the Agg
 canvas directly (no pyplot, no GUI backend), so it works headless and leaves matplotlib's
 global state alone.
 """
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import atomic_write
+from .metrics import MetricsError, read_metrics
 
-__all__ = ["PlotError", "COLUMNS", "read_metrics", "make_figure", "plot_run", "main"]
-
-COLUMNS = ("iter", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s")
+__all__ = ["PlotError", "make_figure", "plot_run", "import_matplotlib"]
 
 MISSING_MATPLOTLIB = "plotting needs matplotlib, which is not installed: pip install 'randygpt[plot]'"
 
@@ -26,44 +22,7 @@ class PlotError(ValueError):
     """The run cannot be plotted (missing or malformed metrics.csv, no matplotlib); one line."""
 
 
-def read_metrics(path):
-    """Read a metrics.csv into {column: float64 array}; empty cells (val_loss on rows without an
-    evaluation) become NaN. Raises PlotError naming the file (and line) when it is unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise PlotError(f"{str(path)!r} does not exist" if not path.exists()
-                        else f"{str(path)!r} is not a file")
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise PlotError(f"cannot read {str(path)!r}: {e}") from None
-    if not rows:
-        raise PlotError(f"{str(path)!r} is empty")
-    header = [h.strip() for h in rows[0]]
-    missing = [c for c in ("iter", "train_loss", "val_loss", "lr") if c not in header]
-    if missing:
-        raise PlotError(f"{str(path)!r} lacks the column(s) {', '.join(missing)} "
-                        f"(expected {','.join(COLUMNS)})")
-    data = {name: [] for name in header}
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise PlotError(f"{str(path)!r} line {lineno}: {len(row)} fields, expected {len(header)}")
-        for name, cell in zip(header, row):
-            cell = cell.strip()
-            try:
-                data[name].append(float(cell) if cell else math.nan)
-            except ValueError:
-                raise PlotError(f"{str(path)!r} line {lineno}: {name} is not a number: "
-                                f"{cell!r}") from None
-    if not data["iter"]:
-        raise PlotError(f"{str(path)!r} has no rows yet")
-    return {name: np.array(values, dtype=np.float64) for name, values in data.items()}
-
-
-def _import_matplotlib():
+def import_matplotlib():
     # Import the top-level package first: it is what is missing when the extra is not installed.
     try:
         import matplotlib  # noqa: F401
@@ -78,7 +37,7 @@ def make_figure(metrics, title):
     """The loss figure of read_metrics()'s columns (a matplotlib Figure on an Agg canvas):
     train loss on every row that has one, val loss on the rows with an evaluation, learning
     rate on a second y axis."""
-    Figure, FigureCanvasAgg = _import_matplotlib()
+    Figure, FigureCanvasAgg = import_matplotlib()
 
     it, train, val, lr = metrics["iter"], metrics["train_loss"], metrics["val_loss"], metrics["lr"]
     fig = Figure(figsize=(8, 4.5), dpi=100)
@@ -131,30 +90,10 @@ def plot_run(run_dir, out=None):
     out = run_dir / "loss.png" if out is None else Path(out)
     if not out.parent.is_dir():
         raise PlotError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    metrics = read_metrics(metrics_path)
+    try:
+        metrics = read_metrics(metrics_path)
+    except MetricsError as e:
+        raise PlotError(str(e)) from None
     fig = make_figure(metrics, run_dir.resolve().name)
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return out
-
-
-def main(argv=None):
-    """``python -m randygpt plot RUN_DIR``: writes RUN_DIR/loss.png; returns the exit code."""
-    from .sample import ArgumentParser, parse_args, report_error
-
-    parser = ArgumentParser(prog="randygpt plot",
-                            description="Plot a run's loss curves (needs randygpt[plot]).")
-    parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="run directory holding metrics.csv (or the metrics.csv file)")
-    parser.add_argument("--out", metavar="PNG", default=None,
-                        help="image to write (default: loss.png beside metrics.csv)")
-    args, code = parse_args(parser, argv)
-    if args is None:
-        return code
-    try:
-        out = plot_run(args.run_dir, out=args.out)
-    except PlotError as e:
-        return report_error(e)
-    except OSError as e:
-        return report_error(f"cannot write the plot in {args.run_dir!r}: {e.strerror or e}")
-    print(f"wrote {out}")
-    return 0

@@ -1,5 +1,5 @@
-"""Text generation: incremental decoding with a KV cache, temperature / top-k / top-p sampling,
-and the ``python -m randygpt sample`` command.
+"""Text generation: incremental decoding with a KV cache and temperature / top-k / top-p
+sampling (``randygpt sample`` is its command line, in randygpt.cli.sample).
 
 Decoding with the cache runs one position per step: the new token's query attends to the keys
 and values every layer has cached for the earlier tokens of the window, so a step costs one
@@ -25,16 +25,13 @@ right after a slide the model conditions on half a window of text.
 Each step's logits equal those of ``model.forward`` on exactly the window's tokens (the tests
 check this to rtol 1e-4), so the cache changes speed, not results.
 """
-import argparse
 import math
-import os
-import sys
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 __all__ = ["generate", "KVCache", "ContextWindow", "sample_token", "check_sampling_args",
-           "window_keep", "main", "ArgumentParser", "UsageError"]
+           "window_keep"]
 
 
 def window_keep(block_size):
@@ -342,120 +339,3 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
         if was_training:
             model.train()
     return "".join(pieces)
-
-
-# --- command line ------------------------------------------------------------------------------
-
-class UsageError(Exception):
-    """Bad command-line input; main() prints it as one line and returns 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing the usage block and exiting, so each
-    subcommand reports bad input as the single line "randygpt: error: ..."."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def report_error(message):
-    # One line whatever the message holds (paths or reasons with newlines included).
-    sys.stderr.write(f"randygpt: error: {' '.join(str(message).split())}\n")
-    sys.stderr.flush()
-    return 2
-
-
-def parse_args(parser, argv):
-    """Parse argv; returns (namespace, None) or (None, exit code) for --help or bad input."""
-    try:
-        return parser.parse_args(argv), None
-    except UsageError as e:
-        return None, report_error(e)
-    except SystemExit as e:  # --help prints and exits 0
-        return None, e.code if isinstance(e.code, int) else 0
-
-
-def _int_arg(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float_arg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _build_parser():
-    p = ArgumentParser(prog="randygpt sample",
-                       description="Generate text from a checkpoint, printing it as it comes.",
-                       epilog="The model sees at most block_size characters. A longer prompt keeps "
-                              "its last block_size; once the window is full, the next character "
-                              "restarts it from the last block_size/2 (the KV cache is rebuilt "
-                              "then, since positions are absolute).")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.npz)")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
-    p.add_argument("--max-new-tokens", type=_int_arg, default=500, metavar="N")
-    p.add_argument("--temperature", type=_float_arg, default=0.8, metavar="T",
-                   help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=_float_arg, default=0.9, metavar="P",
-                   help="nucleus sampling, in (0, 1]; 1 turns it off (default 0.9)")
-    p.add_argument("--top-k", type=_int_arg, default=None, metavar="K",
-                   help="keep only the K most likely tokens (default: all)")
-    p.add_argument("--seed", type=_int_arg, default=None, help="random seed (default: fresh)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole window for every token (slow; for checking)")
-    return p
-
-
-def main(argv=None):
-    """``python -m randygpt sample ...``: returns the exit code (2 for bad input)."""
-    from .checkpoint import CheckpointError, load_model
-
-    args, code = parse_args(_build_parser(), argv)
-    if args is None:
-        return code
-    try:
-        check_sampling_args(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    except (TypeError, ValueError) as e:
-        # Name the flag the user typed, not the Python argument.
-        message = str(e)
-        for name in ("max_new_tokens", "temperature", "top_p", "top_k"):
-            if message.startswith(name):
-                message = "--" + name.replace("_", "-") + message[len(name):]
-        return report_error(message)
-    if args.seed is not None and args.seed < 0:
-        return report_error(f"--seed must be >= 0, got {args.seed}")
-    try:
-        model, tokenizer, _ = load_model(args.checkpoint, n_threads=1)
-    except CheckpointError as e:
-        return report_error(e)
-    missing = tokenizer.unknown_chars(args.prompt)
-    if missing:
-        return report_error("--prompt has characters not in the model's vocabulary: "
-                            + ", ".join(repr(c) for c in missing))
-    out = sys.stdout
-
-    def emit(piece):
-        out.write(piece)
-        out.flush()
-
-    try:
-        emit(args.prompt)
-        generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, top_k=args.top_k, rng=np.random.default_rng(args.seed),
-                 use_cache=not args.no_cache, stream=emit)
-        emit("\n")
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, and point stdout at /dev/null so
-        # the interpreter's final flush does not complain either.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-        os.close(devnull)
-    return 0

@@ -1,12 +1,15 @@
-"""The training loop: data, model and optimizer set up (fresh or resumed), the step, periodic
-evaluation, logging, metrics, checkpoints, and the end-of-run samples.
+"""Training as a library: a ``Trainer`` that prepares a run (fresh or resumed), takes one step
+at a time, evaluates, saves, and runs the whole loop with logging, metrics and checkpoints.
 
-This module does not parse arguments (cli.py does); it and cli.py are the only modules that
-print. Randomness comes from three generators derived from ``config.seed``, each with one job,
-so none perturbs another: batch positions (saved in checkpoints for exact resume), evaluation
-batches, and sampling. Model init and dropout take the seed directly.
+    trainer = Trainer(Config(n_layer=2, n_embd=64, n_head=4), RunOptions(iters=300), text=text)
+    with trainer:
+        result = trainer.fit()          # or: loss = trainer.step(), trainer.evaluate(), trainer.save()
+
+This module does not parse arguments (cli does); it and cli are the only modules that print.
+Randomness comes from three generators derived from ``config.seed``, each with one job, so none
+perturbs another: batch positions (saved in checkpoints for exact resume), evaluation batches,
+and sampling. Model init and dropout take the seed directly.
 """
-import csv
 import dataclasses
 import json
 import math
@@ -18,21 +21,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from .data import SHAKESPEARE_URL, DataError, Dataset, resolve_source
+from . import checkpoint as ckpt_mod
+from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
+from .config import Config
+from .data import SHAKESPEARE_URL, DataError, Dataset, TextSource, resolve_source
+from .metrics import MetricsFile
+from .model import GPT
+from .optim import AdamW, clip_scale, lr_at
 from .tokenizer import CharTokenizer
 
-__all__ = ["RunOptions", "RunResult", "TrainError", "run", "estimate_loss", "SAMPLE_PROMPTS",
-           "format_duration", "METRICS_HEADER",
-           # run()'s building blocks, for a trainer that must reproduce its runs exactly (the
-           # PyTorch twin, benchmarks/torch_train.py): the same random streams, output
-           # directory, metrics file, log lines and plot.
-           "BATCH_STREAM", "EVAL_STREAM", "SAMPLE_STREAM", "Logger", "build_config",
-           "default_out_dir", "prepare_out_dir", "open_metrics", "format_rate", "write_plot",
-           "progress_line", "metrics_row"]
+__all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "run", "estimate_loss",
+           "SAMPLE_PROMPTS", "format_duration", "format_rate", "progress_line", "Logger",
+           "BATCH_STREAM", "EVAL_STREAM", "SAMPLE_STREAM", "build_config", "default_out_dir",
+           "prepare_out_dir", "write_plot"]
 
 SAMPLE_PROMPTS = ("ROMEO:", "To be or not to be", "Once upon a time")
-METRICS_HEADER = ("iter", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s")
 
 # Stream tags mixed with config.seed: np.random.default_rng([seed, tag]) gives independent
 # generators, so evaluating or sampling never shifts the batch positions training sees.
@@ -40,10 +45,24 @@ BATCH_STREAM = 1
 EVAL_STREAM = 2
 SAMPLE_STREAM = 3
 
+# The Config fields the start-up report lists as the model's (the rest are the recipe's).
+_MODEL_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout", "norm",
+               "norm_eps")
+
 
 class TrainError(ValueError):
     """Bad user input found while setting a run up (config, resume file, output directory):
     the message is one line meant for the user."""
+
+
+class Diverged(ArithmeticError):
+    """The loss of an iteration was not finite; raised by Trainer.step before the update, so
+    the weights stay finite and the last checkpoint stays the one to go back to."""
+
+    def __init__(self, iteration, loss):
+        super().__init__(f"the loss of iteration {iteration} is {loss}")
+        self.iteration = iteration
+        self.loss = loss
 
 
 @dataclasses.dataclass
@@ -102,6 +121,21 @@ class RunResult:
         return self.losses[-1] if self.losses else None
 
 
+@dataclasses.dataclass
+class Progress:
+    """What a callback of Trainer.fit receives at every log interval (and every evaluation)."""
+
+    step: int                       # iterations completed
+    iters: int                      # the target
+    loss: float                     # mean training loss over the interval
+    lr: float                       # learning rate of the interval's last step
+    tok_per_s: float                # training throughput over the interval (evaluation excluded)
+    elapsed_s: float                # seconds since this session's first step
+    eta_s: float                    # estimated seconds to the end of the run
+    val_loss: float = None          # the estimate made at this step, None if none was
+    best_val: float = math.inf      # best validation estimate so far
+
+
 def _check_int(name, value, lo=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TrainError(f"{name} must be an integer, got {value!r}")
@@ -121,23 +155,15 @@ def format_duration(seconds):
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def format_rate(tok_per_s):
+    """Tokens per second as the log line shows them: "12,345 tok/s"."""
+    return f"{tok_per_s:,.0f} tok/s"
+
+
 def progress_line(step, iters, mean_loss, last_val, lr, best_val, tok_per_s, eta_s):
     """The log line printed every log_every iterations."""
     return (f"Iter {step}/{iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | LR {lr:.1e} | "
             f"Best {best_val:.3f} | {format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
-
-
-def metrics_row(step, train_loss, val_loss, lr, tok_per_s, elapsed_s):
-    """One metrics.csv row (METRICS_HEADER's columns). val_loss is None on rows without an
-    evaluation, tok_per_s None before the first step; their cells stay empty, so a plot
-    shows only measured points."""
-    return [step, f"{train_loss:.6f}", "" if val_loss is None else f"{val_loss:.6f}",
-            f"{lr:.6e}", "" if tok_per_s is None else f"{tok_per_s:.1f}", f"{elapsed_s:.3f}"]
-
-
-def format_rate(tok_per_s):
-    """Tokens per second as the log line shows them: "12,345 tok/s"."""
-    return f"{tok_per_s:,.0f} tok/s"
 
 
 def estimate_loss(model, dataset, batch_size, eval_iters, rng):
@@ -146,20 +172,15 @@ def estimate_loss(model, dataset, batch_size, eval_iters, rng):
     Uses the training batch shape so the model's activation arena is not re-allocated. The
     model's train/eval mode is restored afterwards. Returns {"train": float, "val": float}.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        out = {}
+    out = {}
+    with model.evaluating():
         for split in ("train", "val"):
             total = 0.0
             for _ in range(eval_iters):
                 x, y = dataset.get_batch(split, batch_size, rng)
                 total += float(model.forward(x, y))
             out[split] = total / eval_iters
-        return out
-    finally:
-        if was_training:
-            model.train()
+    return out
 
 
 class _StopFlag:
@@ -250,38 +271,11 @@ def prepare_out_dir(path):
     return path
 
 
-def open_metrics(path, keep_until):
-    """Open metrics.csv for appending. A resumed run keeps the rows up to its checkpoint's step and
-    drops later ones (logged by a run that died before saving), so the file stays one curve."""
-    rows = []
-    if keep_until is not None and path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is not None and tuple(header) == METRICS_HEADER:
-                for row in reader:
-                    try:
-                        if row and int(row[0]) <= keep_until:
-                            rows.append(row)
-                    except ValueError:
-                        continue
-    f = open(path, "w", newline="")
-    writer = csv.writer(f)
-    writer.writerow(METRICS_HEADER)
-    writer.writerows(rows)
-    f.flush()
-    return f, writer
-
-
 def build_config(overrides, vocab_size=None, base=None):
     """Config(**overrides), or base with overrides applied; vocab_size, when given, replaces
     the config's. A bad value is a TrainError with a one-line message."""
-    from .config import Config
     try:
-        if base is None:
-            cfg = Config(**overrides)
-        else:
-            cfg = base.replace(**overrides)
+        cfg = Config(**overrides) if base is None else base.replace(**overrides)
         if vocab_size is not None:
             cfg = cfg.replace(vocab_size=vocab_size)
         return cfg
@@ -291,6 +285,7 @@ def build_config(overrides, vocab_size=None, base=None):
 
 def write_plot(out_dir, log):
     """Draw the run's loss curves into out_dir and log where; a failure is a note, not an error."""
+    # Imported here: the plot module is only needed at the end of a run that asks for it.
     from .plot import PlotError, plot_run
     try:
         log.line(f"Plot: {plot_run(out_dir)}")
@@ -299,273 +294,379 @@ def write_plot(out_dir, log):
         log.line(f"note: no plot written: {e}")
 
 
-def run(config=None, options=None, *, stdout=None, stderr=None):
-    """Train (or resume) and return a RunResult.
+def _text_source(text):
+    """A TextSource for text handed over by a caller (no file behind it)."""
+    if not isinstance(text, str):
+        raise TrainError(f"text must be a str, got {type(text).__name__}")
+    if not text:
+        raise DataError("the text is empty")
+    return TextSource(text=text, description=f"text given by the caller ({len(text):,} characters)",
+                      warning=None, path=None)
 
-    config  : a Config for a fresh run (its vocab_size is replaced by the data's), or None to
-              build one from ``options.overrides`` (on resume: the checkpoint's, with overrides)
-    options : RunOptions
-    Raises TrainError, DataError or CheckpointError (all ValueError, one-line messages) for bad
-    input found before the first step. Ctrl-C / SIGTERM end the loop cleanly: a checkpoint is
-    saved and the result says ``interrupted``.
+
+class _Interval:
+    """Loss sum, step count and step time since the last log line (evaluation excluded)."""
+
+    def __init__(self, step, now):
+        self.mark_step, self.mark_time = step, now
+        self.loss_sum = 0.0
+        self.train_time = 0.0
+
+    def add(self, loss, seconds):
+        self.loss_sum += loss
+        self.train_time += seconds
+
+
+class Trainer:
+    """One training run: construction prepares everything, ``step`` takes one iteration,
+    ``evaluate``/``save`` do what they say, and ``fit`` runs the loop to the end.
+
+    config    : a Config for a fresh run (its vocab_size is replaced by the data's), or None to
+                build one from ``options.overrides`` (on resume: the checkpoint's, unchanged)
+    options   : RunOptions (the iteration target, data, output directory, intervals, resume)
+    text      : train on this string instead of a file (options.data_path must then be None)
+    stdout, stderr : where log lines and warnings go (default: the process's own)
+    callbacks : callables receiving a Progress at every log interval of ``fit``
+
+    Construction raises TrainError, DataError or CheckpointError (all ValueError, one-line
+    messages) for bad input, before any output file exists; then it creates the run directory,
+    writes config.json and opens metrics.csv. Close the trainer (or use it as a context manager)
+    to close metrics.csv; ``fit`` does that itself.
     """
-    from threadpoolctl import threadpool_limits
 
-    from . import checkpoint as ckpt_mod
-    from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
+    def __init__(self, config=None, options=None, *, text=None, stdout=None, stderr=None,
+                 callbacks=()):
+        if not isinstance(options, RunOptions):
+            raise TrainError("options must be a RunOptions (at least the iteration target)")
+        if text is not None and options.data_path is not None:
+            raise TrainError("pass either text or options.data_path, not both")
+        self.options = options
+        self.log = Logger(sys.stdout if stdout is None else stdout)
+        self._err = sys.stderr if stderr is None else stderr
+        self.callbacks = list(callbacks)
+        resumed = self._read_resume(config)
+        self.source = _text_source(text) if text is not None else resolve_source(
+            options.data_path, options.cache_dir, url=options.data_url)
+        if self.tokenizer is None:
+            self.tokenizer = CharTokenizer.from_text(self.source.text)
+            self.config = build_config({}, vocab_size=self.tokenizer.vocab_size, base=self.config)
+        self.dataset = self._open_dataset(resumed)
+        self.n_threads = effective_n_threads(options.n_threads)
+        self.model, self.optimizer = self.build_model()
+        self.batch_rng = np.random.default_rng([self.config.seed, BATCH_STREAM])
+        self.best_val = math.inf
+        if resumed is not None:
+            self._restore(resumed)
+        self.step_count = self.start      # iterations completed, resumed ones included
+        self.losses = []                  # this session's training losses
+        self.lr = lr_at(self.start, options.iters, self.config)
+        self.saved = None                 # the last checkpoint written
+        self.end = options.iters if options.stop_at is None else min(options.iters, options.stop_at)
+        self.out_dir = self._open_out_dir(resumed)
+        self.checkpoint_path = self.out_dir / "ckpt.npz"
+        self._report(resumed)
+        self._write_run_info()
+        self.metrics = MetricsFile(self.out_dir / "metrics.csv",
+                                   keep_until=self.start if resumed is not None else None)
 
-    out = sys.stdout if stdout is None else stdout
-    err = sys.stderr if stderr is None else stderr
-    log = Logger(out)
-    opts = options
-    if opts is None:
-        raise TrainError("options are required")
+    # ---------------------------------------------------------------- set-up
 
-    # ---- configuration, data, model: all input checks happen before any output file exists ----
-    resumed = None
-    if opts.resume is not None:
+    def _read_resume(self, config):
+        """Sets config, tokenizer and start; returns the checkpoint to resume from, or None."""
+        opts = self.options
+        if opts.resume is None:
+            self.config = build_config(opts.overrides, base=config)
+            self.tokenizer, self.start = None, 0
+            self._check_stop_at()
+            return None
         resumed = ckpt_mod.load(opts.resume)
         if resumed.adam_m is None or resumed.rng_state is None:
             raise TrainError(f"checkpoint {opts.resume!r} has no optimizer or batch-RNG state: "
                              "it cannot be resumed exactly")
         if config is not None:
             raise TrainError("pass either a config or a checkpoint to resume, not both")
-        conflicts = {k: v for k, v in opts.overrides.items()
-                     if getattr(resumed.config, k) != v}
+        conflicts = {k: v for k, v in opts.overrides.items() if getattr(resumed.config, k) != v}
         if conflicts:
             names = ", ".join(f"{k}={v!r} (checkpoint has {getattr(resumed.config, k)!r})"
                               for k, v in sorted(conflicts.items()))
             raise TrainError(f"cannot change settings when resuming, for an exact continuation: {names}")
-        config = resumed.config
-        tokenizer = resumed.tokenizer
-        start = resumed.step
-        if start >= opts.iters:
-            raise TrainError(f"checkpoint is already at iteration {start}; ask for more than "
-                             f"{start} iterations to continue")
-    else:
-        config = build_config(opts.overrides, base=config)
-        tokenizer = None
-        start = 0
-    if opts.stop_at is not None and opts.stop_at <= start:
-        raise TrainError(f"stop_at ({opts.stop_at}) must be after the starting iteration ({start})")
+        self.config, self.tokenizer, self.start = resumed.config, resumed.tokenizer, resumed.step
+        if self.start >= opts.iters:
+            raise TrainError(f"checkpoint is already at iteration {self.start}; ask for more than "
+                             f"{self.start} iterations to continue")
+        self._check_stop_at()
+        return resumed
 
-    source = resolve_source(opts.data_path, opts.cache_dir, url=opts.data_url)
-    if tokenizer is None:
-        tokenizer = CharTokenizer.from_text(source.text)
-        config = build_config({}, vocab_size=tokenizer.vocab_size, base=config)
-    try:
-        dataset = Dataset(source.text, tokenizer, config.block_size)
-    except DataError as e:
-        trained_on = resumed.extra.get("data") if resumed is not None else None
-        if not isinstance(trained_on, dict) or not trained_on.get("description"):
-            raise
-        raise DataError(f"{e} (the checkpoint was trained on {trained_on['description']}; pass "
-                        "that text with --data)") from None
+    def _check_stop_at(self):
+        stop_at = self.options.stop_at
+        if stop_at is not None and stop_at <= self.start:
+            raise TrainError(f"stop_at ({stop_at}) must be after the starting iteration ({self.start})")
 
-    # Imported only now so that bad input is reported before the kernels load.
-    from .model import GPT
-    from .optim import AdamW, clip_scale, lr_at
+    def _open_dataset(self, resumed):
+        try:
+            return Dataset(self.source.text, self.tokenizer, self.config.block_size)
+        except DataError as e:
+            trained_on = resumed.extra.get("data") if resumed is not None else None
+            if not isinstance(trained_on, dict) or not trained_on.get("description"):
+                raise
+            raise DataError(f"{e} (the checkpoint was trained on {trained_on['description']}; "
+                            "pass that text with --data)") from None
 
-    n_threads = effective_n_threads(opts.n_threads)
-    try:
-        model = GPT(config, seed=config.seed, n_threads=n_threads)
-        optimizer = AdamW(model, config, n_threads=n_threads)
-    except MemoryError:
-        raise TrainError("not enough memory for this model and batch size; choose smaller "
-                         "--n-embd, --n-layer or --batch-size") from None
-    batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
-    best_val = math.inf
-    if resumed is not None:
-        model.load_flat_params(resumed.params)
-        optimizer.load_state_dict(resumed.optimizer_state())
+    def build_model(self):
+        """The model and its optimizer (a subclass may train another implementation: the model
+        needs forward(x, y, step=), backward(), evaluating(), train(), num_params and
+        release_buffers(); the optimizer grad_norm() and step(lr, grad_scale=))."""
+        try:
+            model = GPT(self.config, seed=self.config.seed, n_threads=self.n_threads)
+            return model, AdamW(model, self.config, n_threads=self.n_threads)
+        except MemoryError:
+            raise TrainError("not enough memory for this model and batch size; choose smaller "
+                             "--n-embd, --n-layer or --batch-size") from None
+
+    def _restore(self, resumed):
+        self.model.load_flat_params(resumed.params)
+        self.optimizer.load_state_dict(resumed.optimizer_state())
         # Copied into the model and optimizer: the checkpoint's own arrays would otherwise stay
         # alive for the whole run, 55 MiB at the default size.
         resumed.params = resumed.adam_m = resumed.adam_v = None
         try:
-            batch_rng.bit_generator.state = resumed.rng_state
+            self.batch_rng.bit_generator.state = resumed.rng_state
         except (TypeError, ValueError, KeyError) as e:
-            raise TrainError(f"checkpoint {opts.resume!r} has an unusable RNG state: {e}") from None
-        best_val = float(resumed.extra.get("best_val", math.inf) or math.inf)
+            raise TrainError(f"checkpoint {self.options.resume!r} has an unusable RNG state: "
+                             f"{e}") from None
+        self.best_val = float(resumed.extra.get("best_val", math.inf) or math.inf)
 
-    if opts.out_dir is not None:
-        out_dir = Path(opts.out_dir)
-    elif resumed is not None:
-        out_dir = Path(opts.resume).resolve().parent
-    else:
-        out_dir = default_out_dir()
-    out_dir = prepare_out_dir(out_dir)
-    ckpt_path = out_dir / "ckpt.npz"
-    if resumed is None and ckpt_path.exists():
-        # A fresh run would overwrite that run's weights and metrics.
-        raise TrainError(f"{str(out_dir)!r} already holds a run (ckpt.npz); continue it with "
-                         f"--resume {ckpt_path} or choose another --out")
-    metrics_path = out_dir / "metrics.csv"
+    def _open_out_dir(self, resumed):
+        opts = self.options
+        if opts.out_dir is not None:
+            out_dir = Path(opts.out_dir)
+        elif resumed is not None:
+            out_dir = Path(opts.resume).resolve().parent
+        else:
+            out_dir = default_out_dir()
+        out_dir = prepare_out_dir(out_dir)
+        ckpt_path = out_dir / "ckpt.npz"
+        if resumed is None and ckpt_path.exists():
+            # A fresh run would overwrite that run's weights and metrics.
+            raise TrainError(f"{str(out_dir)!r} already holds a run (ckpt.npz); continue it with "
+                             f"--resume {ckpt_path} or choose another --out")
+        return out_dir
 
-    # ---- start-up report ----
-    if source.warning:
-        print(f"randygpt: warning: {source.warning}", file=err, flush=True)
-    log.line("randygpt " + ("resuming " + str(opts.resume) + f" at iteration {start}"
-                            if resumed is not None else "training from scratch"))
-    fields = config.to_dict()
-    model_keys = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout", "norm",
-                  "norm_eps")
-    log.line("Model: " + " ".join(f"{k}={fields[k]}" for k in model_keys if k in fields))
-    log.line("Training: " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in model_keys))
-    log.line(f"Parameters: {model.num_params:,}")
-    log.line(f"Data: {source.description}; train {len(dataset.train):,} / val {len(dataset.val):,} "
-             f"tokens; vocab {tokenizer.vocab_size}")
-    log.line(f"openmp={'yes' if openmp_enabled() else 'no'} threads={n_threads} "
-             f"(this process may use {physical_cores()} cores, {usable_cpus()} logical CPUs)")
-    log.line(f"Iterations: {start} -> {opts.iters}"
-             + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
-             + f"; output: {out_dir}")
-    if resumed is not None and resumed.extra.get("iters") not in (None, opts.iters):
-        log.line(f"note: the checkpoint was trained for a {resumed.extra['iters']}-iteration "
-                 f"schedule; the learning rate now follows a {opts.iters}-iteration one")
-    run_info = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
-                "data": source.description, "iters": opts.iters, "n_threads": n_threads,
+    def _report(self, resumed):
+        opts, log = self.options, self.log
+        if self.source.warning:
+            print(f"randygpt: warning: {self.source.warning}", file=self._err, flush=True)
+        log.line("randygpt " + (f"resuming {opts.resume} at iteration {self.start}"
+                                if resumed is not None else "training from scratch"))
+        fields = self.config.to_dict()
+        log.line("Model: " + " ".join(f"{k}={fields[k]}" for k in _MODEL_KEYS if k in fields))
+        log.line("Training: " + " ".join(f"{k}={v}" for k, v in fields.items()
+                                         if k not in _MODEL_KEYS))
+        log.line(f"Parameters: {self.model.num_params:,}")
+        log.line(f"Data: {self.source.description}; train {len(self.dataset.train):,} / val "
+                 f"{len(self.dataset.val):,} tokens; vocab {self.tokenizer.vocab_size}")
+        log.line(self.threads_description())
+        log.line(f"Iterations: {self.start} -> {opts.iters}"
+                 + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
+                 + f"; output: {self.out_dir}")
+        if resumed is not None and resumed.extra.get("iters") not in (None, opts.iters):
+            log.line(f"note: the checkpoint was trained for a {resumed.extra['iters']}-iteration "
+                     f"schedule; the learning rate now follows a {opts.iters}-iteration one")
+
+    def threads_description(self):
+        """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""
+        return (f"openmp={'yes' if openmp_enabled() else 'no'} threads={self.n_threads} "
+                f"(this process may use {physical_cores()} cores, {usable_cpus()} logical CPUs)")
+
+    def run_info(self):
+        """What config.json records about the run."""
+        opts = self.options
+        return {"config": self.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
+                "data": self.source.description, "iters": opts.iters, "n_threads": self.n_threads,
                 "resumed_from": str(opts.resume) if opts.resume else None,
-                "options": {k: v for k, v in dataclasses.asdict(opts).items()
-                            if k not in ("overrides",)}}
-    with open(out_dir / "config.json", "w") as f:
-        json.dump(run_info, f, indent=2, default=str)
-        f.write("\n")
+                "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "overrides"}}
 
-    B, T = config.batch_size, config.block_size
-    eval_rng_seed = [config.seed, EVAL_STREAM]
-    end = opts.iters if opts.stop_at is None else min(opts.iters, opts.stop_at)
-    losses = []
-    saved = None
-    last_val = math.nan
-    final_estimate = None
-    diverged = None  # the iteration whose loss was not finite
+    def _write_run_info(self):
+        with open(self.out_dir / "config.json", "w") as f:
+            json.dump(self.run_info(), f, indent=2, default=str)
+            f.write("\n")
 
-    def evaluate():
-        # A fresh generator each time: every evaluation scores the same batches, so changes
-        # between evaluations come from the model, and resuming reproduces them.
-        return estimate_loss(model, dataset, B, opts.eval_iters, np.random.default_rng(eval_rng_seed))
+    # ---------------------------------------------------------------- the run's verbs
 
-    def save(step):
-        nonlocal saved
+    def step(self):
+        """One iteration: learning rate, batch, forward, backward, clip, update. Returns the
+        training loss; raises Diverged (before the update) when it is not finite."""
+        it = self.step_count
+        self.lr = lr_at(it, self.options.iters, self.config)
+        x, y = self.dataset.get_batch("train", self.config.batch_size, self.batch_rng)
+        loss = self.model.forward(x, y, step=it)
+        if not math.isfinite(loss):
+            raise Diverged(it + 1, loss)
+        self.model.backward()
+        scale = clip_scale(self.optimizer.grad_norm(), self.config.grad_clip)
+        self.optimizer.step(self.lr, grad_scale=scale)
+        self.step_count = it + 1
+        self.losses.append(loss)
+        return loss
+
+    def evaluate(self):
+        """Mean loss over eval_iters batches of each split: {"train": float, "val": float}.
+        A fresh generator each time: every evaluation scores the same batches, so changes
+        between evaluations come from the model, and resuming reproduces them."""
+        rng = np.random.default_rng([self.config.seed, EVAL_STREAM])
+        estimate = estimate_loss(self.model, self.dataset, self.config.batch_size,
+                                 self.options.eval_iters, rng)
+        self.best_val = min(self.best_val, estimate["val"])
+        return estimate
+
+    def save(self):
+        """Write the checkpoint (weights, AdamW state, batch RNG, step) atomically; returns its path."""
+        best = self.best_val if math.isfinite(self.best_val) else None
         # "data" tells `randygpt eval` which text to score by default.
-        extra = {"iters": opts.iters, "best_val": best_val if math.isfinite(best_val) else None,
-                 "data": {"path": source.path, "description": source.description},
-                 "last_loss": losses[-1] if losses else None}
-        ckpt_mod.save(ckpt_path, model=model, optimizer=optimizer, tokenizer=tokenizer, step=step,
-                      rng_state=batch_rng.bit_generator.state, extra=extra)
-        saved = ckpt_path
+        extra = {"iters": self.options.iters, "best_val": best,
+                 "data": {"path": self.source.path, "description": self.source.description},
+                 "last_loss": self.losses[-1] if self.losses else None}
+        ckpt_mod.save(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
+                      tokenizer=self.tokenizer, step=self.step_count,
+                      rng_state=self.batch_rng.bit_generator.state, extra=extra)
+        self.saved = self.checkpoint_path
+        return self.saved
 
-    metrics_file, metrics = open_metrics(metrics_path, start if resumed is not None else None)
-    step = start
-    try:
-        with _StopFlag() as stop, threadpool_limits(1, "blas"):
-            model.train()
-            first_estimate = evaluate()
-            last_val = first_estimate["val"]
-            best_val = min(best_val, last_val)
-            log.line(f"Initial loss estimate: train {first_estimate['train']:.4f} | "
-                     f"val {first_estimate['val']:.4f}")
-            if start == 0:
-                # The curve starts at the untrained model (a resumed run already has this row).
-                metrics.writerow(metrics_row(0, first_estimate["train"], first_estimate["val"],
-                                            lr_at(0, opts.iters, config), None, 0.0))
-                metrics_file.flush()
-            t_start = time.perf_counter()
-            t_mark, it_mark, loss_sum = t_start, step, 0.0
-            train_time = 0.0  # seconds spent in steps since t_mark (evaluation excluded)
-            for it in range(start, end):
-                if stop:
-                    break
-                t0 = time.perf_counter()
-                lr = lr_at(it, opts.iters, config)
-                x, y = dataset.get_batch("train", B, batch_rng)
-                loss = model.forward(x, y, step=it)
-                if not math.isfinite(loss):
-                    # Stop before the update: the weights stay finite and the last checkpoint
-                    # written stays the one to go back to.
-                    diverged = it + 1
-                    log.line(f"Iter {it + 1}: the loss is {loss}; stopping without saving "
-                             "(try a lower --lr)")
-                    break
-                model.backward()
-                norm = optimizer.grad_norm()
-                scale = clip_scale(norm, config.grad_clip)
-                optimizer.step(lr, grad_scale=scale)
-                step = it + 1
-                train_time += time.perf_counter() - t0
-                losses.append(loss)
-                loss_sum += loss
+    def close(self):
+        if not self.metrics.closed:
+            self.metrics.close()
 
-                # The last iteration is always evaluated: that is the final loss estimate.
-                evaluated = step == end or (opts.eval_every > 0 and step % opts.eval_every == 0)
-                if evaluated:
-                    estimate = evaluate()
-                    last_val = estimate["val"]
-                    best_val = min(best_val, last_val)
-                    if step == end:
-                        final_estimate = estimate
-                if step % opts.log_every == 0 or evaluated:
-                    n = step - it_mark
-                    tok_s = n * B * T / train_time if train_time > 0 else math.inf
-                    now = time.perf_counter()
-                    per_it = (now - t_mark) / n
-                    eta = per_it * (end - step)
-                    mean_loss = loss_sum / n
-                    log.progress(progress_line(step, opts.iters, mean_loss, last_val, lr,
-                                               best_val, tok_s, eta), keep=evaluated)
-                    metrics.writerow(metrics_row(step, mean_loss, last_val if evaluated else None,
-                                                 lr, tok_s, now - t_start))
-                    metrics_file.flush()
-                    t_mark, it_mark, loss_sum, train_time = now, step, 0.0, 0.0
-                if opts.save_every > 0 and step % opts.save_every == 0 and step < end:
-                    save(step)
-            log.end_progress()
-            interrupted = stop.signal_name
-            if diverged is None:
-                save(step)
-    except KeyboardInterrupt:
-        # A second Ctrl-C inside a step: the state may be half-updated, so nothing is saved.
-        log.end_progress()
-        metrics_file.close()
-        log.line(f"Interrupted again at iteration {step}; not saving. Last checkpoint: "
-                 f"{saved if saved else 'none'}")
-        raise
-    finally:
-        if not metrics_file.closed:
-            metrics_file.close()
+    def __enter__(self):
+        return self
 
-    result = RunResult(out_dir=out_dir, checkpoint=saved, step=step, iters=opts.iters,
-                       losses=losses, first_estimate=first_estimate, final_estimate=final_estimate,
-                       best_val=best_val, interrupted=interrupted, diverged=diverged)
-    if interrupted or diverged:
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self):
+        """Train from the current step to the target (or options.stop_at), evaluating, logging
+        and saving on the options' intervals; Ctrl-C / SIGTERM stop cleanly after the current
+        step with a checkpoint. Returns a RunResult; closes the trainer."""
+        try:
+            with _StopFlag() as stop, threadpool_limits(1, "blas"):
+                self.model.train()
+                first = self._first_estimate()
+                final, diverged = self._loop(stop, first["val"])
+                self.log.end_progress()
+                if diverged is None:
+                    self.save()
+        except KeyboardInterrupt:
+            # A second Ctrl-C inside a step: the state may be half-updated, so nothing is saved.
+            self.log.end_progress()
+            self.log.line(f"Interrupted again at iteration {self.step_count}; not saving. Last "
+                          f"checkpoint: {self.saved if self.saved else 'none'}")
+            raise
+        finally:
+            self.close()
+        result = RunResult(out_dir=self.out_dir, checkpoint=self.saved, step=self.step_count,
+                           iters=self.options.iters, losses=self.losses, first_estimate=first,
+                           final_estimate=final, best_val=self.best_val,
+                           interrupted=stop.signal_name, diverged=diverged)
+        if not (result.interrupted or diverged):
+            self._finish(result)
         return result
-    if final_estimate is not None:
-        log.line(f"Final loss estimate: train {final_estimate['train']:.4f} | "
-                 f"val {final_estimate['val']:.4f} (started at {first_estimate['val']:.4f})")
-    log.line(f"Checkpoint: {saved}")
-    if opts.sample and opts.sample_tokens > 0 and step == opts.iters:
-        # Training is over: its activations and AdamW moments would only add to the run's
-        # peak memory while the samples are drawn.
-        model.release_buffers()
-        optimizer = None
-        result.samples = _print_samples(model, tokenizer, config, opts, log)
-    if opts.plot:
-        write_plot(out_dir, log)
-    return result
+
+    def _first_estimate(self):
+        first = self.evaluate()
+        self.log.line(f"Initial loss estimate: train {first['train']:.4f} | val {first['val']:.4f}")
+        if self.start == 0:
+            # The curve starts at the untrained model (a resumed run already has this row).
+            self.metrics.write(0, first["train"], first["val"], self.lr, None, 0.0)
+        return first
+
+    def _loop(self, stop, last_val):
+        """The iterations; returns (final estimate or None, diverged iteration or None).
+        last_val is the latest validation estimate, which the log line repeats."""
+        opts = self.options
+        t_start = time.perf_counter()
+        interval = _Interval(self.step_count, t_start)
+        final = None
+        while self.step_count < self.end and not stop:
+            t0 = time.perf_counter()
+            try:
+                loss = self.step()
+            except Diverged as e:
+                self.log.line(f"Iter {e.iteration}: the loss is {e.loss}; stopping without saving "
+                              "(try a lower --lr)")
+                return final, e.iteration
+            interval.add(loss, time.perf_counter() - t0)
+            step = self.step_count
+            # The last iteration is always evaluated: that is the final loss estimate.
+            evaluated = step == self.end or (opts.eval_every > 0 and step % opts.eval_every == 0)
+            if evaluated:
+                estimate = self.evaluate()
+                last_val = estimate["val"]
+                if step == self.end:
+                    final = estimate
+            if step % opts.log_every == 0 or evaluated:
+                self._log_interval(interval, last_val if evaluated else None, last_val, t_start)
+                interval = _Interval(step, time.perf_counter())
+            if opts.save_every > 0 and step % opts.save_every == 0 and step < self.end:
+                self.save()
+        return final, None
+
+    def _log_interval(self, interval, val_loss, last_val, t_start):
+        step, B, T = self.step_count, self.config.batch_size, self.config.block_size
+        n = step - interval.mark_step
+        now = time.perf_counter()
+        tok_s = n * B * T / interval.train_time if interval.train_time > 0 else math.inf
+        eta = (now - interval.mark_time) / n * (self.end - step)
+        mean_loss = interval.loss_sum / n
+        self.log.progress(progress_line(step, self.options.iters, mean_loss, last_val, self.lr,
+                                        self.best_val, tok_s, eta), keep=val_loss is not None)
+        self.metrics.write(step, mean_loss, val_loss, self.lr, tok_s, now - t_start)
+        record = Progress(step=step, iters=self.options.iters, loss=mean_loss, lr=self.lr,
+                          tok_per_s=tok_s, elapsed_s=now - t_start, eta_s=eta,
+                          val_loss=val_loss, best_val=self.best_val)
+        for callback in self.callbacks:
+            callback(record)
+
+    def _finish(self, result):
+        """The end of a completed run: the final estimate, samples, plot."""
+        opts, log = self.options, self.log
+        if result.final_estimate is not None:
+            log.line(f"Final loss estimate: train {result.final_estimate['train']:.4f} | "
+                     f"val {result.final_estimate['val']:.4f} (started at "
+                     f"{result.first_estimate['val']:.4f})")
+        if self.saved is not None:
+            log.line(f"Checkpoint: {self.saved}")
+        if opts.sample and opts.sample_tokens > 0 and self.step_count == opts.iters:
+            # Training is over: its activations and AdamW moments would only add to the run's
+            # peak memory while the samples are drawn.
+            self.model.release_buffers()
+            self.optimizer = None
+            result.samples = self._print_samples()
+        if opts.plot:
+            write_plot(self.out_dir, log)
+
+    def _print_samples(self):
+        # Imported here: sampling pulls in the decoding machinery only a finished run needs.
+        from .sample import generate
+        rng = np.random.default_rng([self.config.seed, SAMPLE_STREAM])
+        samples = {}
+        for prompt in SAMPLE_PROMPTS:
+            missing = self.tokenizer.unknown_chars(prompt)
+            if missing:
+                self.log.line(f"\n--- {prompt!r}: skipped, the vocabulary lacks "
+                              f"{', '.join(repr(c) for c in missing)}")
+                continue
+            text = generate(self.model, self.tokenizer, prompt, self.options.sample_tokens,
+                            temperature=0.8, top_p=0.9, top_k=None, rng=rng)
+            samples[prompt] = prompt + text
+            self.log.line(f"\n--- {prompt!r} (temperature 0.8, top-p 0.9)\n{prompt}{text}")
+        return samples
 
 
-def _print_samples(model, tokenizer, config, opts, log):
-    from .sample import generate
-    rng = np.random.default_rng([config.seed, SAMPLE_STREAM])
-    samples = {}
-    for prompt in SAMPLE_PROMPTS:
-        missing = tokenizer.unknown_chars(prompt)
-        if missing:
-            log.line(f"\n--- {prompt!r}: skipped, the vocabulary lacks "
-                     f"{', '.join(repr(c) for c in missing)}")
-            continue
-        text = generate(model, tokenizer, prompt, opts.sample_tokens, temperature=0.8,
-                        top_p=0.9, top_k=None, rng=rng)
-        samples[prompt] = prompt + text
-        log.line(f"\n--- {prompt!r} (temperature 0.8, top-p 0.9)\n{prompt}{text}")
-    return samples
+def run(config=None, options=None, *, text=None, stdout=None, stderr=None):
+    """Train (or resume) and return a RunResult: ``Trainer(...).fit()`` in one call.
+
+    See Trainer for the arguments and the errors raised for bad input.
+    """
+    return Trainer(config, options, text=text, stdout=stdout, stderr=stderr).fit()

@@ -23,8 +23,9 @@ NO_NETWORK_URL = "http://randygpt-test.invalid/input.txt"
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 8, "batch_size": 4}
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
               "--batch-size", "4"]
-LOG_LINE = re.compile(r"^Iter \d+/\d+ \| Loss \d+\.\d{3} \| Val \d+\.\d{3} \| LR \d\.\de[-+]\d\d \| "
-                      r"Best \d+\.\d{3} \| [\d,]+ tok/s \| ETA (\d+s|\d+m\d\ds|\d+h\d\dm)$")
+# Val and Best appear only on the lines of an evaluation.
+LOG_LINE = re.compile(r"^Iter \d+/\d+ \| Loss \d+\.\d{3}( \| Val \d+\.\d{3})? \| LR \d\.\de[-+]\d\d"
+                      r"( \| Best \d+\.\d{3})? \| [\d,]+ tok/s \| ETA (\d+s|\d+m\d\ds|\d+h\d\dm)$")
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +72,8 @@ def test_end_to_end_cli_run_writes_log_metrics_and_checkpoint(tmp_path, text_pat
     assert [line.split("/")[0] for line in logs] == [f"Iter {i}" for i in (5, 10, 15, 20, 25)]
     for line in logs:
         assert LOG_LINE.match(line), line
+    # A validation loss is shown only where it was measured (every 10, and the last line).
+    assert ["| Val " in line for line in logs] == [False, True, False, True, True]
     # Samples: the prompt in the vocabulary is continued, the others are skipped with a note.
     assert "--- 'ROMEO:' (temperature 0.8, top-p 0.9)\nROMEO:" in out
     assert "--- 'To be or not to be': skipped, the vocabulary lacks" in out

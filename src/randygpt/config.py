@@ -50,8 +50,10 @@ class Config:
         if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) \
                 or self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be a non-negative int, got {self.warmup_iters!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        # The dropout kernels key their masks with the seed as a 64-bit unsigned integer.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         self._check_float("dropout", lo=0.0, hi=1.0, hi_open=True)

@@ -42,6 +42,8 @@ class MetricsFile:
     def __init__(self, path, keep_until=None):
         self.path = Path(path)
         rows = _rows_up_to(self.path, keep_until) if keep_until is not None else []
+        # A resumed run's clock goes on from the last kept row: elapsed_s stays cumulative.
+        self.last_elapsed = _last_elapsed(rows)
         self._file = open(self.path, "w", newline="")
         self._writer = csv.writer(self._file)
         self._writer.writerow(METRICS_HEADER)
@@ -59,6 +61,16 @@ class MetricsFile:
 
     def close(self):
         self._file.close()
+
+
+def _last_elapsed(rows):
+    k = METRICS_HEADER.index("elapsed_s")
+    for row in reversed(rows):
+        try:
+            return float(row[k])
+        except (IndexError, ValueError):
+            continue
+    return 0.0
 
 
 def _rows_up_to(path, step):

@@ -32,7 +32,8 @@ from .model import GPT
 from .optim import AdamW, clip_scale, lr_at
 from .tokenizer import CharTokenizer
 
-__all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "run", "estimate_loss",
+__all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "RunFailed", "Diverged",
+           "run", "estimate_loss",
            "SAMPLE_PROMPTS", "format_duration", "format_rate", "progress_line", "Logger",
            "BATCH_STREAM", "EVAL_STREAM", "SAMPLE_STREAM", "build_config", "default_out_dir",
            "prepare_out_dir", "write_plot"]
@@ -53,6 +54,11 @@ _MODEL_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropo
 class TrainError(ValueError):
     """Bad user input found while setting a run up (config, resume file, output directory):
     the message is one line meant for the user."""
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on for a reason outside its input (a full disk, a file that can no
+    longer be written); the message is one line and names the last good checkpoint."""
 
 
 class Diverged(ArithmeticError):
@@ -160,23 +166,31 @@ def format_rate(tok_per_s):
     return f"{tok_per_s:,.0f} tok/s"
 
 
-def progress_line(step, iters, mean_loss, last_val, lr, best_val, tok_per_s, eta_s):
-    """The log line printed every log_every iterations."""
-    return (f"Iter {step}/{iters} | Loss {mean_loss:.3f} | Val {last_val:.3f} | LR {lr:.1e} | "
-            f"Best {best_val:.3f} | {format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
+def progress_line(step, iters, mean_loss, val_loss, lr, best_val, tok_per_s, eta_s):
+    """The log line printed every log_every iterations. The validation loss and the best one
+    so far appear only on the lines of an evaluation (val_loss not None), so a number on a
+    line was always measured at that line's iteration."""
+    val = "" if val_loss is None else f" | Val {val_loss:.3f}"
+    best = "" if val_loss is None else f" | Best {best_val:.3f}"
+    return (f"Iter {step}/{iters} | Loss {mean_loss:.3f}{val} | LR {lr:.1e}{best} | "
+            f"{format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
 
 
-def estimate_loss(model, dataset, batch_size, eval_iters, rng):
+def estimate_loss(model, dataset, batch_size, eval_iters, rng, stop=None):
     """Mean loss over ``eval_iters`` random batches of each split, in eval mode (no dropout).
 
     Uses the training batch shape so the model's activation arena is not re-allocated. The
-    model's train/eval mode is restored afterwards. Returns {"train": float, "val": float}.
+    model's train/eval mode is restored afterwards. Returns {"train": float, "val": float}, or
+    None when ``stop`` (an object whose truth means "stop now", such as the trainer's signal
+    flag) turns true between two batches: Ctrl-C must not wait for a whole estimate.
     """
     out = {}
     with model.evaluating():
         for split in ("train", "val"):
             total = 0.0
             for _ in range(eval_iters):
+                if stop:
+                    return None
                 x, y = dataset.get_batch(split, batch_size, rng)
                 total += float(model.forward(x, y))
             out[split] = total / eval_iters
@@ -304,17 +318,45 @@ def _text_source(text):
                       warning=None, path=None)
 
 
-class _Interval:
-    """Loss sum, step count and step time since the last log line (evaluation excluded)."""
+class _Meter:
+    """Times and losses of a fit: the current log interval's loss sum and step time (what the
+    log line reports), and the session's mean step and evaluation times (what the ETA uses,
+    so it does not jump when an evaluation lands in an interval)."""
 
-    def __init__(self, step, now):
-        self.mark_step, self.mark_time = step, now
-        self.loss_sum = 0.0
-        self.train_time = 0.0
+    def __init__(self, step, now, elapsed_before=0.0):
+        self.elapsed_before = elapsed_before    # seconds of earlier sessions (a resumed run)
+        self.t_start = now
+        self.step_time = self.eval_time = 0.0
+        self.steps = self.evals = 0
+        self.new_interval(step)
 
-    def add(self, loss, seconds):
-        self.loss_sum += loss
-        self.train_time += seconds
+    def start(self, now):
+        """The first step is about to run: elapsed time counts from here."""
+        self.t_start = now
+
+    def new_interval(self, step):
+        self.mark_step = step
+        self.interval_loss = 0.0
+        self.interval_time = 0.0
+
+    def step_done(self, loss, seconds):
+        self.interval_loss += loss
+        self.interval_time += seconds
+        self.step_time += seconds
+        self.steps += 1
+
+    def eval_done(self, seconds):
+        self.eval_time += seconds
+        self.evals += 1
+
+    def eta(self, steps_left, evals_left):
+        if self.steps == 0:
+            return math.nan
+        per_eval = self.eval_time / self.evals if self.evals else 0.0
+        return steps_left * self.step_time / self.steps + evals_left * per_eval
+
+    def elapsed(self, now):
+        return self.elapsed_before + now - self.t_start
 
 
 class Trainer:
@@ -344,6 +386,7 @@ class Trainer:
         self.log = Logger(sys.stdout if stdout is None else stdout)
         self._err = sys.stderr if stderr is None else stderr
         self.callbacks = list(callbacks)
+        self._stop = None                 # fit's Ctrl-C / SIGTERM flag while it runs
         resumed = self._read_resume(config)
         self.source = _text_source(text) if text is not None else resolve_source(
             options.data_path, options.cache_dir, url=options.data_url)
@@ -365,9 +408,13 @@ class Trainer:
         self.out_dir = self._open_out_dir(resumed)
         self.checkpoint_path = self.out_dir / "ckpt.npz"
         self._report(resumed)
-        self._write_run_info()
-        self.metrics = MetricsFile(self.out_dir / "metrics.csv",
-                                   keep_until=self.start if resumed is not None else None)
+        try:
+            self._write_run_info()
+            self.metrics = MetricsFile(self.out_dir / "metrics.csv",
+                                       keep_until=self.start if resumed is not None else None)
+        except OSError as e:
+            raise TrainError(f"cannot write to the output directory {str(self.out_dir)!r}: "
+                             f"{e.strerror or e}") from None
 
     # ---------------------------------------------------------------- set-up
 
@@ -469,9 +516,22 @@ class Trainer:
         log.line(f"Iterations: {self.start} -> {opts.iters}"
                  + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
                  + f"; output: {self.out_dir}")
+        for note in self._notes():
+            log.line(f"note: {note}")
         if resumed is not None and resumed.extra.get("iters") not in (None, opts.iters):
             log.line(f"note: the checkpoint was trained for a {resumed.extra['iters']}-iteration "
                      f"schedule; the learning rate now follows a {opts.iters}-iteration one")
+
+    def _notes(self):
+        """Settings that do not do what they seem to: said once at start."""
+        opts, cfg = self.options, self.config
+        if opts.n_threads is not None and opts.n_threads > self.n_threads:
+            yield (f"{opts.n_threads} threads asked for, but this process may use "
+                   f"{usable_cpus()} logical CPUs: running {self.n_threads}")
+        if opts.iters < cfg.warmup_iters:
+            yield (f"the run ({opts.iters} iterations) is shorter than the warmup "
+                   f"({cfg.warmup_iters}): the learning rate never reaches its peak {cfg.lr:g} "
+                   f"(it ends at {lr_at(opts.iters - 1, opts.iters, cfg):.1e})")
 
     def threads_description(self):
         """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""
@@ -510,13 +570,15 @@ class Trainer:
         return loss
 
     def evaluate(self):
-        """Mean loss over eval_iters batches of each split: {"train": float, "val": float}.
-        A fresh generator each time: every evaluation scores the same batches, so changes
-        between evaluations come from the model, and resuming reproduces them."""
+        """Mean loss over eval_iters batches of each split: {"train": float, "val": float}
+        (None when fit's Ctrl-C / SIGTERM flag is raised meanwhile). A fresh generator each
+        time: every evaluation scores the same batches, so changes between evaluations come
+        from the model, and resuming reproduces them."""
         rng = np.random.default_rng([self.config.seed, EVAL_STREAM])
         estimate = estimate_loss(self.model, self.dataset, self.config.batch_size,
-                                 self.options.eval_iters, rng)
-        self.best_val = min(self.best_val, estimate["val"])
+                                 self.options.eval_iters, rng, stop=self._stop)
+        if estimate is not None:
+            self.best_val = min(self.best_val, estimate["val"])
         return estimate
 
     def save(self):
@@ -547,16 +609,21 @@ class Trainer:
 
     def fit(self):
         """Train from the current step to the target (or options.stop_at), evaluating, logging
-        and saving on the options' intervals; Ctrl-C / SIGTERM stop cleanly after the current
-        step with a checkpoint. Returns a RunResult; closes the trainer."""
+        and saving on the options' intervals. Ctrl-C / SIGTERM stop cleanly, even during an
+        evaluation: after the current step, with a checkpoint if a step was taken. Returns a
+        RunResult; closes the trainer. A failed write (a full disk) raises RunFailed, with the
+        last good checkpoint left as it was."""
+        first = final = diverged = None
         try:
             with _StopFlag() as stop, threadpool_limits(1, "blas"):
+                self._stop = stop
                 self.model.train()
                 first = self._first_estimate()
-                final, diverged = self._loop(stop, first["val"])
+                if first is not None:
+                    final, diverged = self._loop(stop, first["val"])
                 self.log.end_progress()
-                if diverged is None:
-                    self.save()
+                if diverged is None and self.losses:
+                    self._save_or_fail()
         except KeyboardInterrupt:
             # A second Ctrl-C inside a step: the state may be half-updated, so nothing is saved.
             self.log.end_progress()
@@ -564,29 +631,47 @@ class Trainer:
                           f"checkpoint: {self.saved if self.saved else 'none'}")
             raise
         finally:
+            self._stop = None
             self.close()
-        result = RunResult(out_dir=self.out_dir, checkpoint=self.saved, step=self.step_count,
-                           iters=self.options.iters, losses=self.losses, first_estimate=first,
-                           final_estimate=final, best_val=self.best_val,
+        resumed = Path(self.options.resume) if self.options.resume else None
+        result = RunResult(out_dir=self.out_dir, checkpoint=self.saved or resumed,
+                           step=self.step_count, iters=self.options.iters, losses=self.losses,
+                           first_estimate=first, final_estimate=final, best_val=self.best_val,
                            interrupted=stop.signal_name, diverged=diverged)
         if not (result.interrupted or diverged):
             self._finish(result)
         return result
 
+    def _save_or_fail(self):
+        try:
+            return self.save()
+        except (ckpt_mod.CheckpointError, OSError) as e:
+            raise RunFailed(f"{e}; the last good checkpoint is "
+                            f"{self.saved or self.options.resume or 'none'}") from None
+
+    def _timed_evaluate(self, meter):
+        t0 = time.perf_counter()
+        estimate = self.evaluate()
+        if estimate is not None:
+            meter.eval_done(time.perf_counter() - t0)
+        return estimate
+
     def _first_estimate(self):
-        first = self.evaluate()
+        self._meter = _Meter(self.step_count, time.perf_counter(), self.metrics.last_elapsed)
+        first = self._timed_evaluate(self._meter)
+        if first is None:
+            return None
         self.log.line(f"Initial loss estimate: train {first['train']:.4f} | val {first['val']:.4f}")
         if self.start == 0:
             # The curve starts at the untrained model (a resumed run already has this row).
-            self.metrics.write(0, first["train"], first["val"], self.lr, None, 0.0)
+            self._write_metrics(0, first["train"], first["val"], self.lr, None, 0.0)
         return first
 
     def _loop(self, stop, last_val):
         """The iterations; returns (final estimate or None, diverged iteration or None).
-        last_val is the latest validation estimate, which the log line repeats."""
-        opts = self.options
-        t_start = time.perf_counter()
-        interval = _Interval(self.step_count, t_start)
+        last_val is the latest validation estimate (the best-so-far line needs it)."""
+        opts, meter = self.options, self._meter
+        meter.start(time.perf_counter())
         final = None
         while self.step_count < self.end and not stop:
             t0 = time.perf_counter()
@@ -596,43 +681,64 @@ class Trainer:
                 self.log.line(f"Iter {e.iteration}: the loss is {e.loss}; stopping without saving "
                               "(try a lower --lr)")
                 return final, e.iteration
-            interval.add(loss, time.perf_counter() - t0)
+            meter.step_done(loss, time.perf_counter() - t0)
             step = self.step_count
             # The last iteration is always evaluated: that is the final loss estimate.
-            evaluated = step == self.end or (opts.eval_every > 0 and step % opts.eval_every == 0)
-            if evaluated:
-                estimate = self.evaluate()
-                last_val = estimate["val"]
-                if step == self.end:
-                    final = estimate
-            if step % opts.log_every == 0 or evaluated:
-                self._log_interval(interval, last_val if evaluated else None, last_val, t_start)
-                interval = _Interval(step, time.perf_counter())
+            estimate = None
+            if step == self.end or (opts.eval_every > 0 and step % opts.eval_every == 0):
+                estimate = self._timed_evaluate(meter)
+                if estimate is None:
+                    break  # interrupted during the evaluation
+                final = estimate if step == self.end else None
+            if step % opts.log_every == 0 or estimate is not None:
+                self._log_interval(None if estimate is None else estimate["val"])
             if opts.save_every > 0 and step % opts.save_every == 0 and step < self.end:
-                self.save()
+                self._save_or_fail()
         return final, None
 
-    def _log_interval(self, interval, val_loss, last_val, t_start):
-        step, B, T = self.step_count, self.config.batch_size, self.config.block_size
-        n = step - interval.mark_step
-        now = time.perf_counter()
-        tok_s = n * B * T / interval.train_time if interval.train_time > 0 else math.inf
-        eta = (now - interval.mark_time) / n * (self.end - step)
-        mean_loss = interval.loss_sum / n
-        self.log.progress(progress_line(step, self.options.iters, mean_loss, last_val, self.lr,
+    def _evals_left(self):
+        """Evaluations still to come after the current step (the last step's included)."""
+        step, end, every = self.step_count, self.end, self.options.eval_every
+        if step >= end:
+            return 0
+        if every == 0:
+            return 1
+        return end // every - step // every + (1 if end % every else 0)
+
+    def _log_interval(self, val_loss):
+        meter, step = self._meter, self.step_count
+        B, T = self.config.batch_size, self.config.block_size
+        n = step - meter.mark_step
+        tok_s = n * B * T / meter.interval_time if meter.interval_time > 0 else math.inf
+        eta = meter.eta(self.end - step, self._evals_left())
+        mean_loss = meter.interval_loss / n
+        elapsed = meter.elapsed(time.perf_counter())
+        self.log.progress(progress_line(step, self.options.iters, mean_loss, val_loss, self.lr,
                                         self.best_val, tok_s, eta), keep=val_loss is not None)
-        self.metrics.write(step, mean_loss, val_loss, self.lr, tok_s, now - t_start)
+        self._write_metrics(step, mean_loss, val_loss, self.lr, tok_s, elapsed)
+        meter.new_interval(step)
         record = Progress(step=step, iters=self.options.iters, loss=mean_loss, lr=self.lr,
-                          tok_per_s=tok_s, elapsed_s=now - t_start, eta_s=eta,
+                          tok_per_s=tok_s, elapsed_s=elapsed, eta_s=eta,
                           val_loss=val_loss, best_val=self.best_val)
         for callback in self.callbacks:
             callback(record)
+
+    def _write_metrics(self, *row):
+        try:
+            self.metrics.write(*row)
+        except OSError as e:
+            raise RunFailed(f"cannot write {str(self.metrics.path)!r}: {e.strerror or e}; the "
+                            f"last good checkpoint is {self.saved or self.options.resume or 'none'}"
+                            ) from None
 
     def _finish(self, result):
         """The end of a completed run: the final estimate, samples, plot."""
         opts, log = self.options, self.log
         if result.final_estimate is not None:
-            log.line(f"Final loss estimate: train {result.final_estimate['train']:.4f} | "
+            # Only the end of the schedule is final; a --stop-at run is to be continued.
+            what = ("Final loss estimate" if self.step_count == opts.iters
+                    else f"Loss estimate at iteration {self.step_count}")
+            log.line(f"{what}: train {result.final_estimate['train']:.4f} | "
                      f"val {result.final_estimate['val']:.4f} (started at "
                      f"{result.first_estimate['val']:.4f})")
         if self.saved is not None:

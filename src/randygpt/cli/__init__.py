@@ -34,14 +34,15 @@ def _usage():
 
 
 def _expected_errors():
-    """The library's error classes for bad input: each carries a one-line message for the user.
-    Looked up when needed, so that a failure to import the kernels is itself reported."""
+    """The library's error classes, each carrying a one-line message for the user: those for bad
+    input (exit 2) and those for work that failed (exit 1). Looked up when needed, so that a
+    failure to import the kernels is itself reported."""
     from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..evaluate import EvalError
     from ..plot import PlotError
-    from ..train import TrainError
-    return (UsageError, TrainError, DataError, CheckpointError, EvalError, PlotError)
+    from ..train import RunFailed, TrainError
+    return (UsageError, TrainError, DataError, CheckpointError, EvalError, PlotError), (RunFailed,)
 
 
 def _run(argv):
@@ -77,11 +78,13 @@ def main(argv=None):
 
 def _report_unexpected(e):
     try:
-        expected = _expected_errors()
+        bad_input, failed = _expected_errors()
     except Exception:  # the package itself does not import (a broken build, a bad environment)
-        expected = (UsageError,)
-    if isinstance(e, expected):
+        bad_input, failed = (UsageError,), ()
+    if isinstance(e, bad_input):
         return report_error(e)
+    if isinstance(e, failed):
+        return report_error(e, code=EXIT_FAILURE)
     if isinstance(e, ValueError) and _from_environment(e):
         return report_error(e)
     if isinstance(e, MemoryError):

@@ -160,11 +160,15 @@ def main(argv, parser=None):
                             f"last checkpoint: {result.checkpoint or 'none'} (try a lower --lr)",
                             code=EXIT_FAILURE)
     if result.interrupted:
-        last = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
-        print(f"\nInterrupted ({result.interrupted}) after iteration {result.step}/{result.iters}: "
-              f"{len(result.losses)} iterations this session, last loss {last}. "
-              f"Checkpoint: {result.checkpoint}", flush=True)
-    if result.step < result.iters:
+        if result.checkpoint is None:
+            print(f"\nInterrupted ({result.interrupted}) before the first step: nothing to save.",
+                  flush=True)
+        else:
+            last = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+            print(f"\nInterrupted ({result.interrupted}) after iteration {result.step}/"
+                  f"{result.iters}: {len(result.losses)} iterations this session, last loss "
+                  f"{last}. Checkpoint: {result.checkpoint}", flush=True)
+    if result.step < result.iters and result.checkpoint is not None:
         print(f"Continue with: {continue_command(options, result.checkpoint)}", flush=True)
     if result.interrupted:
         return EXIT_SIGTERM if result.interrupted == "SIGTERM" else EXIT_SIGINT

@@ -62,14 +62,16 @@ def make_figure(metrics, title):
         ax_lr.set_ylabel("learning rate")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     if lines:
-        # On the top-most axes, so the learning-rate curve does not run over the legend.
-        (ax_lr if has_lr.any() else ax).legend(lines, [ln.get_label() for ln in lines],
-                                               loc="upper right")
+        # Below the axes, outside them: inside, wherever it went it covered some curve (the
+        # learning rate runs along the top until its decay at the end of the run).
+        fig.legend(lines, [ln.get_label() for ln in lines], loc="lower center",
+                   ncol=len(lines), frameon=False)
     if has_val.any():
         best = int(np.nanargmin(val))
         title += f"  (best val {val[best]:.4f} at iter {int(it[best])})"
     ax.set_title(title)
-    fig.tight_layout()
+    # Room under the axes for the legend.
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 

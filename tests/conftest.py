@@ -11,6 +11,32 @@ import randygpt
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
+
+
+def word_text(n_words, seed=0):
+    """n_words random words (a fixed seed gives a fixed text): varied enough that batches and
+    the train/val splits differ, repetitive enough that a tiny model learns it quickly."""
+    r = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in r.integers(0, len(WORDS), n_words)) + "\n"
+
+
+@pytest.fixture
+def run_sandbox(tmp_path, monkeypatch):
+    """Runs in tmp_path: no ./train.txt from the developer's directory, no writes to the real
+    corpus cache. Modules that train use it with pytestmark."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def text_path(tmp_path):
+    """A few KB of word_text in tmp_path/text.txt."""
+    p = tmp_path / "text.txt"
+    p.write_text(word_text(1200))
+    return p
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

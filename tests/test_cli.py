@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -13,11 +12,7 @@ from randygpt.cli import train as train_cli
 
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(tmp_path, monkeypatch):
-    # No ./train.txt from the developer's directory, no writes to the real cache.
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("run_sandbox")
 
 
 def _one_error_line(capsys, code):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from randygpt import checkpoint, cli, train
@@ -24,19 +23,7 @@ TINY_FLAGS = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 8, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def text_path(tmp_path):
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
-    r = np.random.default_rng(0)
-    p = tmp_path / "text.txt"
-    p.write_text(" ".join(words[i] for i in r.integers(0, len(words), 1200)) + "\n")
-    return p
+pytestmark = pytest.mark.usefixtures("run_sandbox")
 
 
 def one_line(capsys, code, expected_code=2):

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
+from conftest import word_text
 from randygpt import _kernels
 
 SCRIPT = textwrap.dedent(
@@ -62,16 +62,10 @@ PINNED = {
 }
 
 
-def _text():
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
-    r = np.random.default_rng(0)
-    return " ".join(words[i] for i in r.integers(0, len(words), 1500)) + "\n"
-
-
 def _run(tmp_path, name, *args):
     data = tmp_path / "text.txt"
     if not data.exists():
-        data.write_text(_text())
+        data.write_text(word_text(1500))
     env = dict(os.environ, RANDYGPT_ISA="sse2", RANDYGPT_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / name), str(data), *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)

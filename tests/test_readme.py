@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from conftest import word_text
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -19,9 +19,7 @@ def _python_block(heading):
 
 
 def test_use_from_python_script_runs(tmp_path):
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
-    r = np.random.default_rng(0)
-    (tmp_path / "input.txt").write_text(" ".join(words[i] for i in r.integers(0, 12, 3000)) + "\n")
+    (tmp_path / "input.txt").write_text(word_text(3000))
     script = tmp_path / "demo.py"
     script.write_text(_python_block("Use from Python"))
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,

@@ -39,22 +39,10 @@ def torch_train():
 
 
 @pytest.fixture(autouse=True)
-def _sandbox(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path / "cache"))
+def _sandbox(run_sandbox):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def text_path(tmp_path):
-    """A few KB of varied text, so batches differ and the splits differ."""
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
-    r = np.random.default_rng(0)
-    p = tmp_path / "text.txt"
-    p.write_text(" ".join(words[i] for i in r.integers(0, len(words), 1200)) + "\n")
-    return p
 
 
 def options(out_dir, text_path, **overrides):

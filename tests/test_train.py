@@ -28,21 +28,7 @@ LOG_LINE = re.compile(r"^Iter \d+/\d+ \| Loss \d+\.\d{3}( \| Val \d+\.\d{3})? \|
                       r"( \| Best \d+\.\d{3})? \| [\d,]+ tok/s \| ETA (\d+s|\d+m\d\ds|\d+h\d\dm)$")
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def text_path(tmp_path):
-    """A few KB of varied text, so train and val splits differ."""
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away", "ROMEO:"]
-    r = np.random.default_rng(0)
-    text = " ".join(words[i] for i in r.integers(0, len(words), 1200)) + "\n"
-    p = tmp_path / "text.txt"
-    p.write_text(text)
-    return p
+pytestmark = pytest.mark.usefixtures("run_sandbox")
 
 
 def _run(out_dir, iters, text_path, stdout=None, **kw):

@@ -49,6 +49,14 @@ def shakespeare_path():
     return SHAKESPEARE
 
 
+def decay_mask(model):
+    """The model's decay_spans as a (P,) uint8 array, 1 where weight decay applies."""
+    mask = np.zeros(model.num_params, dtype=np.uint8)
+    for lo, hi, decay in model.decay_spans:
+        mask[lo:hi] = decay
+    return mask
+
+
 def assert_close(actual, expected, rtol=1e-5, atol=1e-6, name="array"):
     """np.testing-style check that reports the worst element and its index."""
     actual = np.asarray(actual)

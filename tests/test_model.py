@@ -9,7 +9,8 @@ import pytest
 import ref_model
 import randygpt
 import randygpt._kernels as kernels
-from conftest import assert_bitwise_equal, assert_close, assert_grad_close, numerical_grad
+from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, decay_mask,
+                      numerical_grad)
 from randygpt.config import Config
 from randygpt.model import GPT, ParamTable
 from randygpt._kernels.activation import dropout_mask
@@ -122,7 +123,7 @@ def test_layernorm_parameters_init_and_decay_mask():
             assert np.all(model.params[f"h.{i}.{k}.bias"] == 0)
     for name, shape in zip(model.table.names, model.table.shapes):
         o, n = model.table.span(name)
-        assert np.all(model.decay_mask[o:o + n] == (1 if len(shape) == 2 else 0)), name
+        assert np.all(decay_mask(model)[o:o + n] == (1 if len(shape) == 2 else 0)), name
     # The runs cover the buffer in order and neighbouring runs differ.
     spans = model.decay_spans
     assert spans[0][0] == 0 and spans[-1][1] == model.num_params

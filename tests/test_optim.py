@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import randygpt._kernels as kernels
-from conftest import assert_close
+from conftest import assert_close, decay_mask
 from randygpt.config import Config
 from randygpt.model import GPT
 from randygpt.optim import AdamW, clip_scale, decay_runs, lr_at
@@ -122,7 +122,7 @@ def test_state_dict_round_trip_and_checks(rng):
     with pytest.raises(ValueError, match="'t'"):
         other.load_state_dict({**state, "t": -1})
     with pytest.raises(TypeError, match="grads"):
-        AdamW((model.flat_params, model.flat_grads.astype(np.float64), model.decay_mask),
+        AdamW((model.flat_params, model.flat_grads.astype(np.float64), decay_mask(model)),
               model.config)
 
 
@@ -145,7 +145,7 @@ def test_model_runs_and_mask_give_the_same_step(rng):
     model = GPT(Config(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=8,
                        norm="layernorm", weight_decay=0.3), seed=5)
     assert len(model.decay_spans) > 1
-    other = (model.flat_params.copy(), model.flat_grads, model.decay_mask)
+    other = (model.flat_params.copy(), model.flat_grads, decay_mask(model))
     a, b = AdamW(model, model.config), AdamW(other, model.config)
     model.flat_grads[...] = rng.standard_normal(model.num_params)
     for _ in range(2):

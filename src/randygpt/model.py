@@ -219,14 +219,6 @@ class GPT:
         np.copyto(self.flat_params, array, casting="same_kind")
 
     @property
-    def decay_mask(self):
-        """decay_spans as a new (P,) uint8 array, 1 where weight decay applies (for inspection)."""
-        mask = np.zeros(self.num_params, dtype=np.uint8)
-        for lo, hi, decay in self.decay_spans:
-            mask[lo:hi] = decay
-        return mask
-
-    @property
     def n_threads(self):
         """The kernel thread count (an int), resolved once when set: every forward, backward
         and decode step uses it as it is."""

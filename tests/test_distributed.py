@@ -7,6 +7,7 @@ no mpi4py. A rank reports a failed check by raising inside abort_on_error, which
 with a non-zero status and the traceback on stderr.
 """
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -117,13 +118,18 @@ def find_mpiexec():
     return str(local) if local.is_file() else shutil.which("mpiexec")
 
 
-def launch(n_ranks, check, env=None, timeout=TIMEOUT_S):
+def need_mpi():
+    """The mpiexec to launch with; skips the test when it or mpi4py is missing."""
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec next to the interpreter or on PATH (pip install \"randygpt[mpi]\")")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install \"randygpt[mpi]\")")
-    return subprocess.run([mpiexec, "-n", str(n_ranks), sys.executable, __file__, check],
+    return mpiexec
+
+
+def launch(n_ranks, check, env=None, timeout=TIMEOUT_S):
+    return subprocess.run([need_mpi(), "-n", str(n_ranks), sys.executable, __file__, check],
                           env=plain_env() if env is None else env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -168,11 +174,23 @@ def test_launched_without_a_working_mpi4py(tmp_path, mpi_module, says):
     assert "started" not in proc.stdout
 
 
+def test_bench_dist_quick():
+    """benchmarks/bench_dist.py launches its jobs, checks average_grads, and prints JSON."""
+    need_mpi()
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dist.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--json", "--ranks", "2"],
+                          env=plain_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    (job,) = json.loads(proc.stdout)["jobs"]
+    assert job["ranks"] == 2 and job["floats"] == 8192
+    assert job["ops"]["average_grads"]["median_s"] > 0
+
+
 # --- the programs the ranks run -------------------------------------------------------------
 
 def rank_gradients(rank, size, n):
     """Rank `rank`'s gradient of n floats; with 3+ ranks a few elements (at the start, middle
-    and end of every rank's shard) hold 1e30, -1e30, 1 on ranks 0, 1, 2: their float64 sum is
+    and end of every rank's shard) hold 1e30, -1e30, 1 on ranks 0, 1, 2: their float32 sum is
     1 in rank order, but 0 in any order that adds rank 2's 1 to a huge partial sum."""
     g = np.random.default_rng(100 + rank).standard_normal(n).astype(np.float32)
     if size >= 3:
@@ -183,10 +201,10 @@ def rank_gradients(rank, size, n):
 
 
 def in_order_mean(grads):
-    acc = grads[0].astype(np.float64)
+    acc = grads[0].copy()
     for g in grads[1:]:
         acc += g
-    return (acc / len(grads)).astype(np.float32)
+    return acc / np.float32(len(grads))
 
 
 def check_average_grads(comm, n):

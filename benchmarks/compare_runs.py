@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from randygpt.checkpoint import atomic_write
+from randygpt.fileio import atomic_write
 from randygpt.metrics import MetricsError, read_metrics
 from randygpt.plot import PlotError, import_matplotlib
 

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from randygpt import checkpoint
+from randygpt import checkpoint, fileio
 from randygpt.checkpoint import CheckpointError, load, load_model, save
 from randygpt.config import Config
 from randygpt.model import GPT
@@ -172,7 +172,7 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
     def no_replace(src, dst):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(checkpoint.os, "replace", no_replace)
+    monkeypatch.setattr(fileio.os, "replace", no_replace)
     with pytest.raises(CheckpointError):
         save_tiny(path)
     assert path.read_bytes() == before
@@ -260,6 +260,24 @@ def rewrite(path, header_change=None, arrays_change=None):
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def test_read_header_reads_no_arrays(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_tiny(path, extra={"run_id": "abc", "best_val": 1.5})
+    real_read, read = checkpoint._read_array, []
+
+    def recording_read(zf, info, name, *args):
+        read.append(name)
+        return real_read(zf, info, name, *args)
+
+    monkeypatch.setattr(checkpoint, "_read_array", recording_read)
+    header = checkpoint.read_header(path)
+    assert header["extra"] == {"run_id": "abc", "best_val": 1.5} and header["step"] == 2
+    assert read == ["header"]
+    rewrite(path, lambda h: h.update(format_version=99))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoint.read_header(path)
 
 
 def test_other_format_version(tmp_path):

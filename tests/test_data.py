@@ -197,3 +197,33 @@ def test_val_windows_deterministic_and_non_overlapping():
     np.testing.assert_array_equal(x.reshape(-1), ds.val[:28])
     np.testing.assert_array_equal(y.reshape(-1), ds.val[1:29])
     assert ds.val_windows(max_windows=2)[0].shape == (2, 4)
+
+
+def test_text_fingerprint_is_the_files_size_and_sha256(shakespeare_path):
+    text = load_text(shakespeare_path)
+    fp = data.text_fingerprint(text)
+    raw = shakespeare_path.read_bytes()
+    assert fp == {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert fp["sha256"] == data.SHAKESPEARE_SHA256
+    # A byte-order mark is not part of the text, so not of its identity either.
+    assert data.text_fingerprint("\u00e9t\u00e9") == {
+        "bytes": 5, "sha256": hashlib.sha256("\u00e9t\u00e9".encode()).hexdigest()}
+
+
+def test_verify_text_says_what_changed():
+    text = "the text a run was trained on\n" * 3
+    recorded = {**data.text_fingerprint(text), "path": "/data/a.txt"}
+    data.verify_text(text, recorded, "/data/a.txt")  # the same text: nothing to say
+    changed = text.replace("run", "RUN", 1)
+    for now in (changed, text + "x"):
+        with pytest.raises(DataError) as info:
+            data.verify_text(now, recorded, "/data/a.txt")
+        message = str(info.value)
+        got = data.text_fingerprint(now)
+        assert "\n" not in message
+        assert (f"trained on /data/a.txt ({recorded['bytes']:,} bytes, sha256 "
+                f"{recorded['sha256'][:8]}...)") in message
+        assert f"now has {got['bytes']:,} bytes, sha256 {got['sha256'][:8]}..." in message
+    for bad in (None, {}, {"bytes": "many", "sha256": "x"}, {"sha256": "x"}):
+        with pytest.raises(DataError, match="malformed"):
+            data.verify_text(text, bad, "a.txt")

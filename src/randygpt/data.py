@@ -7,14 +7,15 @@ source and any warning. It owns no RNG either: ``get_batch`` takes the caller's 
 """
 import hashlib
 import os
-import tempfile
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_text", "default_cache_dir", "download_shakespeare", "resolve_source",
-           "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
+from .fileio import NotRegularFileError, atomic_write, open_regular
+
+__all__ = ["DataError", "load_text", "text_fingerprint", "verify_text", "default_cache_dir",
+           "download_shakespeare", "resolve_source", "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
            "BUILTIN_TEXT"]
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -60,17 +61,26 @@ class DataError(ValueError):
 
 
 def load_text(path):
-    """Read a UTF-8 text file. Raises DataError for a missing file, a directory, an unreadable
+    """Read a UTF-8 text file. Raises DataError for a missing file, anything that is not a
+    regular file (a directory, a FIFO, a device such as /dev/zero, also behind a symbolic
+    link: refused before it is opened, so nothing blocks or reads without end), an unreadable
     file, bytes that are not UTF-8, or a file with no characters."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise DataError(f"data path {str(p)!r} is a directory, not a text file")
     try:
-        raw = p.read_bytes()
+        f, size = open_regular(p)
+        with f:
+            raw = f.read(size)
+    except FileNotFoundError:
+        raise DataError(f"data file {str(p)!r} does not exist") from None
+    except NotRegularFileError as e:
+        raise DataError(f"data path {str(p)!r} is {e.kind}, not a text file") from None
     except OSError as e:
         raise DataError(f"cannot read data file {str(p)!r}: {e.strerror or e}") from None
+    except ValueError as e:  # a path with a NUL byte in it
+        raise DataError(f"data path {str(p)!r} is not a usable path ({e})") from None
+    except MemoryError:
+        raise DataError(f"data file {str(p)!r} ({size:,} bytes) is too large to read into "
+                        "memory") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -81,6 +91,35 @@ def load_text(path):
     if not text:
         raise DataError(f"data file {str(p)!r} is empty")
     return text
+
+
+def text_fingerprint(text):
+    """The identity of a training text, for a checkpoint to record: {"bytes": size of its
+    UTF-8 encoding, "sha256": hex digest of it}. For a file without a byte-order mark these
+    are the file's own size and sha256 (``sha256sum`` shows the same)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    raw = text.encode("utf-8")
+    return {"bytes": len(raw), "sha256": _sha256(raw)}
+
+
+def verify_text(text, recorded, source):
+    """Check that ``text`` is the text whose text_fingerprint() is ``recorded`` (a dict; keys
+    other than "bytes" and "sha256" are ignored). ``source`` names the text in the message (a
+    path or a description). Raises DataError saying what changed, or that the record is
+    unusable."""
+    try:
+        want_bytes, want_sha = int(recorded["bytes"]), str(recorded["sha256"])
+    except (TypeError, KeyError, ValueError):
+        raise DataError(f"the checkpoint's record of its training text {source} is malformed; "
+                        "pass the text with --data") from None
+    got = text_fingerprint(text)
+    if got["bytes"] == want_bytes and got["sha256"] == want_sha:
+        return
+    raise DataError(f"the checkpoint was trained on {source} ({want_bytes:,} bytes, sha256 "
+                    f"{want_sha[:8]}...); that file now has {got['bytes']:,} bytes, sha256 "
+                    f"{got['sha256'][:8]}...: restore it, or pass --data to continue on "
+                    "another text deliberately")
 
 
 def default_cache_dir(env=None):
@@ -97,25 +136,6 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path, data):
-    """Write bytes so that ``path`` is either absent or complete: a crash mid-write leaves only
-    a stray temporary file, never a truncated corpus that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
                          sha256=SHAKESPEARE_SHA256):
     """Return the path of the cached Tiny Shakespeare corpus, downloading it first if needed.
@@ -125,12 +145,13 @@ def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
     """
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     path = cache_dir / SHAKESPEARE_FILENAME
-    if path.is_file():
-        try:
-            if _sha256(path.read_bytes()) == sha256:
+    try:
+        f, _ = open_regular(path)
+        with f:
+            if _sha256(f.read(_MAX_DOWNLOAD_BYTES + 1)) == sha256:
                 return path
-        except OSError:
-            pass
+    except OSError:  # absent, not a regular file, unreadable: fetch it again
+        pass
     # Imported here: urllib.request brings in ssl and http, 7 MiB of a run's memory that a run
     # whose text is already on disk does not need.
     import urllib.request
@@ -147,7 +168,8 @@ def download_shakespeare(cache_dir=None, url=SHAKESPEARE_URL, timeout=10.0,
     if got != sha256:
         raise DataError(f"download from {url} has sha256 {got[:12]}..., expected {sha256[:12]}...")
     try:
-        _write_atomic(path, data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as e:
         raise DataError(f"cannot write the corpus cache {str(path)!r}: {e.strerror or e}") from None
     return path

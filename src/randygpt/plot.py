@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 from .metrics import MetricsError, read_metrics
 
 __all__ = ["PlotError", "make_figure", "plot_run", "import_matplotlib"]

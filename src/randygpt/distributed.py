@@ -74,14 +74,15 @@ def launcher_size(environ=None):
     return None
 
 
-def _import_mpi(expected_size):
+def _import_mpi():
     """The mpi4py.MPI module, initialising MPI; DistributedError (one line) when that fails.
 
     mpi4py is imported here, not at the top of the module: only launched (or --distributed)
     runs may pay for it, and a plain run must work without it installed.
     """
-    how = (f"started by an MPI launcher as {expected_size} processes"
-           if expected_size else "asked to run distributed")
+    expected = launcher_size()
+    how = ("asked to run distributed" if not launched_by_mpi()
+           else "started by an MPI launcher" + (f" as {expected} processes" if expected else ""))
     try:
         import mpi4py
     except ImportError:
@@ -262,7 +263,7 @@ class MPICommunicator(Communicator):
     """All the ranks of an MPI job (a duplicate of COMM_WORLD unless ``comm`` is given)."""
 
     def __init__(self, comm=None):
-        MPI = _import_mpi(launcher_size())
+        MPI = _import_mpi()
         self._MPI = MPI
         self._comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank = self._comm.Get_rank()

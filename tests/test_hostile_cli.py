@@ -15,7 +15,9 @@ import time
 
 import pytest
 
+from conftest import word_text
 from randygpt import checkpoint, cli, train
+from randygpt.rundir import RunDirError
 from randygpt.train import RunOptions, Trainer
 
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
@@ -208,3 +210,64 @@ def test_stop_at_is_not_called_final(capsys, text_path):
                      "--stop-at", "4"]) == 0
     out = capsys.readouterr().out
     assert "Final loss estimate" not in out and "Loss estimate at iteration 4:" in out
+
+
+# --- no run is lost or silently changed ---------------------------------------------------------
+
+def _stopped_run(tmp_path, text_path, name="r", **kw):
+    opts = RunOptions(iters=8, stop_at=3, data_path=str(text_path), out_dir=str(tmp_path / name),
+                      eval_iters=1, sample=False, n_threads=1, overrides=TINY, **kw)
+    train.run(None, opts, stdout=io.StringIO())
+    return tmp_path / name / "ckpt.npz"
+
+
+def test_resume_without_data_uses_the_recorded_text_and_checks_it(capsys, tmp_path, text_path):
+    ckpt = _stopped_run(tmp_path, text_path)
+    (tmp_path / "train.txt").write_text("another default text " * 200)  # must not be picked up
+    assert cli.main(["8", "--resume", str(ckpt), "--eval-iters", "1", "--threads", "1",
+                     "--no-sample", "--stop-at", "4"]) == 0
+    assert str(text_path) in capsys.readouterr().out
+    text_path.write_text(text_path.read_text() + "changed\n")
+    line = one_line(capsys, cli.main(["8", "--resume", str(ckpt), "--threads", "1"]))
+    assert "was trained on" in line and "sha256" in line and "--data" in line
+    text_path.unlink()
+    line = one_line(capsys, cli.main(["8", "--resume", str(ckpt), "--threads", "1"]))
+    assert "cannot be read now" in line
+    # An explicit --data is the user's deliberate choice: no check.
+    other = tmp_path / "other.txt"
+    other.write_text(word_text(1300, seed=1))
+    assert cli.main(["8", "--resume", str(ckpt), "--data", str(other), "--threads", "1",
+                     "--eval-iters", "1", "--no-sample"]) == 0
+
+
+def test_resume_into_another_runs_directory_is_refused(capsys, tmp_path, text_path):
+    a = _stopped_run(tmp_path, text_path, "a")
+    b = _stopped_run(tmp_path, text_path, "b")
+    before = b.read_bytes(), (tmp_path / "b" / "metrics.csv").read_bytes()
+    line = one_line(capsys, cli.main(["8", "--resume", str(a), "--out", str(tmp_path / "b"),
+                                      "--threads", "1"]))
+    assert "another run" in line
+    assert (b.read_bytes(), (tmp_path / "b" / "metrics.csv").read_bytes()) == before
+
+
+def test_two_runs_on_one_directory_cannot_both_run(tmp_path, text_path):
+    opts = RunOptions(iters=4, data_path=str(text_path), out_dir=str(tmp_path / "r"),
+                      eval_iters=1, sample=False, n_threads=1, overrides=TINY)
+    with Trainer(None, opts, stdout=io.StringIO()):
+        with pytest.raises(RunDirError, match="in use by another randygpt run"):
+            Trainer(None, opts, stdout=io.StringIO())
+    # Released at close: the directory now holds a run, which a fresh run must not overwrite.
+    with pytest.raises(RunDirError, match="already holds another run"):
+        Trainer(None, opts, stdout=io.StringIO())
+
+
+def test_stale_temporary_files_of_killed_saves_are_removed(capsys, tmp_path, text_path):
+    ckpt = _stopped_run(tmp_path, text_path)
+    stale = tmp_path / "r" / ".ckpt.npz.0123abcd.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    keep = tmp_path / "r" / "notes.tmp"
+    keep.write_text("mine")
+    assert cli.main(["8", "--resume", str(ckpt), "--threads", "1", "--eval-iters", "1",
+                     "--no-sample"]) == 0
+    assert "stale temporary file" in capsys.readouterr().out
+    assert not stale.exists() and keep.read_text() == "mine"

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from conftest import assert_close  # noqa: E402
 from randygpt import train  # noqa: E402
 from randygpt.metrics import METRICS_HEADER  # noqa: E402
+from randygpt.rundir import RunDirError  # noqa: E402
 from randygpt.train import RunOptions, TrainError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_train.py"
@@ -147,7 +148,7 @@ def test_refuses_a_randygpt_run_directory_and_resume(torch_train, tmp_path, text
     run_dir = tmp_path / "ours"
     run_dir.mkdir()
     (run_dir / "ckpt.npz").write_bytes(b"")
-    with pytest.raises(TrainError, match="ckpt.npz"):
+    with pytest.raises(RunDirError, match="ckpt.npz"):
         torch_train.run(options(run_dir, text_path), stdout=io.StringIO())
     with pytest.raises(TrainError, match="resume"):
         torch_train.run(dataclasses.replace(options(tmp_path / "x", text_path), stop_at=3),

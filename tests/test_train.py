@@ -17,6 +17,7 @@ import pytest
 from conftest import assert_bitwise_equal
 from randygpt import checkpoint, cli, train
 from randygpt.metrics import METRICS_HEADER
+from randygpt.rundir import RunDirError
 from randygpt.train import RunOptions, TrainError
 
 NO_NETWORK_URL = "http://randygpt-test.invalid/input.txt"
@@ -130,7 +131,7 @@ def test_stop_at_prints_how_to_continue(tmp_path, text_path, capsys):
 def test_fresh_run_refuses_to_overwrite_a_run(tmp_path, text_path):
     _run(tmp_path / "r", 3, text_path, eval_every=0)
     before = (tmp_path / "r" / "ckpt.npz").read_bytes()
-    with pytest.raises(TrainError, match="already holds a run.*--resume"):
+    with pytest.raises(RunDirError, match="already holds another run.*--resume"):
         _run(tmp_path / "r", 3, text_path, eval_every=0)
     assert (tmp_path / "r" / "ckpt.npz").read_bytes() == before
 

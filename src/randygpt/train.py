@@ -11,7 +11,6 @@ perturbs another: batch positions (saved in checkpoints for exact resume), evalu
 and sampling. Model init and dropout take the seed directly.
 """
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -26,17 +25,19 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt_mod
 from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
 from .config import Config
-from .data import SHAKESPEARE_URL, DataError, Dataset, TextSource, resolve_source
+from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource, load_text,
+                   resolve_source, text_fingerprint, verify_text)
 from .metrics import MetricsFile
 from .model import GPT
 from .optim import AdamW, clip_scale, lr_at
+from .rundir import RUN_ID_KEY, RunDir
 from .tokenizer import CharTokenizer
 
 __all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "RunFailed", "Diverged",
            "run", "estimate_loss",
            "SAMPLE_PROMPTS", "format_duration", "format_rate", "progress_line", "Logger",
            "BATCH_STREAM", "EVAL_STREAM", "SAMPLE_STREAM", "build_config", "default_out_dir",
-           "prepare_out_dir", "write_plot"]
+           "write_plot"]
 
 SAMPLE_PROMPTS = ("ROMEO:", "To be or not to be", "Once upon a time")
 
@@ -273,18 +274,6 @@ def default_out_dir():
     return path
 
 
-def prepare_out_dir(path):
-    """Create the output directory (and its parents); TrainError when that is impossible."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise TrainError(f"output path {str(path)!r} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"cannot create output directory {str(path)!r}: {e.strerror or e}") from None
-    return path
-
-
 def build_config(overrides, vocab_size=None, base=None):
     """Config(**overrides), or base with overrides applied; vocab_size, when given, replaces
     the config's. A bad value is a TrainError with a one-line message."""
@@ -372,8 +361,8 @@ class Trainer:
 
     Construction raises TrainError, DataError or CheckpointError (all ValueError, one-line
     messages) for bad input, before any output file exists; then it creates the run directory,
-    writes config.json and opens metrics.csv. Close the trainer (or use it as a context manager)
-    to close metrics.csv; ``fit`` does that itself.
+    writes config.json, opens metrics.csv and takes the run directory's lock. Close the trainer,
+    or use it as a context manager, to close metrics.csv and release the lock.
     """
 
     def __init__(self, config=None, options=None, *, text=None, stdout=None, stderr=None,
@@ -388,8 +377,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._stop = None                 # fit's Ctrl-C / SIGTERM flag while it runs
         resumed = self._read_resume(config)
-        self.source = _text_source(text) if text is not None else resolve_source(
-            options.data_path, options.cache_dir, url=options.data_url)
+        self.source = self._open_source(text, resumed)
+        # The text's identity, recorded in every checkpoint so a resume can check it.
+        self._fingerprint = text_fingerprint(self.source.text)
         if self.tokenizer is None:
             self.tokenizer = CharTokenizer.from_text(self.source.text)
             self.config = build_config({}, vocab_size=self.tokenizer.vocab_size, base=self.config)
@@ -405,16 +395,21 @@ class Trainer:
         self.lr = lr_at(self.start, options.iters, self.config)
         self.saved = None                 # the last checkpoint written
         self.end = options.iters if options.stop_at is None else min(options.iters, options.stop_at)
-        self.out_dir = self._open_out_dir(resumed)
-        self.checkpoint_path = self.out_dir / "ckpt.npz"
-        self._report(resumed)
+        # The run directory is this run's alone from here on (an OS lock), until close().
+        self.rundir = self._open_rundir(resumed)
         try:
-            self._write_run_info()
-            self.metrics = MetricsFile(self.out_dir / "metrics.csv",
+            self.out_dir, self.checkpoint_path = self.rundir.path, self.rundir.checkpoint_path
+            self._report(resumed)
+            self.rundir.write_config(self.run_info())
+            self.metrics = MetricsFile(self.rundir.metrics_path,
                                        keep_until=self.start if resumed is not None else None)
         except OSError as e:
-            raise TrainError(f"cannot write to the output directory {str(self.out_dir)!r}: "
+            self.rundir.close()
+            raise TrainError(f"cannot write to the output directory {str(self.rundir.path)!r}: "
                              f"{e.strerror or e}") from None
+        except BaseException:
+            self.rundir.close()
+            raise
 
     # ---------------------------------------------------------------- set-up
 
@@ -483,21 +478,46 @@ class Trainer:
                              f"{e}") from None
         self.best_val = float(resumed.extra.get("best_val", math.inf) or math.inf)
 
-    def _open_out_dir(self, resumed):
+    def _open_source(self, text, resumed):
+        """The training text: the caller's (text= or --data), else for a resumed run the text
+        its checkpoint records (checked against its recorded size and sha256), else the
+        default sources of data.resolve_source."""
         opts = self.options
-        if opts.out_dir is not None:
-            out_dir = Path(opts.out_dir)
-        elif resumed is not None:
-            out_dir = Path(opts.resume).resolve().parent
+        if text is not None:
+            return _text_source(text)
+        if resumed is None or opts.data_path is not None:
+            return resolve_source(opts.data_path, opts.cache_dir, url=opts.data_url)
+        record = resumed.extra.get("data")
+        if not isinstance(record, dict):
+            raise TrainError(f"checkpoint {opts.resume!r} does not record the text it was trained "
+                             "on; pass it with --data")
+        path, description = record.get("path"), str(record.get("description") or "")
+        if path:
+            try:
+                found = load_text(path)
+            except DataError as e:
+                raise DataError(f"the checkpoint was trained on {description or path}, which "
+                                f"cannot be read now ({e}); restore it, or pass --data to "
+                                "continue on another text deliberately") from None
+        elif description.startswith("built-in sample"):
+            found = BUILTIN_TEXT
         else:
-            out_dir = default_out_dir()
-        out_dir = prepare_out_dir(out_dir)
-        ckpt_path = out_dir / "ckpt.npz"
-        if resumed is None and ckpt_path.exists():
-            # A fresh run would overwrite that run's weights and metrics.
-            raise TrainError(f"{str(out_dir)!r} already holds a run (ckpt.npz); continue it with "
-                             f"--resume {ckpt_path} or choose another --out")
-        return out_dir
+            raise TrainError(f"the checkpoint was trained on {description or 'an unnamed text'}, "
+                             "which it cannot reopen; pass that text again with --data")
+        if "sha256" in record:
+            verify_text(found, record, path or description)
+        return TextSource(text=found, description=description or str(path), warning=None,
+                          path=path)
+
+    def _open_rundir(self, resumed):
+        """Lock the run directory: a fresh run's must hold no run; a resumed run's must hold
+        no other run's files (RunDirError otherwise)."""
+        opts = self.options
+        if resumed is None:
+            return RunDir.open_fresh(Path(opts.out_dir) if opts.out_dir is not None
+                                     else default_out_dir())
+        out_dir = Path(opts.out_dir) if opts.out_dir is not None else Path(opts.resume).resolve().parent
+        return RunDir.open_resume(out_dir, resumed.extra.get(RUN_ID_KEY), opts.resume)
 
     def _report(self, resumed):
         opts, log = self.options, self.log
@@ -516,7 +536,7 @@ class Trainer:
         log.line(f"Iterations: {self.start} -> {opts.iters}"
                  + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
                  + f"; output: {self.out_dir}")
-        for note in self._notes():
+        for note in [*self.rundir.notes, *self._notes()]:
             log.line(f"note: {note}")
         if resumed is not None and resumed.extra.get("iters") not in (None, opts.iters):
             log.line(f"note: the checkpoint was trained for a {resumed.extra['iters']}-iteration "
@@ -545,11 +565,6 @@ class Trainer:
                 "data": self.source.description, "iters": opts.iters, "n_threads": self.n_threads,
                 "resumed_from": str(opts.resume) if opts.resume else None,
                 "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "overrides"}}
-
-    def _write_run_info(self):
-        with open(self.out_dir / "config.json", "w") as f:
-            json.dump(self.run_info(), f, indent=2, default=str)
-            f.write("\n")
 
     # ---------------------------------------------------------------- the run's verbs
 
@@ -585,18 +600,23 @@ class Trainer:
         """Write the checkpoint (weights, AdamW state, batch RNG, step) atomically; returns its path."""
         best = self.best_val if math.isfinite(self.best_val) else None
         # "data" tells `randygpt eval` which text to score by default.
-        extra = {"iters": self.options.iters, "best_val": best,
-                 "data": {"path": self.source.path, "description": self.source.description},
+        extra = {"iters": self.options.iters, "best_val": best, RUN_ID_KEY: self.rundir.run_id,
+                 "data": {"path": self.source.path, "description": self.source.description,
+                          **self._fingerprint},
                  "last_loss": self.losses[-1] if self.losses else None}
         ckpt_mod.save(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                       tokenizer=self.tokenizer, step=self.step_count,
                       rng_state=self.batch_rng.bit_generator.state, extra=extra)
         self.saved = self.checkpoint_path
+        # A save that completed leaves no use for what killed saves left behind.
+        self.rundir.remove_stale_temps()
         return self.saved
 
     def close(self):
+        """Close metrics.csv and release the run directory's lock (twice is harmless)."""
         if not self.metrics.closed:
             self.metrics.close()
+        self.rundir.close()
 
     def __enter__(self):
         return self
@@ -611,7 +631,7 @@ class Trainer:
         """Train from the current step to the target (or options.stop_at), evaluating, logging
         and saving on the options' intervals. Ctrl-C / SIGTERM stop cleanly, even during an
         evaluation: after the current step, with a checkpoint if a step was taken. Returns a
-        RunResult; closes the trainer. A failed write (a full disk) raises RunFailed, with the
+        RunResult; the trainer stays open (evaluate, save, step) until closed. A failed write (a full disk) raises RunFailed, with the
         last good checkpoint left as it was."""
         first = final = diverged = None
         try:
@@ -632,7 +652,6 @@ class Trainer:
             raise
         finally:
             self._stop = None
-            self.close()
         resumed = Path(self.options.resume) if self.options.resume else None
         result = RunResult(out_dir=self.out_dir, checkpoint=self.saved or resumed,
                            step=self.step_count, iters=self.options.iters, losses=self.losses,
@@ -775,4 +794,5 @@ def run(config=None, options=None, *, text=None, stdout=None, stderr=None):
 
     See Trainer for the arguments and the errors raised for bad input.
     """
-    return Trainer(config, options, text=text, stdout=stdout, stderr=stderr).fit()
+    with Trainer(config, options, text=text, stdout=stdout, stderr=stderr) as trainer:
+        return trainer.fit()

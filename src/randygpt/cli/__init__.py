@@ -7,6 +7,7 @@ the work itself (a full disk, a diverged run) exits 1; Ctrl-C or SIGTERM during 
 with a short summary and exit code 130 (143 for SIGTERM). Anything unexpected is reported as one
 line asking for a bug report, with the traceback only under RANDYGPT_DEBUG=1.
 """
+import contextlib
 import importlib
 import os
 import sys
@@ -22,6 +23,8 @@ SUBCOMMANDS = {
     "sample": ("randygpt.cli.sample", "generate text from a checkpoint"),
     "eval": ("randygpt.cli.evaluate", "measure a checkpoint's loss on a text"),
     "plot": ("randygpt.cli.plot", "plot a run's metrics.csv"),
+    "export": ("randygpt.cli.export", "write a checkpoint's weights as .safetensors"),
+    "serve": ("randygpt.cli.serve", "serve a checkpoint over HTTP, with a page"),
 }
 _TRAIN = "randygpt.cli.train"
 
@@ -40,9 +43,16 @@ def _expected_errors():
     from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..evaluate import EvalError
+    from ..interop import WeightsFileError
     from ..plot import PlotError
+    from ..rundir import RunDirError
     from ..train import RunFailed, TrainError
-    return (UsageError, TrainError, DataError, CheckpointError, EvalError, PlotError), (RunFailed,)
+    bad_input = [UsageError, TrainError, DataError, CheckpointError, EvalError, PlotError,
+                 RunDirError, WeightsFileError]
+    with contextlib.suppress(ImportError):  # the server needs the optional [serve] extra
+        from ..serve import ServeError
+        bad_input.append(ServeError)
+    return tuple(bad_input), (RunFailed,)
 
 
 def _run(argv):

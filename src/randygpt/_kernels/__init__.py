@@ -130,7 +130,7 @@ def get_num_threads():
 # SIMD paths from widest to narrowest; "generic" is the portable path of non-x86 builds.
 ISA_ORDER = ("avx512", "avx2", "sse2", "generic")
 # Kernel families with several SIMD paths chosen at run time (set_isa / available_isas).
-_DISPATCHED = ("matmul", "attention", "activation")
+_DISPATCHED = ("matmul", "attention", "activation", "decode")
 
 
 def select_isa(name=None):

@@ -11,3 +11,4 @@ from ._ref_activation import *  # noqa: F401,F403
 from ._ref_xent import *  # noqa: F401,F403
 from ._ref_embedding import *  # noqa: F401,F403
 from ._ref_adamw import *  # noqa: F401,F403
+from ._ref_decode import *  # noqa: F401,F403

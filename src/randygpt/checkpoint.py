@@ -407,7 +407,12 @@ def load(path):
     from the one this version of randygpt builds for that config, or arrays of the wrong size
     or dtype (refused from their .npy headers, before any allocation), or holding NaN or inf.
     """
+    from .interop import is_weights_path  # lazy, as the model: it loads the kernels
+
     path = Path(path)
+    if is_weights_path(path):
+        _fail(path, "holds weights only (a .safetensors export: no optimizer or batch-sampler "
+                    "state); resuming training needs a full checkpoint (.npz)")
     f, size = _open_file(path)
     with f, _open_zip(f, path) as zf:
         arrays = _members(zf, path, size)
@@ -428,10 +433,18 @@ def load(path):
                       path=str(path))
 
 def load_model(path, n_threads=None):
-    """Load a checkpoint into a fresh GPT in eval mode. Returns (model, tokenizer, checkpoint)."""
+    """Load a checkpoint, or a .safetensors weights file (randygpt.interop; the Checkpoint then
+    has no optimizer or sampler state), into a fresh GPT in eval mode. Returns (model,
+    tokenizer, checkpoint)."""
+    from .interop import is_weights_path, load_weights
     from .model import GPT
 
-    ckpt = load(path)
+    if is_weights_path(path):
+        w = load_weights(path)
+        ckpt = Checkpoint(config=w.config, tokenizer=w.tokenizer, params=w.params, adam_m=None,
+                          adam_v=None, step=w.step, rng_state=None, extra=w.extra, path=w.path)
+    else:
+        ckpt = load(path)
     model = GPT(ckpt.config, n_threads=n_threads)
     model.load_flat_params(ckpt.params)
     model.eval()

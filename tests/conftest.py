@@ -1,6 +1,9 @@
 """Shared test helpers: seeded RNGs, close-comparisons that report where they fail,
 central finite differences, and the path to the Tiny Shakespeare corpus."""
+import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,34 @@ def thread_counts():
 def _require_openmp():
     if os.environ.get("RANDYGPT_REQUIRE_OPENMP") == "1" and not randygpt.openmp_enabled():
         pytest.exit("RANDYGPT_REQUIRE_OPENMP=1 but randygpt was built without OpenMP", returncode=1)
+
+
+# --- MPI -----------------------------------------------------------------------------------------
+
+# What MPI launchers put in a rank's environment (randygpt.distributed reads them): tests that
+# start their own launcher or a plain process must not inherit them.
+LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
+                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "PALS_RANKID")
+
+
+def mpi_env(**extra):
+    """This process's environment without MPI launcher variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(extra)
+    return env
+
+
+def find_mpiexec():
+    local = Path(sys.executable).parent / "mpiexec"
+    return str(local) if local.is_file() else shutil.which("mpiexec")
+
+
+def need_mpi():
+    """The mpiexec to launch with; skips the test when it or mpi4py is missing."""
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec next to the interpreter or on PATH (pip install \"randygpt[mpi]\")")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed (pip install \"randygpt[mpi]\")")
+    return mpiexec

@@ -187,6 +187,34 @@ def test_dropout_mask_is_a_function_of_the_flat_index():
     assert_bitwise_equal(c.reshape(-1), b, name="(4,15) vs (60,)")
 
 
+def test_dropout_offset_gives_a_slice_the_masks_of_the_whole(isa, rng):
+    # Rows [r, r + n) of an (N, C) tensor, processed alone with offset r * C (as a
+    # data-parallel rank does), get exactly the decisions a call over all N rows gives them.
+    N, C, r, n = 12, 10, 5, 4
+    whole = _mask((N, C), 0.3, **COUNTERS)
+    part = np.empty((n, C), dtype=np.float32)
+    act.dropout_mask(part, 0.3, **COUNTERS, n_threads=2, offset=r * C)
+    assert_bitwise_equal(part, whole[r:r + n], name="mask rows [5, 9)")
+    ref = np.empty_like(part)
+    dropout_mask_ref(ref, 0.3, *COUNTERS.values(), offset=r * C)
+    assert_bitwise_equal(part, ref, name="mask vs reference")
+    x, resid = _f32(rng, n, C), _f32(rng, n, C)
+    for kernel, reference, args in (
+            (act.dropout_forward, dropout_forward_ref, (np.empty_like(x), x)),
+            (act.dropout_backward, dropout_backward_ref, (resid.copy(), x)),
+            (act.dropout_add_forward, dropout_add_forward_ref, (resid.copy(), x)),
+            (act.dropout_add_to_forward, dropout_add_to_forward_ref, (np.empty_like(x), resid, x))):
+        ours = [a.copy() for a in args]
+        kernel(*ours, 0.3, **COUNTERS, n_threads=2, offset=r * C)
+        theirs = [a.copy() for a in args]
+        reference(*theirs, 0.3, *COUNTERS.values(), offset=r * C)
+        assert_bitwise_equal(ours[0], theirs[0], name=kernel.__name__)
+    with pytest.raises(ValueError, match="offset"):
+        act.dropout_mask(part, 0.3, **COUNTERS, n_threads=1, offset=-1)
+    with pytest.raises(TypeError, match="offset"):
+        act.dropout_mask(part, 0.3, **COUNTERS, n_threads=1, offset=1.5)
+
+
 def test_dropout_p_zero_is_identity(isa, rng):
     x, r0 = _f32(rng, 7, 9), _f32(rng, 7, 9)
     assert np.all(_mask((7, 9), 0.0, **COUNTERS) == 1)

@@ -6,10 +6,7 @@ also the program every rank runs (see the bottom). They skip when there is no mp
 no mpi4py. A rank reports a failed check by raising inside abort_on_error, which ends the job
 with a non-zero status and the traceback on stderr.
 """
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import mpi_env, need_mpi
 from randygpt import distributed
 from randygpt._kernels import physical_cores
 
-LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
-                 "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
-                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "PALS_RANKID")
 TIMEOUT_S = 60
 
 
@@ -43,12 +38,6 @@ def test_launcher_detection(env, launched, size):
     assert distributed.launcher_size(env) == size
 
 
-def plain_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(extra)
-    return env
-
-
 def test_plain_process_never_imports_mpi4py():
     code = ("import sys, numpy as np, randygpt.distributed as d\n"
             "c = d.init()\n"
@@ -56,7 +45,7 @@ def test_plain_process_never_imports_mpi4py():
             "assert type(c) is d.LocalCommunicator and c.size == 1 and c.is_root\n"
             "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'\n"
             "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=plain_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=mpi_env(), capture_output=True,
                           text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -113,24 +102,9 @@ def test_abort_on_error_lets_a_single_rank_raise():
 
 # --- under mpiexec --------------------------------------------------------------------------
 
-def find_mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.is_file() else shutil.which("mpiexec")
-
-
-def need_mpi():
-    """The mpiexec to launch with; skips the test when it or mpi4py is missing."""
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec next to the interpreter or on PATH (pip install \"randygpt[mpi]\")")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed (pip install \"randygpt[mpi]\")")
-    return mpiexec
-
-
 def launch(n_ranks, check, env=None, timeout=TIMEOUT_S):
     return subprocess.run([need_mpi(), "-n", str(n_ranks), sys.executable, __file__, check],
-                          env=plain_env() if env is None else env, capture_output=True,
+                          env=mpi_env() if env is None else env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -165,7 +139,7 @@ def test_launched_without_a_working_mpi4py(tmp_path, mpi_module, says):
     else:
         (fake / "__init__.py").write_text("class rc:\n    pass\n")
         (fake / "MPI.py").write_text(mpi_module + "\n")
-    proc = launch(2, "init", env=plain_env(PYTHONPATH=str(tmp_path)))
+    proc = launch(2, "init", env=mpi_env(PYTHONPATH=str(tmp_path)))
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     expected = (f"error: started by an MPI launcher as 2 processes, but {says}: "
@@ -179,7 +153,7 @@ def test_bench_dist_quick():
     need_mpi()
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dist.py"
     proc = subprocess.run([sys.executable, str(bench), "--quick", "--json", "--ranks", "2"],
-                          env=plain_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=mpi_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     (job,) = json.loads(proc.stdout)["jobs"]
     assert job["ranks"] == 2 and job["floats"] == 8192

@@ -411,3 +411,34 @@ def test_config_round_trip_and_validation():
             Config(**kw)
     with pytest.raises(Exception):
         config.lr = 1.0  # frozen
+
+
+def test_batch_offset_splits_a_batch_as_data_parallel_ranks_do(rng):
+    # A batch cut into slices, each run with its batch_offset (as each rank runs its rows),
+    # sees the dropout masks of the whole batch: the slices' mean loss and mean gradient equal
+    # the whole batch's to float32 rounding. Without the offset every slice would reuse the
+    # masks of the batch's first rows, which this check catches (asserted below).
+    config = tiny_config(dropout=0.3)
+    model = GPT(config, seed=2, n_threads=1)
+    load_random(model, rng)
+    idx, targets = batch(rng, config, 6, config.block_size)
+    whole = model.forward(idx, targets, step=5)
+    model.backward()
+    g_whole = model.flat_grads.copy()
+
+    def split(offsets):
+        losses, grads = [], np.zeros_like(g_whole)
+        for k, lo in enumerate((0, 2, 4)):
+            losses.append(model.forward(idx[lo:lo + 2], targets[lo:lo + 2], step=5,
+                                        batch_offset=offsets[k]))
+            model.backward()
+            grads += model.flat_grads
+        return sum(losses) / 3, grads / 3
+
+    loss, grads = split((0, 2, 4))
+    assert loss == pytest.approx(whole, rel=1e-6)
+    assert_close(grads, g_whole, rtol=1e-4, atol=1e-6 * np.abs(g_whole).max(), name="gradient")
+    wrong_loss, _ = split((0, 0, 0))
+    assert abs(wrong_loss - whole) > 1e-4 * abs(whole)
+    with pytest.raises(ValueError, match="batch_offset"):
+        model.forward(idx, targets, batch_offset=-1)

@@ -287,10 +287,12 @@ class GPT:
         else:
             norm.layernorm_forward(out, mean, rstd, x, w, b, self.config.norm_eps, nt)
 
-    def forward(self, idx, targets=None, *, step=0):
+    def forward(self, idx, targets=None, *, step=0, batch_offset=0):
         """Mean cross-entropy (float) when targets are given, else logits (B, T, V) float32.
 
         step keys the dropout masks (with config.seed, layer and site); pass the iteration.
+        batch_offset: idx's first row is row batch_offset of a larger batch (a data-parallel
+        rank's slice): its dropout masks are those that row gets in a forward of the whole.
         """
         idx = self._check_tokens(idx, "idx")
         if targets is not None:
@@ -300,8 +302,13 @@ class GPT:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         step = int(step)
+        if isinstance(batch_offset, bool) or not isinstance(batch_offset, (int, np.integer)) \
+                or batch_offset < 0:
+            raise ValueError(f"batch_offset must be a non-negative int, got {batch_offset!r}")
         cfg = self.config
         B, T = idx.shape
+        # Element offset of this batch in the dropout masks' (rows x C) numbering.
+        mask_offset = int(batch_offset) * T * cfg.n_embd
         a = self._arena_for(B, T)
         np.copyto(a.idx, idx, casting="unsafe")  # ids already range-checked
         nt = self.n_threads
@@ -319,13 +326,15 @@ class GPT:
             matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt)
             attention.attention_forward(a.atty, None, a.qkv[l], NH, nt)  # P is not kept
             matmul.matmul_forward(a.proj, a.atty2, w.wo, nt)
-            activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt)
+            activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt,
+                                              offset=mask_offset)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
             # the squared ReLU in fc1's GEMM write-back (fc1_pre kept for backward)
             matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt)
             matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
-            activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt)
+            activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt,
+                                              offset=mask_offset)
         matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)
 
         if targets is None:
@@ -336,7 +345,7 @@ class GPT:
         else:
             loss = xent.cross_entropy_forward(a.losses, a.logits, a.targets, nt)
         self._pending = types.SimpleNamespace(arena=a, drop=drop, step=step,
-                                              have_dlogits=self.training)
+                                              mask_offset=mask_offset, have_dlogits=self.training)
         return float(loss)
 
     __call__ = forward
@@ -377,7 +386,7 @@ class GPT:
         for l in reversed(range(L)):
             w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
-            dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 1, nt)
+            dproj = self._dropout_backward(a, dresid, drop, (seed, step, l, 1), st.mask_offset, nt)
             # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the
             # GEMM packs it, and the squared-ReLU backward runs in the write-back.
             dpre = a.act  # act's memory, free in backward
@@ -390,7 +399,7 @@ class GPT:
             self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l],
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
-            dproj = self._dropout_backward(a, dresid, drop, seed, step, l, 0, nt)
+            dproj = self._dropout_backward(a, dresid, drop, (seed, step, l, 0), st.mask_offset, nt)
             matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt)
             # The probabilities are recomputed inside, bit-identical to the forward's, and
             # with them the attention output, wo's input, for its weight gradient.
@@ -408,11 +417,12 @@ class GPT:
         embedding.embedding_backward(g["wte"], g["wpe"], a.dresid, a.idx, nt)
 
     @staticmethod
-    def _dropout_backward(a, dresid, drop, seed, step, layer, site, nt):
+    def _dropout_backward(a, dresid, drop, counters, offset, nt):
         """Gradient of a branch's output: the residual gradient through the dropout mask
-        (recomputed from its key), or the residual gradient itself when dropout is off."""
+        (recomputed from its counters (seed, step, layer, site) and offset), or the residual
+        gradient itself when dropout is off."""
         if drop == 0.0:
             return dresid
         # dropout_forward writes dresid * mask: dropout_backward's value onto zeros, no fill
-        activation.dropout_forward(a.proj, dresid, drop, seed, step, layer, site, nt)
+        activation.dropout_forward(a.proj, dresid, drop, *counters, nt, offset=offset)
         return a.proj

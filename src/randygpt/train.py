@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt_mod
 from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
 from .config import Config
+from .distributed import LocalCommunicator, default_threads
 from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource, load_text,
                    resolve_source, text_fingerprint, verify_text)
 from .metrics import MetricsFile
@@ -177,23 +178,34 @@ def progress_line(step, iters, mean_loss, val_loss, lr, best_val, tok_per_s, eta
             f"{format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
 
 
-def estimate_loss(model, dataset, batch_size, eval_iters, rng, stop=None):
+def estimate_loss(model, dataset, batch_size, eval_iters, rng, stop=None, comm=None):
     """Mean loss over ``eval_iters`` random batches of each split, in eval mode (no dropout).
 
     Uses the training batch shape so the model's activation arena is not re-allocated. The
     model's train/eval mode is restored afterwards. Returns {"train": float, "val": float}, or
     None when ``stop`` (an object whose truth means "stop now", such as the trainer's signal
     flag) turns true between two batches: Ctrl-C must not wait for a whole estimate.
+
+    With a communicator of several ranks each rank scores its share of the batches (all draw
+    every batch, so the generator moves as in one process); the losses are gathered in batch
+    order and summed in that order: the same estimate as one process, bit for bit.
     """
+    mine = range(eval_iters) if comm is None else comm.share(eval_iters)
     out = {}
     with model.evaluating():
         for split in ("train", "val"):
-            total = 0.0
-            for _ in range(eval_iters):
-                if stop:
+            losses = []
+            for i in range(eval_iters):
+                if (stop if comm is None else comm.any(stop)):
                     return None
                 x, y = dataset.get_batch(split, batch_size, rng)
-                total += float(model.forward(x, y))
+                if i in mine:
+                    losses.append(float(model.forward(x, y)))
+            if comm is not None:
+                losses = comm.gather_floats(losses)
+            total = 0.0
+            for loss in losses:
+                total += loss
             out[split] = total / eval_iters
     return out
 
@@ -307,6 +319,31 @@ def _text_source(text):
                       warning=None, path=None)
 
 
+class _Silent:
+    """A stream that drops what is written: the log of ranks other than 0."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+_SILENT = _Silent()
+
+
+def _ordered_mean(values):
+    """The mean of floats summed one by one in their order (sum() may compensate, which
+    would make the result depend on the Python version)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total / len(values)
+
+
 class _Meter:
     """Times and losses of a fit: the current log interval's loss sum and step time (what the
     log line reports), and the session's mean step and evaluation times (what the ETA uses,
@@ -358,6 +395,9 @@ class Trainer:
     text      : train on this string instead of a file (options.data_path must then be None)
     stdout, stderr : where log lines and warnings go (default: the process's own)
     callbacks : callables receiving a Progress at every log interval of ``fit``
+    comm      : a randygpt.distributed communicator for data-parallel training (default: one
+                process). Every rank draws the same global batch and takes its slice; the
+                gradients are averaged in rank order; only rank 0 prints and writes files.
 
     Construction raises TrainError, DataError or CheckpointError (all ValueError, one-line
     messages) for bad input, before any output file exists; then it creates the run directory,
@@ -366,14 +406,17 @@ class Trainer:
     """
 
     def __init__(self, config=None, options=None, *, text=None, stdout=None, stderr=None,
-                 callbacks=()):
+                 callbacks=(), comm=None):
         if not isinstance(options, RunOptions):
             raise TrainError("options must be a RunOptions (at least the iteration target)")
         if text is not None and options.data_path is not None:
             raise TrainError("pass either text or options.data_path, not both")
         self.options = options
-        self.log = Logger(sys.stdout if stdout is None else stdout)
-        self._err = sys.stderr if stderr is None else stderr
+        self.comm = LocalCommunicator() if comm is None else comm
+        # Rank 0 alone speaks: the others' lines would repeat (and interleave with) its own.
+        self.log = Logger(_SILENT if not self.comm.is_root else sys.stdout if stdout is None
+                          else stdout)
+        self._err = _SILENT if not self.comm.is_root else sys.stderr if stderr is None else stderr
         self.callbacks = list(callbacks)
         self._stop = None                 # fit's Ctrl-C / SIGTERM flag while it runs
         resumed = self._read_resume(config)
@@ -384,7 +427,12 @@ class Trainer:
             self.tokenizer = CharTokenizer.from_text(self.source.text)
             self.config = build_config({}, vocab_size=self.tokenizer.vocab_size, base=self.config)
         self.dataset = self._open_dataset(resumed)
-        self.n_threads = effective_n_threads(options.n_threads)
+        self.comm.batch_slice(self.config.batch_size)  # the ranks must divide the batch
+        # Ranks that share a node share its cores (default_threads is collective: every rank
+        # comes here).
+        self.n_threads = effective_n_threads(
+            options.n_threads if options.n_threads is not None or self.comm.size == 1
+            else default_threads(self.comm))
         self.model, self.optimizer = self.build_model()
         self.batch_rng = np.random.default_rng([self.config.seed, BATCH_STREAM])
         self.best_val = math.inf
@@ -395,21 +443,39 @@ class Trainer:
         self.lr = lr_at(self.start, options.iters, self.config)
         self.saved = None                 # the last checkpoint written
         self.end = options.iters if options.stop_at is None else min(options.iters, options.stop_at)
-        # The run directory is this run's alone from here on (an OS lock), until close().
-        self.rundir = self._open_rundir(resumed)
+        self.rundir = self.metrics = None
+        # Rank 0 owns the run directory; the others learn where it is, or why it failed.
+        failure, where = self.comm.bcast_object(self._open_output(resumed) if self.comm.is_root
+                                                else None)
+        if failure is not None:
+            raise TrainError(failure) if not self.comm.is_root else self._open_error
+        self.out_dir, self.checkpoint_path = where
+
+    def _open_output(self, resumed):
+        """Rank 0: lock the run directory (an OS lock, this run's alone until close()), report
+        the start, write config.json and open metrics.csv. Returns (None, (directory,
+        checkpoint path)), or (the error's message, None) with the error kept to raise."""
         try:
-            self.out_dir, self.checkpoint_path = self.rundir.path, self.rundir.checkpoint_path
+            self.rundir = self._open_rundir(resumed)
+        except ValueError as e:
+            self._open_error = e
+            return str(e), None
+        try:
+            self.out_dir = self.rundir.path
             self._report(resumed)
             self.rundir.write_config(self.run_info())
             self.metrics = MetricsFile(self.rundir.metrics_path,
                                        keep_until=self.start if resumed is not None else None)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             self.rundir.close()
-            raise TrainError(f"cannot write to the output directory {str(self.rundir.path)!r}: "
-                             f"{e.strerror or e}") from None
+            self._open_error = e if isinstance(e, ValueError) else TrainError(
+                f"cannot write to the output directory {str(self.rundir.path)!r}: "
+                f"{e.strerror or e}")
+            return str(self._open_error), None
         except BaseException:
             self.rundir.close()
             raise
+        return None, (self.rundir.path, self.rundir.checkpoint_path)
 
     # ---------------------------------------------------------------- set-up
 
@@ -555,8 +621,14 @@ class Trainer:
 
     def threads_description(self):
         """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""
-        return (f"openmp={'yes' if openmp_enabled() else 'no'} threads={self.n_threads} "
+        line = (f"openmp={'yes' if openmp_enabled() else 'no'} threads={self.n_threads} "
                 f"(this process may use {physical_cores()} cores, {usable_cpus()} logical CPUs)")
+        comm = self.comm
+        if comm.size > 1:
+            line += (f"; {comm.size} ranks on {comm.hosts} host{'s' if comm.hosts > 1 else ''}, "
+                     f"{self.n_threads} threads per rank, batch {self.config.batch_size // comm.size}"
+                     " per rank")
+        return line
 
     def run_info(self):
         """What config.json records about the run."""
@@ -571,13 +643,22 @@ class Trainer:
     def step(self):
         """One iteration: learning rate, batch, forward, backward, clip, update. Returns the
         training loss; raises Diverged (before the update) when it is not finite."""
-        it = self.step_count
+        it, comm = self.step_count, self.comm
         self.lr = lr_at(it, self.options.iters, self.config)
         x, y = self.dataset.get_batch("train", self.config.batch_size, self.batch_rng)
-        loss = self.model.forward(x, y, step=it)
+        if comm.size == 1:
+            loss = self.model.forward(x, y, step=it)
+        else:
+            # The same global batch on every rank; this rank's rows of it. batch_offset keys
+            # the dropout masks by global row, so K ranks draw the masks one process would.
+            rows = comm.batch_slice(self.config.batch_size)
+            loss = self.model.forward(x[rows], y[rows], step=it, batch_offset=rows.start)
+            loss = _ordered_mean(comm.gather_floats([loss]))
         if not math.isfinite(loss):
             raise Diverged(it + 1, loss)
         self.model.backward()
+        if comm.size > 1:
+            comm.average_grads(self.model.flat_grads)
         scale = clip_scale(self.optimizer.grad_norm(), self.config.grad_clip)
         self.optimizer.step(self.lr, grad_scale=scale)
         self.step_count = it + 1
@@ -591,13 +672,17 @@ class Trainer:
         from the model, and resuming reproduces them."""
         rng = np.random.default_rng([self.config.seed, EVAL_STREAM])
         estimate = estimate_loss(self.model, self.dataset, self.config.batch_size,
-                                 self.options.eval_iters, rng, stop=self._stop)
+                                 self.options.eval_iters, rng, stop=self._stop, comm=self.comm)
         if estimate is not None:
             self.best_val = min(self.best_val, estimate["val"])
         return estimate
 
     def save(self):
         """Write the checkpoint (weights, AdamW state, batch RNG, step) atomically; returns its path."""
+        if not self.comm.is_root:
+            # The ranks hold identical states (checked at every evaluation): rank 0 saves.
+            self.saved = self.checkpoint_path
+            return self.saved
         best = self.best_val if math.isfinite(self.best_val) else None
         # "data" tells `randygpt eval` which text to score by default.
         extra = {"iters": self.options.iters, "best_val": best, RUN_ID_KEY: self.rundir.run_id,
@@ -614,9 +699,10 @@ class Trainer:
 
     def close(self):
         """Close metrics.csv and release the run directory's lock (twice is harmless)."""
-        if not self.metrics.closed:
+        if self.metrics is not None and not self.metrics.closed:
             self.metrics.close()
-        self.rundir.close()
+        if self.rundir is not None:
+            self.rundir.close()
 
     def __enter__(self):
         return self
@@ -676,7 +762,8 @@ class Trainer:
         return estimate
 
     def _first_estimate(self):
-        self._meter = _Meter(self.step_count, time.perf_counter(), self.metrics.last_elapsed)
+        before = self.metrics.last_elapsed if self.metrics is not None else 0.0
+        self._meter = _Meter(self.step_count, time.perf_counter(), before)
         first = self._timed_evaluate(self._meter)
         if first is None:
             return None
@@ -692,7 +779,7 @@ class Trainer:
         opts, meter = self.options, self._meter
         meter.start(time.perf_counter())
         final = None
-        while self.step_count < self.end and not stop:
+        while self.step_count < self.end and not self.comm.any(stop):
             t0 = time.perf_counter()
             try:
                 loss = self.step()
@@ -708,6 +795,9 @@ class Trainer:
                 estimate = self._timed_evaluate(meter)
                 if estimate is None:
                     break  # interrupted during the evaluation
+                if self.comm.size > 1:
+                    # Divergence between ranks is an error, never a silent drift.
+                    self.comm.check_identical(self.model.flat_params)
                 final = estimate if step == self.end else None
             if step % opts.log_every == 0 or estimate is not None:
                 self._log_interval(None if estimate is None else estimate["val"])
@@ -743,6 +833,8 @@ class Trainer:
             callback(record)
 
     def _write_metrics(self, *row):
+        if self.metrics is None:  # not rank 0
+            return
         try:
             self.metrics.write(*row)
         except OSError as e:
@@ -762,6 +854,8 @@ class Trainer:
                      f"{result.first_estimate['val']:.4f})")
         if self.saved is not None:
             log.line(f"Checkpoint: {self.saved}")
+        if not self.comm.is_root:
+            return
         if opts.sample and opts.sample_tokens > 0 and self.step_count == opts.iters:
             # Training is over: its activations and AdamW moments would only add to the run's
             # peak memory while the samples are drawn.

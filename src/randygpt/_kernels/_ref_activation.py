@@ -56,11 +56,11 @@ def dropout_key_ref(seed, step, layer, site):
     return key
 
 
-def dropout_mask_ref(mask, p, seed, step, layer, site):
+def dropout_mask_ref(mask, p, seed, step, layer, site, offset=0):
     """mask written with 0 or 1/(1-p): element i (flat, C order) is kept when the top 24 bits of
-    mix64(key + (i + 1) * G) are >= floor(p * 2**24 + 0.5)."""
+    mix64(key + (offset + i + 1) * G) are >= floor(p * 2**24 + 0.5)."""
     key = np.uint64(dropout_key_ref(seed, step, layer, site))
-    i = np.arange(1, mask.size + 1, dtype=np.uint64)
+    i = np.arange(offset + 1, offset + mask.size + 1, dtype=np.uint64)
     bits = _mix64_array(key + i * np.uint64(_GOLDEN))
     threshold = np.uint64(math.floor(p * 16777216.0 + 0.5))
     keep = (bits >> np.uint64(40)) >= threshold
@@ -68,27 +68,27 @@ def dropout_mask_ref(mask, p, seed, step, layer, site):
     mask[...] = np.where(keep, scale, mask.dtype.type(0)).reshape(mask.shape)
 
 
-def _mask_like(a, p, seed, step, layer, site):
+def _mask_like(a, p, seed, step, layer, site, offset):
     mask = np.empty_like(a)
-    dropout_mask_ref(mask, p, seed, step, layer, site)
+    dropout_mask_ref(mask, p, seed, step, layer, site, offset)
     return mask
 
 
-def dropout_forward_ref(out, x, p, seed, step, layer, site):
+def dropout_forward_ref(out, x, p, seed, step, layer, site, offset=0):
     """out written = x * mask."""
-    out[...] = x * _mask_like(x, p, seed, step, layer, site)
+    out[...] = x * _mask_like(x, p, seed, step, layer, site, offset)
 
 
-def dropout_backward_ref(dx, dout, p, seed, step, layer, site):
+def dropout_backward_ref(dx, dout, p, seed, step, layer, site, offset=0):
     """dx accumulated += dout * mask."""
-    dx += dout * _mask_like(dout, p, seed, step, layer, site)
+    dx += dout * _mask_like(dout, p, seed, step, layer, site, offset)
 
 
-def dropout_add_forward_ref(resid, x, p, seed, step, layer, site):
+def dropout_add_forward_ref(resid, x, p, seed, step, layer, site, offset=0):
     """resid updated += x * mask."""
-    resid += x * _mask_like(x, p, seed, step, layer, site)
+    resid += x * _mask_like(x, p, seed, step, layer, site, offset)
 
 
-def dropout_add_to_forward_ref(out, resid, x, p, seed, step, layer, site):
+def dropout_add_to_forward_ref(out, resid, x, p, seed, step, layer, site, offset=0):
     """out written = resid + x * mask."""
-    out[...] = resid + x * _mask_like(x, p, seed, step, layer, site)
+    out[...] = resid + x * _mask_like(x, p, seed, step, layer, site, offset)

@@ -16,13 +16,17 @@ Dropout's random bits (all arithmetic on unsigned 64-bit integers, modulo 2**64)
                return z ^ (z >> 31)
     key = G
     for v in (seed, step, layer, site):  key = mix64((key ^ v) + G)
-    bits(i) = mix64(key + (i + 1) * G)
+    bits(i) = mix64(key + (offset + i + 1) * G)
     threshold = floor(p * 2**24 + 0.5)          (p * 2**24 is exact in double)
     mask(i) = float32(1 / (1 - p))  if (bits(i) >> 40) >= threshold  else 0
 
 mix64 is the splitmix64 finalizer, so bits(0), bits(1), ... is the splitmix64 stream seeded
 with key: a decision is a pure function of (seed, step, layer, site, i), computed again in
-backward instead of stored, identical for any thread count or schedule. The top 24 bits are
+backward instead of stored, identical for any thread count or schedule. ``offset`` (default 0)
+says that a call's element i is element offset + i of a larger tensor: a process holding rows
+[r, r + n) of an (N, C) activation passes offset = r * C and draws exactly the masks of those
+rows in a call over all N (data-parallel ranks rely on it). Since
+key + (offset + i + 1) * G = (key + offset * G) + (i + 1) * G, the offset only moves the key. The top 24 bits are
 compared so that p is resolved to 2**-24. p == 0 gives threshold 0 and scale 1: the identity.
 _ref_activation.py computes the same bits with NumPy uint64 arrays.
 
@@ -353,9 +357,11 @@ cdef void _dropout(DropoutOp op, float* a, const float* b, const float* c, Py_ss
                       key, threshold, scale)
 
 
-cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads, c=None):
+cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads, c=None, offset=0):
     cdef double q = check_real("p", p, 0.0, 1.0)
     cdef uint64_t key = <uint64_t>dropout_key(seed, step, layer, site)
+    cdef uint64_t first = check_int("offset", offset, 0, _U64_MAX, "an element counter: below 2**64")
+    key = key + first * GOLDEN  # modulo 2**64: element i's counter is offset + i
     cdef int nt = check_n_threads(n_threads)
     cdef uint32_t threshold = <uint32_t>dropout_threshold(q)  # <= 2**24
     cdef float scale = <float>(1.0 / (1.0 - q))
@@ -378,47 +384,50 @@ cdef _run_dropout(DropoutOp op, a, b, p, seed, step, layer, site, n_threads, c=N
         _dropout(op, &a_v[0], b_ptr, c_ptr, n, key, threshold, scale, ns)
 
 
-def dropout_mask(mask, p, seed, step, layer, site, n_threads):
+def dropout_mask(mask, p, seed, step, layer, site, n_threads, offset=0):
     """The dropout mask itself, for tests and the reference (training never stores it).
 
-    mask : (N, C) float32  written with 0 or 1/(1-p) (any shape; element i = flat index i)
-    p    : float in [0, 1); seed, step, layer, site: ints in [0, 2**64)
+    mask   : (N, C) float32  written with 0 or 1/(1-p) (any shape; element i = flat index i)
+    p      : float in [0, 1); seed, step, layer, site: ints in [0, 2**64)
+    offset : int in [0, 2**64), the counter of element 0 (see the module header); every
+             dropout function takes it
     """
     check_elementwise((("mask", mask),), (), F32)
-    _run_dropout(DROP_MASK, mask, None, p, seed, step, layer, site, n_threads)
+    _run_dropout(DROP_MASK, mask, None, p, seed, step, layer, site, n_threads, None, offset)
 
 
-def dropout_forward(out, x, p, seed, step, layer, site, n_threads):
+def dropout_forward(out, x, p, seed, step, layer, site, n_threads, offset=0):
     """out = x * mask, mask as in dropout_mask.
 
     out : (N, C) float32  written
     x   : (N, C) float32  read
     """
     check_elementwise((("out", out),), (("x", x),), F32)
-    _run_dropout(DROP_FORWARD, out, x, p, seed, step, layer, site, n_threads)
+    _run_dropout(DROP_FORWARD, out, x, p, seed, step, layer, site, n_threads, None, offset)
 
 
-def dropout_backward(dx, dout, p, seed, step, layer, site, n_threads):
+def dropout_backward(dx, dout, p, seed, step, layer, site, n_threads, offset=0):
     """Gradient of dropout_forward (and of dropout_add_forward for its x): the mask is recomputed.
 
     dx   : (N, C) float32  accumulated += dout * mask
     dout : (N, C) float32  read
     """
     check_elementwise((("dx", dx),), (("dout", dout),), F32)
-    _run_dropout(DROP_ACCUMULATE, dx, dout, p, seed, step, layer, site, n_threads)
+    _run_dropout(DROP_ACCUMULATE, dx, dout, p, seed, step, layer, site, n_threads, None, offset)
 
 
-def dropout_add_forward(resid, x, p, seed, step, layer, site, n_threads):
+def dropout_add_forward(resid, x, p, seed, step, layer, site, n_threads, offset=0):
     """The residual update resid = resid + dropout(x), in one pass.
 
     resid : (N, C) float32  updated in place += x * mask (its gradient passes through unchanged)
     x     : (N, C) float32  read (must not share memory with resid)
     """
     check_elementwise((("resid", resid),), (("x", x),), F32)
-    _run_dropout(DROP_ACCUMULATE, resid, x, p, seed, step, layer, site, n_threads)
+    _run_dropout(DROP_ACCUMULATE, resid, x, p, seed, step, layer, site, n_threads, None,
+                 offset)
 
 
-def dropout_add_to_forward(out, resid, x, p, seed, step, layer, site, n_threads):
+def dropout_add_to_forward(out, resid, x, p, seed, step, layer, site, n_threads, offset=0):
     """The residual update into a new stream, out = resid + dropout(x), in one pass (one read of
     each input, one write; no copy of resid first).
 
@@ -428,4 +437,5 @@ def dropout_add_to_forward(out, resid, x, p, seed, step, layer, site, n_threads)
     x     : (N, C) float32  read (resid and x may share memory with each other, not with out)
     """
     check_elementwise((("out", out),), (("resid", resid), ("x", x)), F32)
-    _run_dropout(DROP_ADD_TO, out, x, p, seed, step, layer, site, n_threads, c=resid)
+    _run_dropout(DROP_ADD_TO, out, x, p, seed, step, layer, site, n_threads, resid,
+                 offset)

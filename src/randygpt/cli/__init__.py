@@ -42,13 +42,14 @@ def _expected_errors():
     failure to import the kernels is itself reported."""
     from ..checkpoint import CheckpointError
     from ..data import DataError
+    from ..distributed import DistributedError
     from ..evaluate import EvalError
     from ..interop import WeightsFileError
     from ..plot import PlotError
     from ..rundir import RunDirError
     from ..train import RunFailed, TrainError
     bad_input = [UsageError, TrainError, DataError, CheckpointError, EvalError, PlotError,
-                 RunDirError, WeightsFileError]
+                 RunDirError, DistributedError, WeightsFileError]
     with contextlib.suppress(ImportError):  # the server needs the optional [serve] extra
         from ..serve import ServeError
         bad_input.append(ServeError)

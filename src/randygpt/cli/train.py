@@ -2,8 +2,9 @@
 import argparse
 import shlex
 
+from .. import distributed
 from ..config import Config
-from ..train import RunOptions, Trainer, TrainError
+from ..train import RunFailed, RunOptions, Trainer, TrainError
 from .args import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, PROG, ArgumentParser, UsageError,
                    add_threads_flag, float_arg, int_arg, report_error)
 
@@ -105,6 +106,9 @@ def _add_run_flags(r):
                    help="skip the samples printed after training")
     r.add_argument("--sample-tokens", type=int_arg("--sample-tokens", lo=0), default=200,
                    metavar="N", help="characters to generate per sample (default: 200)")
+    r.add_argument("--distributed", action="store_true",
+                   help="train data-parallel over MPI even if no launcher is detected (started by "
+                        "mpiexec or srun, randygpt does so by itself; needs randygpt[mpi])")
 
 
 def parse_train_args(argv, parser=None):
@@ -115,7 +119,7 @@ def parse_train_args(argv, parser=None):
                    log_every=ns.log_every, eval_iters=ns.eval_iters, save_every=ns.save_every,
                    resume=ns.resume, n_threads=ns.threads, sample=ns.sample,
                    sample_tokens=ns.sample_tokens, plot=ns.plot, stop_at=ns.stop_at,
-                   overrides=overrides)
+                   overrides=overrides, distributed=ns.distributed)
     return overrides, options
 
 
@@ -148,12 +152,28 @@ def main(argv, parser=None):
     CheckpointError): the command line's guard prints it as one line."""
     overrides, kwargs = parse_train_args(argv, parser)
     _check_config(overrides)
+    force_mpi = kwargs.pop("distributed")
     try:
         options = RunOptions(**kwargs)
     except TrainError as e:
         raise UsageError(str(e)) from None
-    with Trainer(None, options) as trainer:
-        result = trainer.fit()
+    # One communicator per process; mpi4py is imported only under a launcher or when asked.
+    comm = distributed.init(force=force_mpi)
+    # Set-up errors come from the input, the same on every rank (or are sent to every rank),
+    # so each rank reports them itself; errors during training may hit one rank alone, which
+    # must then end the whole job rather than leave the others waiting.
+    with Trainer(None, options, comm=comm) as trainer, distributed.abort_on_error(comm):
+        try:
+            result = trainer.fit()
+        except RunFailed as e:
+            if comm.size == 1:
+                raise
+            report_error(f"rank {comm.rank}: {e}", code=EXIT_FAILURE)
+            comm.abort(EXIT_FAILURE)
+            raise
+    if not comm.is_root:
+        return EXIT_SIGTERM if result.interrupted == "SIGTERM" else (
+            EXIT_SIGINT if result.interrupted else 1 if result.diverged else 0)
     if result.diverged:
         # Not a usage mistake (exit 2) but a failed run.
         return report_error(f"the loss became non-finite at iteration {result.diverged}; "

@@ -174,3 +174,24 @@ def test_launched_without_mpi4py_is_one_clear_line_on_every_rank(tmp_path, text_
     assert len(lines) == 2 and all(ln.startswith("randygpt: error: ") and "randygpt[mpi]" in ln
                                    for ln in lines), proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_iteration(tmp_path, text_path):
+    import signal
+    mpiexec = need_mpi()
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-u", "-m", "randygpt", "100000",
+                             *FLAGS, "--data", str(text_path), "--out", "r"], cwd=tmp_path,
+                            env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if line.startswith("Iter 3/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    step = checkpoint.load(tmp_path / "r" / "ckpt.npz").step
+    assert f"Interrupted (SIGTERM) after iteration {step}/100000" in rest
+    assert rest.count("Interrupted (SIGTERM)") == 1  # rank 0 alone reports

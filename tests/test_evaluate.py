@@ -167,7 +167,7 @@ def test_cli_needs_data_when_the_checkpoint_does_not_say(run, capsys):
     (["--split", "test"], "invalid choice"),
     (["--data", "{missing}"], "does not exist"),
     (["--data", "{foreign}"], "characters the tokenizer does not know: 'Z'"),
-    (["--data", "{short}"], "too short"),
+    (["--data", "{short}"], "too short.*evaluate a longer text"),
 ])
 def test_cli_bad_input(run, capsys, tmp_path, argv, match):
     _, _, data, make = run

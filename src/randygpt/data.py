@@ -14,7 +14,7 @@ import numpy as np
 
 from .fileio import NotRegularFileError, atomic_write, open_regular
 
-__all__ = ["DataError", "load_text", "text_fingerprint", "verify_text", "default_cache_dir",
+__all__ = ["DataError", "TextTooShort", "load_text", "text_fingerprint", "verify_text", "default_cache_dir",
            "download_shakespeare", "resolve_source", "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
            "BUILTIN_TEXT"]
 
@@ -58,6 +58,11 @@ file it was read from (None for the built-in sample)."""
 
 class DataError(ValueError):
     """The training text is missing, unreadable or unusable; the message is one clear line."""
+
+
+class TextTooShort(DataError):
+    """The text's splits are shorter than one window; the caller knows which remedy the user
+    has (a smaller block size when training, only a longer text when evaluating)."""
 
 
 def load_text(path):
@@ -250,10 +255,9 @@ class Dataset:
         need = self.block_size + 1
         for name, split in (("training", self.train), ("validation", self.val)):
             if len(split) < need:
-                raise DataError(
+                raise TextTooShort(
                     f"the text is too short: its {name} split has {len(split)} characters but one "
-                    f"window needs block_size+1 = {need} (the text has {len(ids)} characters; "
-                    f"use a longer text or a smaller --block-size)")
+                    f"window needs block_size+1 = {need} (the text has {len(ids)} characters)")
         self._offsets = np.arange(self.block_size + 1, dtype=np.int64)
 
     def split(self, split):

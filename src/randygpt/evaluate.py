@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
-from .data import BUILTIN_TEXT, DataError, Dataset, load_text
+from .data import BUILTIN_TEXT, DataError, Dataset, TextTooShort, load_text
 
 __all__ = ["evaluate", "evaluate_checkpoint", "EvalReport", "EvalError", "BUILTIN"]
 
@@ -139,6 +139,10 @@ def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads
     text = BUILTIN_TEXT if data is BUILTIN else load_text(data)
     try:
         dataset = Dataset(text, tokenizer, ckpt.config.block_size, val_fraction=val_fraction)
+    except TextTooShort as e:
+        # The block size is the checkpoint's: only a longer text helps.
+        raise TextTooShort(f"{e}; the checkpoint's block_size is {ckpt.config.block_size}, so "
+                           "evaluate a longer text") from None
     except DataError:
         raise
     except ValueError as e:

@@ -26,8 +26,8 @@ from . import checkpoint as ckpt_mod
 from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
 from .config import Config
 from .distributed import LocalCommunicator, default_threads
-from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource, load_text,
-                   resolve_source, text_fingerprint, verify_text)
+from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource, TextTooShort,
+                   load_text, resolve_source, text_fingerprint, verify_text)
 from .metrics import MetricsFile
 from .model import GPT
 from .optim import AdamW, clip_scale, lr_at
@@ -513,6 +513,8 @@ class Trainer:
     def _open_dataset(self, resumed):
         try:
             return Dataset(self.source.text, self.tokenizer, self.config.block_size)
+        except TextTooShort as e:
+            raise TextTooShort(f"{e}; use a longer text or a smaller --block-size") from None
         except DataError as e:
             trained_on = resumed.extra.get("data") if resumed is not None else None
             if not isinstance(trained_on, dict) or not trained_on.get("description"):

@@ -28,6 +28,13 @@ branch gradient, attention_backward(accumulate=False)), never zeroed and then ac
 only the parameter gradients accumulate, into flat_grads zeroed once per step.
 Backward reads the forward in reverse, one kernel per forward kernel; the residual stream's
 gradient is accumulated into by both branches' norm backwards, so the fan-out needs no special case.
+
+decode (inference only) runs the same layers on the few new tokens of a sequence whose earlier
+tokens' q | k | v a DecodeCache holds: per layer the norm, the new rows' q | k | v written into
+the cache, their attention over every cached row, wo with the residual add fused, the norm,
+fc1 with its squared ReLU, fc2 with the residual add; then lm_head. Its products are the
+decode kernels' (a few rows against weights read in place; the GEMM's packing would cost as
+much as a one-row product), so its logits equal forward's to float32 rounding, not bit for bit.
 """
 import contextlib
 import types
@@ -35,10 +42,10 @@ import types
 import numpy as np
 
 from ._kernels import effective_n_threads
-from ._kernels import activation, attention, embedding, matmul, norm, xent
+from ._kernels import activation, attention, decode, embedding, matmul, norm, xent
 from .config import Config
 
-__all__ = ["GPT", "ParamTable", "ActivationArena"]
+__all__ = ["GPT", "ParamTable", "ActivationArena", "DecodeCache"]
 
 _LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc1", "fc2")
 _LAYER_NORM_PARAMS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
@@ -150,6 +157,45 @@ class ActivationArena:
     @property
     def nbytes(self):
         return self.buffer.nbytes + self.idx.nbytes + self.targets.nbytes
+
+
+class DecodeCache:
+    """What GPT.decode keeps from one call to the next: every layer's q | k | v rows of the
+    tokens decoded so far, at positions 0 .. length - 1, and the scratch rows of a call. Made
+    by GPT.new_cache; every buffer has block_size rows, allocated once (a sequence never holds
+    more tokens).
+
+    qkv : (L, block_size, 3C) float32; row t of layer l is that layer's q | k | v of position
+          t, laid out as attention_forward's qkv. The product writes the new rows here in
+          place; the queries of earlier positions are never read again, but keeping them
+          costs less than splitting every new row into three.
+    """
+
+    def __init__(self, config, n_threads):
+        L, C, H, V, T = (config.n_layer, config.n_embd, config.mlp_hidden, config.vocab_size,
+                         config.block_size)
+        self.config = config
+        self.n_threads = n_threads
+        self.length = 0
+        self.qkv = np.zeros((L, T, 3 * C), dtype=np.float32)
+        # Scratch for up to T new rows: each call uses rows [0, n).
+        self.idx = np.zeros(T, dtype=np.int32)
+        self.resid = np.zeros((T, C), dtype=np.float32)  # the new rows' residual stream
+        self.ln = np.zeros((T, C), dtype=np.float32)     # a norm's output
+        self.mean = np.zeros(T, dtype=np.float32)        # the norm's statistics (no
+        self.rstd = np.zeros(T, dtype=np.float32)        # backward reads them)
+        self.atty = np.zeros((T, C), dtype=np.float32)   # attention output, wo's input
+        self.act = np.zeros((T, H), dtype=np.float32)    # relu(fc1)^2, fc2's input
+        self.logits = np.zeros((T, V), dtype=np.float32)
+
+    def reset(self):
+        """Forget the sequence (the buffers stay): the next decode starts at position 0."""
+        self.length = 0
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.qkv, self.idx, self.resid, self.ln, self.mean,
+                                      self.rstd, self.atty, self.act, self.logits))
 
 
 class GPT:
@@ -349,6 +395,72 @@ class GPT:
         return float(loss)
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ incremental decoding
+
+    def new_cache(self, n_threads=None):
+        """An empty DecodeCache for decode(). n_threads: the thread count of every decode call
+        with it (None: the model's n_threads)."""
+        nt = self.n_threads if n_threads is None else effective_n_threads(n_threads)
+        return DecodeCache(self.config, nt)
+
+    def _check_decode(self, idx, cache):
+        """Validates decode()'s arguments; returns idx as an array."""
+        if self.training:
+            raise RuntimeError("decode() runs in eval mode only (no dropout): call model.eval()")
+        if not isinstance(cache, DecodeCache):
+            raise TypeError(f"cache must be a DecodeCache (model.new_cache()), got "
+                            f"{type(cache).__name__}")
+        if cache.config != self.config:
+            raise ValueError("cache was made for a model with another config")
+        idx = np.asarray(idx)
+        if idx.ndim != 1:
+            raise ValueError(f"idx must be 1-D (n,), got shape {idx.shape}")
+        self._check_tokens(idx.reshape(1, -1), "idx")
+        if cache.length + idx.shape[0] > self.config.block_size:
+            raise ValueError(f"idx: cannot append {idx.shape[0]} tokens to the cache's "
+                             f"{cache.length} (block_size {self.config.block_size}); "
+                             f"cache.reset() starts a new sequence")
+        return idx
+
+    def decode(self, idx, cache):
+        """Append the tokens idx (n,) to cache's sequence, at positions cache.length ..
+        cache.length + n - 1, and return their logits (n, V) float32 (a new array).
+
+        Each layer computes q, k and v of the new tokens only, appends them to the cache and
+        attends over every cached position, so a token costs one matrix-vector product per
+        weight matrix instead of a forward pass over the sequence. Row i equals forward's
+        logits at position cache.length + i of the whole sequence, up to float32 rounding
+        (the products sum in another order), and is bit-identical for any thread count.
+        Eval mode only (no dropout).
+        """
+        idx = self._check_decode(idx, cache)
+        cfg, c, p = self.config, cache, self.params
+        n, t0, nt, C = idx.shape[0], cache.length, cache.n_threads, cfg.n_embd
+        t1 = t0 + n
+        ids = c.idx[:n]
+        np.copyto(ids, idx, casting="unsafe")  # ids already range-checked
+        x, ln, mean, rstd, atty, act = (c.resid[:n], c.ln[:n], c.mean[:n], c.rstd[:n],
+                                        c.atty[:n], c.act[:n])
+
+        # x = wte[idx] + wpe[t0:t1]: the new positions follow the cached ones
+        embedding.embedding_forward(x.reshape(1, n, C), ids.reshape(1, n), p["wte"],
+                                    p["wpe"][t0:], nt)
+        for l in range(cfg.n_layer):
+            w, qkv = self._layers_p[l], c.qkv[l]
+            # x += attn(norm(x)) wo^T, the new rows' q | k | v written into the cache
+            self._norm_forward(ln, mean, rstd, x, w.ln1_w, w.ln1_b, nt)
+            decode.decode_matmul_forward(qkv[t0:t1], ln, w.wqkv, nt)
+            decode.decode_attention_forward(atty, qkv[:t1], t0, cfg.n_head, nt)
+            decode.decode_matmul_forward(x, atty, w.wo, nt, accumulate=True)
+            # x += relu(norm(x) fc1^T)^2 fc2^T
+            self._norm_forward(ln, mean, rstd, x, w.ln2_w, w.ln2_b, nt)
+            decode.decode_matmul_sqrelu_forward(act, ln, w.fc1, nt)
+            decode.decode_matmul_forward(x, act, w.fc2, nt, accumulate=True)
+        logits = c.logits[:n]
+        decode.decode_matmul_forward(logits, x, p["lm_head"], nt)
+        cache.length = t1
+        return logits.copy()
 
     # ------------------------------------------------------------------ backward
 

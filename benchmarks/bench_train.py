@@ -44,10 +44,11 @@ import numpy as np
 
 from _common import (SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine,
                      format_table, machine_info, parse_threads)
+from _fma_peak import available_isas as fma_peak_isas, fma_peak_gflops
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
-NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads", "fma_peak_gflops"}
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads"}
 
 WARMUP_STEPS = 2
 QUICK_CONFIG = {"n_embd": 32, "n_head": 2, "n_layer": 1, "block_size": 16, "batch_size": 4}
@@ -235,14 +236,9 @@ def ours_session(cfg, n_threads, profile_steps):
 
     def finish():
         threads = randygpt.effective_n_threads()
-        # The peak of the widest path is not always the highest (a core may clock down for
-        # 512-bit vectors): the floor uses the best of them.
-        peaks = {isa: matmul.fma_peak_gflops(threads, isa=isa) for isa in matmul.available_isas()}
-        best_isa = max(peaks, key=peaks.get)
         result = {"impl": "ours", "threads": threads,
                   "num_params": model.num_params, "loss": state["loss"],
-                  "isa": matmul.get_isa(), "fma_peaks_gflops": peaks,
-                  "fma_peak_isa": best_isa, "fma_peak_gflops": peaks[best_isa]}
+                  "isa": matmul.get_isa(), **fma_peaks(threads)}
         if profile_steps:
             profiler = KernelProfiler()
             profiled = make_step(cfg, x, y,
@@ -255,6 +251,19 @@ def ours_session(cfg, n_threads, profile_steps):
         return result
 
     return step, finish
+
+
+def fma_peaks(n_threads):
+    """The cores' peak FMA rate on every SIMD path, for the step's GEMM floor; the peak of
+    the widest path is not always the highest (a core may clock down for 512-bit vectors),
+    so the floor uses the best of them. Without a C compiler: the reason instead."""
+    try:
+        peaks = {isa: fma_peak_gflops(isa, n_threads) for isa in fma_peak_isas()}
+    except RuntimeError as e:
+        return {"fma_peak_error": str(e)}
+    best_isa = max(peaks, key=peaks.get)
+    return {"fma_peaks_gflops": peaks, "fma_peak_isa": best_isa,
+            "fma_peak_gflops": peaks[best_isa]}
 
 
 def run_profiled(profiler, step, first_it, repeat):
@@ -564,6 +573,8 @@ def print_report(doc):
                   f"vectors, measured in this run): {run['fma_peak_gflops']:.1f} GFLOP/s; "
                   f"at that rate the step's GEMMs alone take {run['gemm_floor_ms']:.1f} ms, "
                   "a floor for any implementation")
+        elif run["ours"].get("fma_peak_error"):
+            print(f"FMA peak: not measured ({run['ours']['fma_peak_error']})")
     for line in errors:
         print(f"error: {line}")
     for run in doc["runs"]:

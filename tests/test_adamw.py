@@ -193,8 +193,11 @@ def test_adamw_bad_input(rng):
         args.update(over)
         adamw.adamw_step(**args)
 
-    with pytest.raises(ValueError, match="step must be >= 1"):
+    with pytest.raises(ValueError, match=r"step must be in \[1, 9223372036854775807\] "
+                                         r"\(the first step is 1; a 64-bit counter\), got 0"):
         call(step=0)
+    with pytest.raises(ValueError, match="step must be in"):
+        call(step=2**64)  # would overflow the double of the bias corrections
     with pytest.raises(TypeError, match="step must be an int"):
         call(step=1.0)
     with pytest.raises(TypeError, match="decay must be a bool, got int"):

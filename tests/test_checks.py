@@ -2,14 +2,16 @@
 
 The kernels call the same functions from C (cimport); their own tests check that each kernel
 wires them to the right arguments. Here: every rule, its message, and what passes."""
+import os
+
 import numpy as np
 import pytest
 
 from randygpt._kernels import _checks
-from randygpt._kernels._checks import (MAX_THREADS, check_array, check_disjoint,
+from randygpt._kernels._checks import (MAX_TEAM, MAX_THREADS, check_array, check_disjoint,
                                        check_elementwise, check_input, check_int,
                                        check_n_threads, check_output, check_real,
-                                       check_writeable, out_of_range_error)
+                                       check_writeable, memory_error, out_of_range_error)
 
 F32 = np.dtype(np.float32)
 I32 = np.dtype(np.int32)
@@ -36,6 +38,17 @@ def test_check_array_accepts_a_good_array():
 def test_check_array_rejects(a, error, match):
     with pytest.raises(error, match=match):
         check_array("x", a, F32, 2)
+
+
+def test_check_array_rejects_misaligned():
+    # np.frombuffer at an odd offset gives float32 items off their 4-byte boundary.
+    buf = bytearray(4 * 6 + 1)
+    a = np.frombuffer(buf, np.float32, count=6, offset=1).reshape(2, 3)
+    assert not a.flags.aligned and a.flags.c_contiguous
+    with pytest.raises(ValueError, match=r"^x must be aligned to its 4-byte items "
+                                         r"\(shape \(2, 3\), address 0x[0-9a-f]+\)$"):
+        check_array("x", a, F32, 2)
+    check_array("x", np.frombuffer(buf, np.float32, count=6, offset=0).reshape(2, 3), F32, 2)
 
 
 def test_check_array_any_ndim():
@@ -115,10 +128,21 @@ def test_check_elementwise():
         check_elementwise((("out", out),), (("x", x),), F32)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, MAX_THREADS, np.int64(3), np.int32(1)])
+@pytest.mark.parametrize("n", [1, 2, 7, MAX_TEAM, np.int64(3), np.int32(1)])
 def test_check_n_threads_accepts(n):
     got = check_n_threads(n)
     assert got == n and type(got) is int
+
+
+@pytest.mark.parametrize("n", [MAX_TEAM + 1, 32768, MAX_THREADS, np.int64(MAX_THREADS)])
+def test_check_n_threads_caps_the_team(n):
+    # Accepted, but the team asked of OpenMP is capped (see _checks.pyx for why).
+    assert check_n_threads(n) == MAX_TEAM
+
+
+def test_max_team_is_at_least_the_cpus():
+    assert 128 <= MAX_TEAM < MAX_THREADS
+    assert MAX_TEAM >= len(getattr(os, "sched_getaffinity", lambda _: [])(0))
 
 
 @pytest.mark.parametrize("n, error, match", [
@@ -147,6 +171,24 @@ def test_check_int():
         check_int("k", 4, 0, 3)
     with pytest.raises(TypeError, match="step must be an int, got bool"):
         check_int("step", False, 0)
+
+
+def test_check_real_rejects_ints_beyond_double():
+    with pytest.raises(ValueError, match=r"^eps must be finite and >= 0, got inf$"):
+        check_real("eps", 10**400, 0.0)
+    with pytest.raises(ValueError, match=r"^g must be finite, got -inf$"):
+        check_real("g", -(10**400))
+
+
+def test_memory_error_says_how_much():
+    err = memory_error("attention_forward", 40_001_600_064, "scratch: 1 thread(s)")
+    assert isinstance(err, MemoryError)
+    assert str(err) == ("attention_forward: cannot allocate 37.3 GiB (40,001,600,064 bytes) "
+                        "for scratch: 1 thread(s)")
+    assert str(memory_error("f", 100, "x")) == "f: cannot allocate 100 bytes for x"
+    assert "cannot allocate 1.0 KiB (1,024 bytes)" in str(memory_error("f", 1024, "x"))
+    assert "cannot allocate 16384.0 TiB (18,014,398,509,481,984 bytes)" in str(
+        memory_error("f", 2**54, "x"))
 
 
 def test_check_real_accepts_and_converts():
@@ -186,4 +228,4 @@ def test_out_of_range_error_names_the_position():
 
 def test_public_names():
     for name in _checks.__all__:
-        assert callable(getattr(_checks, name)) or name == "MAX_THREADS"
+        assert callable(getattr(_checks, name)) or name in ("MAX_THREADS", "MAX_TEAM")

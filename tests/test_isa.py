@@ -1,4 +1,8 @@
 """select_isa: one choice of SIMD path for every dispatched kernel family."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from randygpt import _kernels
@@ -37,7 +41,21 @@ def test_env_and_bad_names(monkeypatch):
     assert _kernels.select_isa() == "sse2"
     assert all(m.get_isa() == "sse2" for m in FAMILIES)
     monkeypatch.setenv("RANDYGPT_ISA", "neon")
-    with pytest.raises(ValueError, match="RANDYGPT_ISA.*'neon'"):
+    with pytest.raises(ValueError) as err:
         _kernels.select_isa()
+    choices = ", ".join(matmul.available_isas())
+    assert str(err.value) == (f"RANDYGPT_ISA must be one of {choices} (the SIMD paths this "
+                              "CPU runs), got 'neon'")
     with pytest.raises(ValueError, match="select_isa.*'avx1024'"):
         _kernels.select_isa("avx1024")
+
+
+def test_bad_env_fails_the_import_with_one_line():
+    # select_isa runs at import, so RANDYGPT_ISA=foo stops `import randygpt._kernels` with the
+    # ValueError above (the command line turns it into its error line), not a crash.
+    env = dict(os.environ, RANDYGPT_ISA="foo")
+    proc = subprocess.run([sys.executable, "-c", "import randygpt._kernels"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: RANDYGPT_ISA must be one of ") and "got 'foo'" in last

@@ -176,7 +176,8 @@ def test_sqrelu_backward_rejects_bad_input(rng):
     N, IC, OC = 5, 4, 3
     pre, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
     dpre, dw = np.zeros((N, IC), np.float32), np.zeros((OC, IC), np.float32)
-    with pytest.raises(ValueError, match="shares memory"):
+    with pytest.raises(ValueError, match=r"^dpre \(shape \(5, 4\)\) must not share memory with "
+                                         r"pre \(shape \(5, 4\)\)$"):
         mm.matmul_sqrelu_backward(pre, dw, dout, pre, w, 1)
     with pytest.raises(ValueError, match=r"dpre has shape \(4, 4\)"):
         mm.matmul_sqrelu_backward(dpre[:4].copy(), dw, dout, pre, w, 1)
@@ -228,25 +229,16 @@ def test_zero_sized_inner_dimension(isa, rng):
 # ---------------------------------------------------------------------------------------
 # Determinism and accumulation
 
-@pytest.fixture
-def items_per_thread():
-    """Set the GEMM's work items per thread for one test, restoring the default after."""
-    old = mm._set_items_per_thread(4)
-    yield mm._set_items_per_thread
-    mm._set_items_per_thread(old)
-
-
 @pytest.mark.parametrize("shape", [(50, 2 * KC + 18, 20), (9, KC + 44, 200)])
-def test_bitwise_identical_across_thread_counts(isa, rng, shape, items_per_thread):
+def test_bitwise_identical_across_thread_counts(isa, rng, shape):
     # (50, 530, 20) splits the rows between threads, (9, 300, 200) the columns; both
-    # have K over two K blocks. How the tiles are cut into work items must not matter either.
+    # have K over two K blocks. The work items (4 per thread, as many as there are strips
+    # at most) are cut differently at each thread count, which must not matter either.
     N, IC, OC = shape
     x, w, dout = _randn(rng, N, IC), _randn(rng, OC, IC), _randn(rng, N, OC)
     base = _randn(rng, N, OC)
     results = []
-    runs = [(n, 4) for n in thread_counts()] + [(3, 1), (3, 7), (8, 1)]
-    for n, items in runs:
-        items_per_thread(items)
+    for n in sorted(set(thread_counts()) | {5, 8}):
         out = np.full((N, OC), np.nan, np.float32)
         acc = base.copy()
         pre, act = np.empty((N, OC), np.float32), np.empty((N, OC), np.float32)
@@ -257,17 +249,11 @@ def test_bitwise_identical_across_thread_counts(isa, rng, shape, items_per_threa
         mm.matmul_sqrelu_forward(act, pre, x, w, n)
         mm.matmul_backward(dx, dw, dout, x, w, n)
         mm.matmul_sqrelu_backward(dpre, dw2, dout, x, w, n)  # x as the pre-activation
-        results.append((f"{n} threads, {items} items each", [out, acc, act, pre, dx, dw, dpre, dw2]))
+        results.append((f"{n} threads", [out, acc, act, pre, dx, dw, dpre, dw2]))
     names = ["out", "out (accumulate)", "sqrelu out", "pre", "dx", "dw", "sqrelu dpre", "sqrelu dw"]
     for label, arrays in results[1:]:
         for name, a, b in zip(names, results[0][1], arrays):
             assert_bitwise_equal(b, a, name=f"{name} [{isa}] {label} vs 1 thread")
-
-
-def test_items_per_thread_rejects_bad_values(items_per_thread):
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="_set_items_per_thread"):
-            items_per_thread(bad)
 
 
 def test_backward_twice_gives_exactly_twice(isa, rng):
@@ -381,7 +367,7 @@ def _fwd_args(rng):
         (lambda o, x, w: (o, x[:, :, None], w), ValueError, "x must be 2-D"),
         (lambda o, x, w: (o, x, w[:, :4].copy()), ValueError, r"w has shape \(3, 4\)"),
         (lambda o, x, w: (o[:3].copy(), x, w), ValueError, r"out has shape \(3, 3\)"),
-        (lambda o, x, w: (x[:, :3], x, w), ValueError, "(C-contiguous|shares memory)"),
+        (lambda o, x, w: (x[:, :3], x, w), ValueError, "out must be C-contiguous"),
     ],
 )
 def test_forward_rejects_bad_input(rng, mutate, exc, match):
@@ -393,12 +379,12 @@ def test_forward_rejects_bad_input(rng, mutate, exc, match):
 def test_rejects_aliasing_and_bad_thread_counts(rng):
     out, x, w = _fwd_args(rng)
     square = _randn(rng, 4, 4)
-    with pytest.raises(ValueError, match="shares memory"):
+    with pytest.raises(ValueError, match="c .* must not share memory with a"):
         mm.gemm(square, square, np.eye(4, dtype=np.float32), False, False, False, 1)
-    with pytest.raises(ValueError, match="share memory"):
+    with pytest.raises(ValueError, match="out .* must not share memory with pre"):
         mm.matmul_sqrelu_forward(out, out, x, w, 1)
     dx = x.copy()
-    with pytest.raises(ValueError, match="shares memory"):
+    with pytest.raises(ValueError, match="dx .* must not share memory with x"):
         mm.matmul_backward(dx, None, out, dx, w, 1)
     with pytest.raises(ValueError, match="n_threads"):
         mm.matmul_forward(out, x, w, 0)
@@ -413,42 +399,3 @@ def test_rejects_aliasing_and_bad_thread_counts(rng):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         mm.matmul_forward(ro, x, w, 1)
-
-
-# ---------------------------------------------------------------------------------------
-# The FMA-peak yardstick of the benchmarks
-
-def _best_gemm_gflops(n, repeat=5):
-    """Our GEMM's best rate on an n x n x n product that fits in cache, one thread."""
-    import time
-
-    rng = np.random.default_rng(0)
-    a, b = _randn(rng, n, n), _randn(rng, n, n)
-    c = np.empty((n, n), np.float32)
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        mm.gemm(c, a, b, False, False, False, 1)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
-
-
-def test_fma_peak_bounds_the_gemm(isa):
-    # The peak is the rate no GEMM on the same path can beat: measured on registers alone,
-    # it must come out above (with room for timing noise) what the GEMM itself reaches on
-    # a cache-resident product, and below a rate no x86 core has (64 flops a cycle at 8 GHz).
-    peak = mm.fma_peak_gflops(1, seconds=0.05, isa=isa)
-    assert np.isfinite(peak) and peak < 64 * 8.0
-    assert peak > 0.8 * _best_gemm_gflops(192)
-
-
-def test_fma_peak_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="n_threads"):
-        mm.fma_peak_gflops(0)
-    with pytest.raises(TypeError, match="n_threads"):
-        mm.fma_peak_gflops(1.5)
-    for bad in (0, -1.0, 100, "0.1", True, None):
-        with pytest.raises(ValueError, match="seconds must be a number"):
-            mm.fma_peak_gflops(1, seconds=bad)
-    with pytest.raises(ValueError, match="isa must be one of"):
-        mm.fma_peak_gflops(1, seconds=0.01, isa="avx1024")

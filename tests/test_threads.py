@@ -87,10 +87,53 @@ def test_bad_requests(bad):
         randygpt.set_num_threads(bad)
 
 
-def test_bad_env(monkeypatch):
-    monkeypatch.setenv("RANDYGPT_NUM_THREADS", "many")
-    with pytest.raises(ValueError, match="RANDYGPT_NUM_THREADS"):
+@pytest.mark.parametrize("value", ["many", "0", "-0", "2.5", "4,2", "1_0", " "])
+def test_bad_randygpt_env(monkeypatch, value):
+    monkeypatch.setenv("RANDYGPT_NUM_THREADS", value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if not value.strip():  # empty: unset, so OMP_NUM_THREADS decides
+        assert randygpt.effective_n_threads() == 1
+        return
+    with pytest.raises(ValueError) as err:
         randygpt.effective_n_threads()
+    assert str(err.value) == (
+        "RANDYGPT_NUM_THREADS must be a nonzero integer (n > 0: n threads; -k: all usable CPUs "
+        f"but k - 1), got {value!r}")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "4,", "4,0", "4;2", "2.0"])
+def test_bad_omp_env(monkeypatch, value):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    with pytest.raises(ValueError) as err:
+        randygpt.effective_n_threads()
+    assert str(err.value) == ("OMP_NUM_THREADS must be a positive integer, or OpenMP's "
+                              f"comma-separated list of them (e.g. 4,2), got {value!r}")
+
+
+@needs_openmp
+@pytest.mark.parametrize("value, first", [("1,2", 1), (" 1 , 4 ", 1), ("2,1,1", 2), ("+1", 1)])
+def test_omp_nested_list_reads_its_first_level(monkeypatch, value, first):
+    # OpenMP's syntax gives one team size per nesting level; the kernels open one level.
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert randygpt.effective_n_threads() == min(first, _kernels.usable_cpus())
+
+
+def test_zero_request_names_what_is_accepted():
+    with pytest.raises(ValueError, match=r"^set_num_threads: number of threads must be a "
+                                         r"nonzero integer \(n > 0: n threads; -k: .*\), got 0$"):
+        randygpt.set_num_threads(0)
+
+
+def test_bad_env_at_the_command_line_is_one_line():
+    # A bad variable reaches the user as one ValueError line, never as an import crash.
+    env = dict(os.environ, RANDYGPT_NUM_THREADS="abc")
+    code = "import randygpt._kernels as k; k.effective_n_threads()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ValueError: RANDYGPT_NUM_THREADS must be a nonzero integer (n > 0: n threads; "
+        "-k: all usable CPUs but k - 1), got 'abc'")
 
 
 def test_openmp_flag_is_bool():

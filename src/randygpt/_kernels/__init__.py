@@ -6,11 +6,12 @@ Every kernel takes ``n_threads`` as its last argument; callers get it from
 import functools
 import importlib.util
 import os
+import re
 
-from ._openmp import omp_max_threads, omp_place_cpus, openmp_enabled
+from ._openmp import omp_place_cpus, openmp_enabled
 
 __all__ = ["openmp_enabled", "effective_n_threads", "set_num_threads", "get_num_threads",
-           "usable_cpus", "physical_cores", "omp_max_threads", "select_isa"]
+           "usable_cpus", "physical_cores", "select_isa"]
 
 # The value given to set_num_threads(); None means "decide from the environment".
 _requested_threads = None
@@ -60,21 +61,35 @@ def physical_cores():
     return len({_core_of(cpu) for cpu in ids})
 
 
+# What each variable accepts, for its error message.
+_ENV_SYNTAX = {
+    "RANDYGPT_NUM_THREADS": "a nonzero integer (n > 0: n threads; -k: all usable CPUs but k - 1)",
+    "OMP_NUM_THREADS": "a positive integer, or OpenMP's comma-separated list of them (e.g. 4,2)",
+}
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def _parse_env_threads(name):
+    """The thread count the environment variable ``name`` asks for; None when it is unset or
+    empty. OMP_NUM_THREADS takes OpenMP's syntax, a team size per level of nested parallel
+    regions ("4,2"): the kernels open one level, so its first entry applies, as in OpenMP."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    fields = raw.split(",") if name == "OMP_NUM_THREADS" else [raw]
+    counts = [int(f) for f in fields if _INTEGER.fullmatch(f)]
+    if len(counts) < len(fields) or counts[0] == 0 or \
+            (name == "OMP_NUM_THREADS" and min(counts) < 1):
+        raise ValueError(f"{name} must be {_ENV_SYNTAX[name]}, got {raw!r}")
+    return counts[0]
 
 
 def _check_request(n, source):
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{source}: number of threads must be an int, got {type(n).__name__}")
     if n == 0:
-        raise ValueError(f"{source}: number of threads must not be 0")
+        syntax = _ENV_SYNTAX["RANDYGPT_NUM_THREADS"]
+        raise ValueError(f"{source}: number of threads must be {syntax}, got 0")
     return n
 
 
@@ -110,7 +125,6 @@ def effective_n_threads(requested=None):
         for var in ("RANDYGPT_NUM_THREADS", "OMP_NUM_THREADS"):
             n = _parse_env_threads(var)
             if n is not None:
-                _check_request(n, var)
                 break
     if not openmp_enabled():
         return 1
@@ -152,7 +166,8 @@ def select_isa(name=None):
     if name is None:
         name = choices[0]
     if name not in choices:
-        raise ValueError(f"{source}: unknown or unsupported ISA {name!r}; this CPU runs {choices}")
+        raise ValueError(f"{source} must be one of {', '.join(choices)} (the SIMD paths this CPU "
+                         f"runs), got {name!r}")
     rank = ISA_ORDER.index(name) if name in ISA_ORDER else len(ISA_ORDER)
     for mod in modules:
         own = [isa for isa in mod.available_isas()

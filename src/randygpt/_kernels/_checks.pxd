@@ -16,3 +16,6 @@ cpdef check_int(str name, object x, Py_ssize_t lo, object hi=*, str why=*)
 cpdef int check_n_threads(object n_threads) except -1
 cpdef double check_real(str name, object x, object lo=*, object hi=*) except? -1.0
 cpdef out_of_range_error(str name, object a, Py_ssize_t flat, Py_ssize_t n, str why)
+cpdef memory_error(str func, object nbytes, str what)
+# malloc, or raise MemoryError saying how much was asked for; the caller frees.
+cdef void *checked_malloc(str func, object nbytes, str what) except NULL

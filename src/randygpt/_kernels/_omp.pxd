@@ -12,7 +12,7 @@ cdef extern from *:
     #else
     #define RANDYGPT_OPENMP_ENABLED 0
     static inline int omp_get_thread_num(void) { return 0; }
-    static inline int omp_get_max_threads(void) { return 1; }
+    static inline int omp_get_num_procs(void) { return 1; }
     static inline int omp_get_num_places(void) { return 0; }
     static inline int omp_get_place_num_procs(int place) { return 0; }
     static inline void omp_get_place_proc_ids(int place, int *ids) { }
@@ -20,7 +20,7 @@ cdef extern from *:
     """
     bint OPENMP_ENABLED "RANDYGPT_OPENMP_ENABLED"
     int omp_get_thread_num() noexcept nogil
-    int omp_get_max_threads() noexcept nogil
+    int omp_get_num_procs() noexcept nogil
     int omp_get_num_places() noexcept nogil
     int omp_get_place_num_procs(int place) noexcept nogil
     void omp_get_place_proc_ids(int place, int *ids) noexcept nogil

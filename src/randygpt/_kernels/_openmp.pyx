@@ -1,18 +1,14 @@
 """How this build of the kernels was compiled: with or without OpenMP."""
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
-from randygpt._kernels._omp cimport (OPENMP_ENABLED, omp_get_max_threads, omp_get_num_places,
-                                     omp_get_place_num_procs, omp_get_place_proc_ids)
+from randygpt._kernels._checks cimport checked_malloc
+from randygpt._kernels._omp cimport (OPENMP_ENABLED, omp_get_num_places, omp_get_place_num_procs,
+                                     omp_get_place_proc_ids)
 
 
 def openmp_enabled():
     """True when the kernels were compiled with OpenMP (multi-threaded)."""
     return bool(OPENMP_ENABLED)
-
-
-def omp_max_threads():
-    """OpenMP's own default team size (1 in a serial build)."""
-    return omp_get_max_threads()
 
 
 def omp_place_cpus():
@@ -29,9 +25,8 @@ def omp_place_cpus():
         n = omp_get_place_num_procs(place)
         if n <= 0:
             continue
-        ids = <int *>malloc(n * sizeof(int))
-        if ids == NULL:
-            raise MemoryError()
+        ids = <int *>checked_malloc("omp_place_cpus", n * sizeof(int),
+                                    f"the CPU ids of OpenMP place {place}")
         try:
             omp_get_place_proc_ids(place, ids)
             for k in range(n):

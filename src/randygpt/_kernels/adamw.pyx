@@ -20,6 +20,8 @@ from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input
 # Sum of squares in double on eight fixed lanes: vectorizable, and a function of the data alone.
 from randygpt._kernels._rowops cimport row_sumsq
 
+__all__ = ["grad_norm", "adamw_step"]
+
 cdef enum:
     # At most this many partial sums for grad_norm; small arrays get fewer chunks of at least
     # MIN_CHUNK elements, so that tiny calls do not pay for 64 nearly empty tasks.
@@ -87,6 +89,9 @@ cdef void adamw_chunks(float* params, const float* grads, float* m, float* v,
 
 # Dtypes the checks compare against (see _checks.pyx), built once.
 cdef object F32 = np.dtype(np.float32)
+# The step count goes into the bias corrections as a double; a bound keeps that conversion
+# from overflowing.
+_STEP_MAX = (1 << 63) - 1
 
 
 # ---- public kernels ---------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def adamw_step(params, grads, m, v, decay, lr, beta1, beta2, eps, weight_decay, 
     eps = check_real("eps", eps, 0.0)
     weight_decay = check_real("weight_decay", weight_decay, 0.0)
     grad_scale = check_real("grad_scale", grad_scale)
-    step = check_int("step", step, 1, None, "the first step is 1")
+    step = check_int("step", step, 1, _STEP_MAX, "the first step is 1; a 64-bit counter")
     check_disjoint((("params", params), ("m", m), ("v", v)),
                    (("grads", grads),))
     check_writeable("params", params)

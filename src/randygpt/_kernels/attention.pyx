@@ -11,21 +11,25 @@ Parallel axis: the B*NH (batch, head) pairs, in a static prange. A pair's work i
 independent of every other pair's and writes disjoint slices of out, att and dqkv,
 so there are no atomics and no shared reductions: every element is computed by one
 thread in an order set by the shapes alone, and results are bit-identical for any
-thread count. Each thread mallocs its scratch once per call: the pair's rows of q, k,
-v, dy packed contiguously (keys or values also transposed, so scores need no
-horizontal sums), plus dS in the backward, and P when the caller does not store it
-(att=None: the backward then recomputes P with the forward's own code, bit for bit).
+thread count. Each thread has its own slice of one scratch block, allocated by the
+wrapper per call (MemoryError, before any thread starts, when it does not fit): the
+pair's rows of q, k, v, dy packed contiguously (keys or values also transposed, so
+scores need no horizontal sums), plus dS in the backward, and P when the caller does
+not store it (att=None: the backward then recomputes P with the forward's own code, bit
+for bit). P makes the scratch grow with T^2 per thread.
 The loops live in attention_impl.h and attention_body.h, compiled for AVX2 + FMA and
 for the baseline ISA; the fastest one this CPU runs is chosen at import
 (available_isas / set_isa let tests run each).
 """
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport abort, free, malloc
+from libc.stdlib cimport free
 
 import numpy as np
 
 from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
-                                       check_int, check_n_threads, check_output)
+                                       check_int, check_n_threads, check_output,
+                                       checked_malloc)
+from randygpt._kernels._omp cimport omp_get_thread_num
 
 cdef extern from "attention_impl.h" nogil:
     size_t attention_forward_scratch(Py_ssize_t T, Py_ssize_t HS) noexcept
@@ -85,18 +89,16 @@ set_isa(available_isas()[0])
 cdef void _forward_body(float* out,             # OUT (B*T, C)
                         float* att,             # OUT (B, NH, T, T), or NULL
                         const float* qkv,       # IN  (B*T, 3C)
+                        float* scratch,         # thread t's at scratch + t * stride
+                        Py_ssize_t stride,
                         Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
                         int n_threads) noexcept nogil:
     cdef Py_ssize_t task
-    cdef float* scratch = NULL
-    cdef size_t nbytes = attention_forward_scratch(T, C // NH) * sizeof(float)
+    cdef float* mine = NULL
     with parallel(num_threads=n_threads):
-        scratch = <float*> malloc(nbytes)
-        if scratch == NULL:
-            abort()
+        mine = scratch + omp_get_thread_num() * stride
         for task in prange(B * NH, schedule="static"):
-            attention_forward_task(out, att, qkv, scratch, task, B * NH, T, C, NH)
-        free(scratch)
+            attention_forward_task(out, att, qkv, mine, task, B * NH, T, C, NH)
 
 
 cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated or written
@@ -104,19 +106,29 @@ cdef void _backward_body(float* dqkv,           # INOUT (B*T, 3C), accumulated o
                          const float* dout,     # IN    (B*T, C)
                          const float* qkv,      # IN    (B*T, 3C)
                          const float* att,      # IN    (B, NH, T, T), or NULL: recomputed
+                         float* scratch,        # thread t's at scratch + t * stride
+                         Py_ssize_t stride,
                          Py_ssize_t B, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH,
                          int accumulate, int n_threads) noexcept nogil:
     cdef Py_ssize_t task
-    cdef float* scratch = NULL
-    cdef size_t nbytes = attention_backward_scratch(T, C // NH) * sizeof(float)
+    cdef float* mine = NULL
     with parallel(num_threads=n_threads):
-        scratch = <float*> malloc(nbytes)
-        if scratch == NULL:
-            abort()
+        mine = scratch + omp_get_thread_num() * stride
         for task in prange(B * NH, schedule="static"):
-            attention_backward_task(dqkv, out, dout, qkv, att, scratch, task, B * NH, T,
+            attention_backward_task(dqkv, out, dout, qkv, att, mine, task, B * NH, T,
                                     C, NH, accumulate)
-        free(scratch)
+
+
+cdef float* _scratch(str func, size_t per_thread, int team, Py_ssize_t T, Py_ssize_t* stride,
+                     void** base) except NULL:
+    """One block holding `team` slices of `per_thread` floats, each slice starting on its own
+    64-byte line (so threads never share one); *stride is the slice length in floats and
+    *base what to free(). MemoryError when it cannot be had."""
+    floats = (<object>per_thread + 15) // 16 * 16  # Python ints from here: no overflow
+    base[0] = checked_malloc(func, team * floats * 4 + 64,
+                             f"scratch: {team} thread(s) x {floats * 4:,} bytes at T = {T}")
+    stride[0] = floats
+    return <float*>((<size_t>base[0] + 63) // 64 * 64)
 
 
 # The arguments are checked once per call, before any nogil code, by the shared checks
@@ -167,8 +179,14 @@ def attention_forward(out, att, qkv, n_head, n_threads):
         att_p = &att_v[0, 0, 0, 0]
     cdef const float[:, :, ::1] qkv_v = qkv
     cdef int team = <int> min(threads, B * NH)
+    cdef Py_ssize_t stride
+    cdef void* base
+    cdef float* scratch = _scratch("attention_forward", attention_forward_scratch(T, C // NH),
+                                   team, T, &stride, &base)
     with nogil:
-        _forward_body(&out_v[0, 0, 0], att_p, &qkv_v[0, 0, 0], B, T, C, NH, team)
+        _forward_body(&out_v[0, 0, 0], att_p, &qkv_v[0, 0, 0], scratch, stride, B, T, C, NH,
+                      team)
+    free(base)
 
 
 def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True, out=None):
@@ -220,6 +238,12 @@ def attention_backward(dqkv, dout, qkv, att, n_head, n_threads, accumulate=True,
         out_p = &out_v[0, 0, 0]
     cdef int team = <int> min(threads, B * NH)
     cdef int acc = 1 if accumulate else 0
+    cdef Py_ssize_t stride
+    cdef void* base
+    cdef float* scratch = _scratch("attention_backward",
+                                   attention_backward_scratch(T, C // NH), team, T, &stride,
+                                   &base)
     with nogil:
         _backward_body(&dqkv_v[0, 0, 0], out_p, &dout_v[0, 0, 0], &qkv_v[0, 0, 0],
-                       att_p, B, T, C, NH, acc, team)
+                       att_p, scratch, stride, B, T, C, NH, acc, team)
+    free(base)

@@ -40,16 +40,28 @@ static inline ptrdiff_t attn_tpad(ptrdiff_t T)
 static const float attn_lane_index[16] = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f,
                                           8.0f, 9.0f, 10.0f, 11.0f, 12.0f, 13.0f, 14.0f, 15.0f};
 
+/* Both scratch sizes are below 8 (T + 32) (T + 32 + HS) floats; past 2^60 floats they are
+ * reported as SIZE_MAX (more than any machine can allocate) rather than computed, so that
+ * no product below can overflow. */
+static inline int attn_scratch_fits(ptrdiff_t T, ptrdiff_t HS)
+{
+    return 8.0 * (double)(T + 32) * (double)(T + 32 + HS) < 0x1p60;
+}
+
 /* Floats of per-thread scratch each task needs. */
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
+    if (!attn_scratch_fits(T, HS))
+        return SIZE_MAX;
     return (size_t)(HS * Tp + T * HS + 2 * Tp + T * Tp);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
     const ptrdiff_t Tp = attn_tpad(T);
+    if (!attn_scratch_fits(T, HS))
+        return SIZE_MAX;
     return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS +  /* the gradient proper */
                     HS * Tp + T * HS + 2 * Tp + T * Tp);        /* recomputing P and out */
 }

@@ -20,6 +20,8 @@ from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input
                                        out_of_range_error)
 from randygpt._kernels._rowops cimport first_out_of_range
 
+__all__ = ["embedding_forward", "embedding_backward"]
+
 # Columns per dwte task: 32 floats = two cache lines, so threads never share a line of dwte
 # or dout, and C = 256 still splits into 8 tasks.
 cdef enum:
@@ -162,6 +164,8 @@ def embedding_forward(out, idx, wte, wpe, n_threads):
     B, T, V, C = _check_tables(idx, "wte", wte, "wpe", wpe)
     check_output("out", out, F32, (B, T, C), "(B, T, C) from idx and wte")
     check_disjoint((("out", out),), (("idx", idx), ("wte", wte), ("wpe", wpe)))
+    if C == 0:
+        return
     cdef float[:, :, ::1] o = out
     cdef const int[:, ::1] ix = idx
     cdef const float[:, ::1] te = wte
@@ -186,6 +190,8 @@ def embedding_backward(dwte, dwpe, dout, idx, n_threads):
     check_writeable("dwte", dwte)
     check_writeable("dwpe", dwpe)
     check_disjoint((("dwte", dwte), ("dwpe", dwpe)), (("dout", dout), ("idx", idx)))
+    if C == 0:
+        return  # nothing to add to; the grouping below would need O(V) memory for it
     # O(N + V) bookkeeping for the token grouping, allocated here rather than in the kernel.
     start = np.empty(V + 1, dtype=np.intp)
     order = np.empty(B * T, dtype=np.intp)

@@ -14,8 +14,6 @@
 #define RANDYGPT_GEMM_KERNELS_H
 
 #include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #if !defined(__GNUC__)
@@ -29,7 +27,6 @@ typedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
 typedef void (*rg_inplace_fn)(float *p, Py_ssize_t n);
 typedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                            Py_ssize_t rows, Py_ssize_t cols);
-typedef float (*rg_peak_fn)(Py_ssize_t iters);
 
 typedef struct {
     const char *name;
@@ -40,7 +37,6 @@ typedef struct {
     rg_pack_fn pack_a;   /* (dst, a, rs, cs, mc, kc) */
     rg_pack_fn pack_b;   /* (dst, b, rs, cs, kc, nc) */
     rg_inplace_fn sqrelu_inplace; /* relu(x)^2 over a packed strip */
-    rg_peak_fn fma_peak; /* iters rounds of 2 * mr * nr flops, for benchmarks */
 } rg_isa_t;
 
 /* K block: the same on every path, so a path's results never depend on it (the kernel
@@ -101,14 +97,14 @@ typedef struct {
 static const rg_isa_t rg_isas[] = {
 #ifdef RG_X86
     {"avx512", 12, 32, 144, rg_avx512_kernel, rg_avx512_kernel_narrow, rg_avx512_pack_a, rg_avx512_pack_b,
-     rg_avx512_sqrelu_inplace, rg_avx512_fma_peak},
+     rg_avx512_sqrelu_inplace},
     {"avx2", 6, 16, 144, rg_avx2_kernel, rg_avx2_kernel_narrow, rg_avx2_pack_a, rg_avx2_pack_b,
-     rg_avx2_sqrelu_inplace, rg_avx2_fma_peak},
+     rg_avx2_sqrelu_inplace},
     {"sse2", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
-     rg_base_sqrelu_inplace, rg_base_fma_peak},
+     rg_base_sqrelu_inplace},
 #else
     {"generic", 6, 8, 144, rg_base_kernel, rg_base_kernel_narrow, rg_base_pack_a, rg_base_pack_b,
-     rg_base_sqrelu_inplace, rg_base_fma_peak},
+     rg_base_sqrelu_inplace},
 #endif
 };
 
@@ -139,16 +135,6 @@ static inline void rg_barrier(void)
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-}
-
-/* n floats starting on a 64-byte boundary; *base is what to free(). NULL on failure. */
-static float *rg_alloc_floats(size_t n, void **base)
-{
-    void *p = malloc(n * sizeof(float) + 64);
-    *base = p;
-    if (p == NULL)
-        return NULL;
-    return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
 }
 
 #endif /* RANDYGPT_GEMM_KERNELS_H */

@@ -290,35 +290,4 @@ static RG_TARGET void RG_NAME(sqrelu_inplace)(float *p, Py_ssize_t n)
         p[i] = p[i] < 0.0f ? 0.0f : p[i] * p[i];
 }
 
-/* The core's peak FMA rate, as a yardstick for the GEMM: iters rounds of one FMA on each
- * of the tile's RG_MR * RG_NV accumulators, the same independent chains the kernel keeps
- * (enough to cover the FMA latency on every x86 core we know). 2 * RG_MR * RG_NR flops per
- * round; the returned sum only keeps the compiler from dropping the loop. */
-static RG_TARGET float RG_NAME(fma_peak)(Py_ssize_t iters)
-{
-    RG_NAME(vec) acc[RG_MR][RG_NV];
-    const RG_NAME(vec) zero = {0};
-    const RG_NAME(vec) mul = zero + 0.999999f, add = zero + 1e-6f;
-#pragma GCC unroll 16
-    for (int i = 0; i < RG_MR; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < RG_NV; j++)
-            acc[i][j] = zero + (float)(i * RG_NV + j);
-    for (Py_ssize_t it = 0; it < iters; it++) {
-#pragma GCC unroll 16
-        for (int i = 0; i < RG_MR; i++)
-#pragma GCC unroll 4
-            for (int j = 0; j < RG_NV; j++)
-                acc[i][j] = acc[i][j] * mul + add; /* contracted to one FMA */
-    }
-    RG_NAME(vec) total = zero;
-    for (int i = 0; i < RG_MR; i++)
-        for (int j = 0; j < RG_NV; j++)
-            total += acc[i][j];
-    float sum = 0.0f;
-    for (int l = 0; l < RG_VW; l++)
-        sum += total[l];
-    return sum;
-}
-
 #undef RG_NR

@@ -28,18 +28,18 @@ FMA chain in k order, continued across K blocks; so every element is computed th
 way whatever the thread count or which thread ran it: results are bit-identical for any
 n_threads (and identical between the avx2 and avx512 paths; sse2 has no FMA).
 """
-import time
-
 import numpy as np
 
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc
 
+from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
+                                       check_n_threads, check_output, memory_error)
 from randygpt._kernels._omp cimport omp_get_thread_num
 
 
 __all__ = ["matmul_forward", "matmul_backward", "gemm", "matmul_sqrelu_forward",
-           "matmul_sqrelu_backward", "available_isas", "get_isa", "set_isa", "fma_peak_gflops"]
+           "matmul_sqrelu_backward", "available_isas", "get_isa", "set_isa"]
 
 
 cdef extern from "gemm_kernels.h" nogil:
@@ -50,7 +50,6 @@ cdef extern from "gemm_kernels.h" nogil:
     ctypedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t cols) noexcept nogil
     ctypedef void (*rg_inplace_fn)(float *p, Py_ssize_t n) noexcept nogil
-    ctypedef float (*rg_peak_fn)(Py_ssize_t iters) noexcept nogil
     ctypedef struct rg_isa_t:
         const char *name
         int mr
@@ -61,12 +60,10 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_pack_fn pack_a
         rg_pack_fn pack_b
         rg_inplace_fn sqrelu_inplace
-        rg_peak_fn fma_peak
     int RG_KC
     int rg_isa_count()
     const rg_isa_t *rg_isa_at(int i)
     int rg_isa_supported(int i)
-    float *rg_alloc_floats(size_t n, void **base)
     void rg_barrier()
 
 
@@ -85,66 +82,18 @@ def get_isa():
     return _isa.name.decode()
 
 
-cdef const rg_isa_t *_isa_named(str func, object name) except NULL:
-    """The GEMM path called `name`; ValueError unless this CPU runs it."""
-    choices = available_isas()
-    if not isinstance(name, str) or name not in choices:
-        raise ValueError(f"{func}: isa must be one of {choices} on this CPU, got {name!r}")
-    for i in range(rg_isa_count()):
-        if rg_isa_at(i).name.decode() == name:
-            return rg_isa_at(i)
-
-
 def set_isa(name):
     """Use the GEMM path `name` (one of available_isas()) from now on."""
     global _isa
-    _isa = _isa_named("set_isa", name)
+    choices = available_isas()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"set_isa: isa must be one of {choices} on this CPU, got {name!r}")
+    for i in range(rg_isa_count()):
+        if rg_isa_at(i).name.decode() == name:
+            _isa = rg_isa_at(i)
 
 
 set_isa(available_isas()[0])
-
-
-cdef double _fma_rounds(const rg_isa_t *isa, Py_ssize_t iters, int n_threads):
-    """Seconds for n_threads threads to run `iters` FMA rounds each, at the same time."""
-    cdef Py_ssize_t t
-    cdef float sink = 0.0
-    start = time.perf_counter()
-    with nogil:
-        if n_threads == 1:
-            sink += isa.fma_peak(iters)
-        else:
-            for t in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
-                sink += isa.fma_peak(iters)
-    elapsed = time.perf_counter() - start
-    if sink != sink:  # never true; keeps the result alive
-        raise FloatingPointError("fma_peak_gflops: NaN")
-    return elapsed
-
-
-def fma_peak_gflops(n_threads=1, seconds=0.2, isa=None):
-    """The machine's peak float32 FMA rate on n_threads threads, in GFLOP/s, measured now
-    with the vector width and accumulator count of GEMM path `isa` (default: the current
-    one), on registers alone (no memory traffic).
-
-    A yardstick for benchmarks: no GEMM on this path can run faster than this. Takes
-    about `seconds`; the best of three timings is returned (a lost time slice only slows).
-    """
-    cdef int threads = _check_threads("fma_peak_gflops", n_threads)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not 0.001 <= seconds <= 60:
-        raise ValueError(f"fma_peak_gflops: seconds must be a number in [0.001, 60], "
-                         f"got {seconds!r}")
-    cdef const rg_isa_t *path = _isa if isa is None else _isa_named("fma_peak_gflops", isa)
-    flops_per_round = 2.0 * path.mr * path.nr
-    cdef Py_ssize_t iters = 1000
-    while True:  # calibrate on one thread: a few percent of the budget per try
-        elapsed = _fma_rounds(path, iters, 1)
-        if elapsed >= seconds / 30 or iters >= (1 << 40):
-            break
-        iters *= 4
-    iters = max(int(iters * (seconds / 3) / max(elapsed, 1e-9)), 1)
-    best = min(_fma_rounds(path, iters, threads) for _ in range(3))
-    return threads * iters * flops_per_round / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,17 +102,11 @@ def fma_peak_gflops(n_threads=1, seconds=0.2, isa=None):
 # Work items per thread in the tile phase. Items are near-equal contiguous ranges of
 # strips taken dynamically: on an idle machine every thread gets the same share; on a
 # shared one a thread that lost its core hands its remaining items to the others.
-# Fewer, larger items re-read the shared operand less often. Results do not depend on it.
-cdef Py_ssize_t _items_per_thread = 4
+# Fewer, larger items re-read the shared operand less often (1 or 2 per thread measured
+# slower than 4 at 8 and 16 threads). Results do not depend on it.
+cdef enum:
+    _ITEMS_PER_THREAD = 4
 
-
-def _set_items_per_thread(n):
-    """Tuning experiments only: set the work items per thread of every GEMM; returns the old."""
-    global _items_per_thread
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"_set_items_per_thread: need an int >= 1, got {n!r}")
-    old, _items_per_thread = _items_per_thread, n
-    return old
 
 cdef struct _Operand:
     # op(X)[i, j] is at ptr[i * rs + j * cs]
@@ -194,6 +137,9 @@ cdef struct _Gemm:
     Py_ssize_t shared_size
     float *private
     Py_ssize_t private_size
+    Py_ssize_t n_kblocks, shared_tiles
+    Py_ssize_t buffer_size   # floats for shared (one or two blocks) and every private one
+    Py_ssize_t partial_size  # floats for partial: M * N, or 0 when it is not needed
 
 
 cdef inline float *_shared_block(const _Gemm *g, Py_ssize_t kb) noexcept nogil:
@@ -313,37 +259,37 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
                        <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
 
 
-cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-               _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
-               const float *gate, bint b_sqrelu, bint accumulate,
-               int n_threads) noexcept nogil:
-    """c (M, N) (+)= op(a) . op(b) on up to n_threads threads. Returns -1 if out of memory.
+cdef void _gemm_zero_k(Py_ssize_t M, Py_ssize_t N, float *c, Py_ssize_t ldc, float *c2,
+                       const float *gate, bint accumulate) noexcept nogil:
+    """c (M, N) (+)= a product with K = 0, which is zero (see _gemm_setup for c2 and gate)."""
+    cdef Py_ssize_t i, j
+    cdef float r
+    if accumulate:
+        return
+    for i in range(M):
+        for j in range(N):
+            c[i * ldc + j] = 0.0
+            if c2 != NULL:
+                c2[i * ldc + j] = 0.0
+            if gate != NULL:
+                # 2 relu(gate) * 0, as the kernel's write-back would round it
+                r = 0.0 if gate[i * ldc + j] <= 0.0 else gate[i * ldc + j]
+                c[i * ldc + j] = (r + r) * c[i * ldc + j]
+
+
+cdef int _gemm_setup(_Gemm *g, const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                     _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
+                     const float *gate, bint b_sqrelu, bint accumulate,
+                     int n_threads) noexcept nogil:
+    """Plans c (M, N) (+)= op(a) . op(b) (M, N, K >= 1) in g and returns the team size: at most
+    n_threads, and no more threads than work items. The caller then allocates g.buffer_size
+    floats (64-byte aligned) for the packing buffers and, when g.partial_size is not 0, that
+    many for the running sums, and runs _gemm_run.
 
     c2 (relu(c)^2 beside c) and gate (c = 2 relu(gate) * product) share c's leading
     dimension and come only without accumulate; b_sqrelu uses relu(op(b))^2 for op(b).
-
-    For each K block: pack the shared operand's strips (all threads together), then run
-    the tiles in work items.
     """
-    cdef Py_ssize_t i, j, s, p, kb, nkb, shared_tiles, item_tiles
-    cdef void *base = NULL
-    cdef void *partial_base = NULL
-    cdef _Gemm g
-    if M == 0 or N == 0:
-        return 0
-    cdef float r
-    if K == 0:
-        if not accumulate:
-            for i in range(M):
-                for j in range(N):
-                    c[i * ldc + j] = 0.0
-                    if c2 != NULL:
-                        c2[i * ldc + j] = 0.0
-                    if gate != NULL:
-                        # 2 relu(gate) * 0, as the kernel's write-back would round it
-                        r = 0.0 if gate[i * ldc + j] <= 0.0 else gate[i * ldc + j]
-                        c[i * ldc + j] = (r + r) * c[i * ldc + j]
-        return 0
+    cdef Py_ssize_t item_tiles
     g.isa = isa
     g.M, g.N, g.K = M, N, K
     g.a, g.b = a, b
@@ -355,7 +301,7 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     # Split whichever dimension has more tiles: rows for the forward and input grads
     # (M = 2048), columns for weight grads with few output channels (M = 256 or 67).
     g.split_m = g.m_tiles >= g.n_tiles
-    g.n_items = min(<Py_ssize_t>n_threads * _items_per_thread,
+    g.n_items = min(<Py_ssize_t>n_threads * _ITEMS_PER_THREAD,
                     g.m_tiles if g.split_m else g.n_tiles)
     # No more threads than items: a tiny product does not wake a team it cannot use.
     n_threads = <int>min(<Py_ssize_t>n_threads, g.n_items)
@@ -363,123 +309,87 @@ cdef int _gemm(const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
         g.n_items = 1
     # Buffers rounded to 16 floats so each starts 64-byte aligned; a second shared block
     # only when there is a second K block.
-    nkb = (K + RG_KC - 1) // RG_KC
+    g.n_kblocks = (K + RG_KC - 1) // RG_KC
     if g.split_m:
-        shared_tiles = g.n_tiles
+        g.shared_tiles = g.n_tiles
         g.shared_size = g.n_tiles * isa.nr * RG_KC
         g.private_size = <Py_ssize_t>isa.mc * RG_KC
     else:
-        shared_tiles = g.m_tiles
+        g.shared_tiles = g.m_tiles
         g.shared_size = g.m_tiles * isa.mr * RG_KC
         item_tiles = (g.n_tiles + g.n_items - 1) // g.n_items
         g.private_size = item_tiles * isa.nr * RG_KC
     g.shared_size = (g.shared_size + 15) // 16 * 16
     g.private_size = (g.private_size + 15) // 16 * 16
-    g.shared = rg_alloc_floats(<size_t>(min(nkb, <Py_ssize_t>2) * g.shared_size
-                                        + n_threads * g.private_size), &base)
-    if g.shared == NULL:
-        return -1
-    g.private = g.shared + min(nkb, <Py_ssize_t>2) * g.shared_size
-    g.partial = NULL
-    if accumulate and K > RG_KC:
-        g.partial = rg_alloc_floats(<size_t>(M * N), &partial_base)
-        if g.partial == NULL:
-            free(base)
-            return -1
+    g.buffer_size = min(g.n_kblocks, <Py_ssize_t>2) * g.shared_size + n_threads * g.private_size
+    g.partial_size = M * N if accumulate and K > RG_KC else 0
+    g.shared = g.private = g.partial = NULL
+    return n_threads
+
+
+cdef void _gemm_run(_Gemm *g, float *buffer, float *partial, int n_threads) noexcept nogil:
+    """Runs the product _gemm_setup planned in g (which returned n_threads), with buffer
+    (g.buffer_size floats, 64-byte aligned) and partial (g.partial_size floats, or NULL).
+
+    For each K block: pack the shared operand's strips (all threads together), then run
+    the tiles in work items.
+    """
+    cdef Py_ssize_t s, p, kb
+    g.shared = buffer
+    g.private = buffer + min(g.n_kblocks, <Py_ssize_t>2) * g.shared_size
+    g.partial = partial
     kb = 0  # (the parallel block copies it in before each thread sets it)
     if n_threads == 1:
-        for kb in range(nkb):
-            for s in range(shared_tiles):
-                _pack_shared(&g, s, kb)
-            _run_item(&g, 0, kb, g.private)
+        for kb in range(g.n_kblocks):
+            for s in range(g.shared_tiles):
+                _pack_shared(g, s, kb)
+            _run_item(g, 0, kb, g.private)
     else:
         with parallel(num_threads=n_threads):
-            for kb in range(nkb):
-                for s in prange(shared_tiles, schedule="dynamic", chunksize=2):
-                    _pack_shared(&g, s, kb)
+            for kb in range(g.n_kblocks):
+                for s in prange(g.shared_tiles, schedule="dynamic", chunksize=2):
+                    _pack_shared(g, s, kb)
                 # One barrier per K block: block kb is fully packed before any of its tiles
                 # runs, and (with the alternating buffers) every tile of block kb - 1 is done
                 # before block kb's tiles, which continue their sums, start.
                 rg_barrier()
                 for p in prange(g.n_items, schedule="dynamic", chunksize=1):
-                    _run_item(&g, p, kb, g.private + omp_get_thread_num() * g.private_size)
-    free(partial_base)
-    free(base)
-    return 0
+                    _run_item(g, p, kb, g.private + omp_get_thread_num() * g.private_size)
 
 
 # ---------------------------------------------------------------------------------------
-# Python wrappers: every check happens here, before the GIL is released.
+# Python wrappers: every check happens here (the shared ones of _checks.pyx), before the
+# GIL is released.
 
-cdef _check_matrix(str func, str name, arr):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{func}: {name} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.dtype != np.float32:
-        raise TypeError(f"{func}: {name} must be float32, got {arr.dtype} with shape {arr.shape}")
-    if arr.ndim != 2:
-        raise ValueError(f"{func}: {name} must be 2-D, got shape {arr.shape}")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{func}: {name} must be C-contiguous (shape {arr.shape})")
+cdef object F32 = np.dtype(np.float32)
 
 
-cdef _check_output(str func, str name, arr):
-    _check_matrix(func, name, arr)
-    if not arr.flags.writeable:
-        raise ValueError(f"{func}: {name} must be writeable (shape {arr.shape})")
-
-
-cdef _check_shape(str func, str name, arr, tuple expected, str shapes):
-    if arr.shape != expected:
-        raise ValueError(f"{func}: {name} has shape {arr.shape}, expected {expected} ({shapes})")
-
-
-cdef _check_no_alias(str func, dict outputs, dict inputs):
-    names = list(outputs)
-    for i, oname in enumerate(names):
-        for other in names[i + 1:]:
-            if np.shares_memory(outputs[oname], outputs[other]):
-                raise ValueError(f"{func}: outputs {oname} and {other} share memory")
-        for iname, arr in inputs.items():
-            if np.shares_memory(outputs[oname], arr):
-                raise ValueError(f"{func}: output {oname} {outputs[oname].shape} shares memory "
-                                 f"with input {iname} {arr.shape}")
-
-
-cdef int _check_threads(str func, n_threads) except -1:
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
-        raise TypeError(f"{func}: n_threads must be an int, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"{func}: n_threads must be >= 1, got {n_threads}")
-    # Without OpenMP prange runs serially anyway; cap so a huge request cannot overflow int.
-    return <int>min(int(n_threads), 1 << 16)
-
-
-cdef tuple _check_linear_grads(str func, str dx_name, dx, dw, dout, str x_name, x, w,
-                               n_threads):
-    """Checks the arguments of a linear layer's backward (dx (N, IC) and dw (OC, IC), either
-    may be None; dout (N, OC), x (N, IC), w (OC, IC)); returns (N, IC, OC, n_threads)."""
-    for name, arr in (("dout", dout), (x_name, x), ("w", w)):
-        _check_matrix(func, name, arr)
-    outputs = {}
-    if dx is not None:
-        _check_output(func, dx_name, dx)
-        outputs[dx_name] = dx
-    if dw is not None:
-        _check_output(func, "dw", dw)
-        outputs["dw"] = dw
-    shapes = (f"{dx_name} {None if dx is None else dx.shape}, "
-              f"dw {None if dw is None else dw.shape}, dout {dout.shape}, {x_name} {x.shape}, "
-              f"w {w.shape}")
+cdef tuple _linear_dims(str x_name, x, w):
+    """(N, IC, OC) of a linear layer's input x (N, IC) and weight w (OC, IC), checked."""
+    check_array(x_name, x, F32, 2)
+    check_array("w", w, F32, 2)
     N, IC = x.shape
     OC = w.shape[0]
-    _check_shape(func, "w", w, (OC, IC), shapes)
-    _check_shape(func, "dout", dout, (N, OC), shapes)
+    if w.shape[1] != IC:
+        raise ValueError(f"w has shape {w.shape}, expected {(OC, IC)} ({x_name} is {x.shape})")
+    return N, IC, OC
+
+
+cdef tuple _check_linear_grads(str dx_name, dx, dw, dout, str x_name, x, w, n_threads):
+    """Checks the arguments of a linear layer's backward (dx (N, IC) and dw (OC, IC), either
+    may be None; dout (N, OC), x (N, IC), w (OC, IC)); returns (N, IC, OC, team size)."""
+    N, IC, OC = _linear_dims(x_name, x, w)
+    shapes = f"{x_name} is {x.shape}, w is {w.shape}"
+    check_input("dout", dout, F32, (N, OC), shapes)
+    outputs = ()
     if dx is not None:
-        _check_shape(func, dx_name, dx, (N, IC), shapes)
+        check_output(dx_name, dx, F32, (N, IC), shapes)
+        outputs += ((dx_name, dx),)
     if dw is not None:
-        _check_shape(func, "dw", dw, (OC, IC), shapes)
-    _check_no_alias(func, outputs, {"dout": dout, x_name: x, "w": w})
-    return N, IC, OC, _check_threads(func, n_threads)
+        check_output("dw", dw, F32, (OC, IC), shapes)
+        outputs += (("dw", dw),)
+    check_disjoint(outputs, (("dout", dout), (x_name, x), ("w", w)))
+    return N, IC, OC, check_n_threads(n_threads)
 
 
 cdef inline _Operand _operand(const float[:, ::1] arr, bint transposed):
@@ -495,23 +405,43 @@ cdef inline _Operand _operand(const float[:, ::1] arr, bint transposed):
     return op
 
 
+cdef inline float *_align64(void *p) noexcept nogil:
+    return <float *>((<size_t>p + 63) // 64 * 64)
+
+
 cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand b,
                Py_ssize_t K, bint accumulate, int n_threads,
                const float[:, ::1] gate=None, bint b_sqrelu=False):
-    """c (+)= op(a) . op(b) (see _gemm for c2, gate and b_sqrelu), the GIL released."""
+    """c (+)= op(a) . op(b) (see _gemm_setup for c2, gate and b_sqrelu), the GIL released
+    once its buffers are allocated (MemoryError, saying how much, when they cannot be)."""
     cdef Py_ssize_t M = c.shape[0], N = c.shape[1]
-    cdef float *cp = &c[0, 0] if M > 0 and N > 0 else NULL
-    cdef float *c2p = NULL
-    cdef const float *gatep = NULL
-    cdef int rc
-    if c2 is not None and M > 0 and N > 0:
-        c2p = &c2[0, 0]
-    if gate is not None and M > 0 and N > 0:
-        gatep = &gate[0, 0]
+    if M == 0 or N == 0:
+        return
+    cdef float *c2p = &c2[0, 0] if c2 is not None else NULL
+    cdef const float *gatep = &gate[0, 0] if gate is not None else NULL
+    if K == 0:
+        with nogil:
+            _gemm_zero_k(M, N, &c[0, 0], N, c2p, gatep, accumulate)
+        return
+    cdef _Gemm g
+    n_threads = _gemm_setup(&g, _isa, M, N, K, a, b, &c[0, 0], N, c2p, gatep, b_sqrelu,
+                            accumulate, n_threads)
+    cdef void *base = malloc(<size_t>g.buffer_size * sizeof(float) + 64)
+    if base == NULL:
+        raise memory_error(func, <object>g.buffer_size * 4 + 64,
+                           f"GEMM packing buffers ({M}x{K}x{N}, {n_threads} thread(s))")
+    cdef void *partial_base = NULL
+    if g.partial_size:
+        partial_base = malloc(<size_t>g.partial_size * sizeof(float) + 64)
+        if partial_base == NULL:
+            free(base)
+            raise memory_error(func, <object>g.partial_size * 4 + 64,
+                               f"the running sums of a {M}x{N} product summed over K = {K}")
     with nogil:
-        rc = _gemm(_isa, M, N, K, a, b, cp, N, c2p, gatep, b_sqrelu, accumulate, n_threads)
-    if rc != 0:
-        raise MemoryError(f"{func}: could not allocate GEMM packing buffers for {M}x{K}x{N}")
+        _gemm_run(&g, _align64(base), _align64(partial_base) if partial_base else NULL,
+                  n_threads)
+    free(partial_base)
+    free(base)
 
 
 def matmul_forward(out, x, w, n_threads, accumulate=False):
@@ -520,18 +450,12 @@ def matmul_forward(out, x, w, n_threads, accumulate=False):
     x   : (N, IC)  float32  read
     w   : (OC, IC) float32  read
     """
-    func = "matmul_forward"
-    for name, arr in (("out", out), ("x", x), ("w", w)):
-        _check_matrix(func, name, arr)
-    _check_output(func, "out", out)
-    shapes = f"out {out.shape}, x {x.shape}, w {w.shape}"
-    N, IC = x.shape
-    OC = w.shape[0]
-    _check_shape(func, "w", w, (OC, IC), shapes)
-    _check_shape(func, "out", out, (N, OC), shapes)
-    _check_no_alias(func, {"out": out}, {"x": x, "w": w})
-    nt = _check_threads(func, n_threads)
-    _run_gemm(func, out, None, _operand(x, False), _operand(w, True), IC, bool(accumulate), nt)
+    N, IC, OC = _linear_dims("x", x, w)
+    check_output("out", out, F32, (N, OC), f"x is {x.shape}, w is {w.shape}")
+    check_disjoint((("out", out),), (("x", x), ("w", w)))
+    nt = check_n_threads(n_threads)
+    _run_gemm("matmul_forward", out, None, _operand(x, False), _operand(w, True), IC,
+              bool(accumulate), nt)
 
 
 def matmul_backward(dx, dw, dout, x, w, n_threads):
@@ -543,7 +467,7 @@ def matmul_backward(dx, dw, dout, x, w, n_threads):
     w    : (OC, IC) float32  read
     """
     func = "matmul_backward"
-    N, IC, OC, nt = _check_linear_grads(func, "dx", dx, dw, dout, "x", x, w, n_threads)
+    N, IC, OC, nt = _check_linear_grads("dx", dx, dw, dout, "x", x, w, n_threads)
     # d(x . w^T)/dx: dx = dout (N, OC) . w (OC, IC)
     if dx is not None:
         _run_gemm(func, dx, None, _operand(dout, False), _operand(w, False), OC, True, nt)
@@ -558,20 +482,19 @@ def gemm(c, a, b, trans_a, trans_b, accumulate, n_threads):
     a : (M, K), or (K, M) with trans_a   float32  read
     b : (K, N), or (N, K) with trans_b   float32  read
     """
-    func = "gemm"
-    for name, arr in (("c", c), ("a", a), ("b", b)):
-        _check_matrix(func, name, arr)
-    _check_output(func, "c", c)
+    check_array("a", a, F32, 2)
+    check_array("b", b, F32, 2)
     ta, tb = bool(trans_a), bool(trans_b)
     M, K = (a.shape[1], a.shape[0]) if ta else a.shape
     Kb, N = (b.shape[1], b.shape[0]) if tb else b.shape
-    shapes = f"c {c.shape}, a {a.shape} trans_a={ta}, b {b.shape} trans_b={tb}"
+    shapes = f"a is {a.shape} with trans_a={ta}, b is {b.shape} with trans_b={tb}"
     if Kb != K:
-        raise ValueError(f"gemm: inner dimensions differ: op(a) is {M}x{K}, op(b) is {Kb}x{N} ({shapes})")
-    _check_shape(func, "c", c, (M, N), shapes)
-    _check_no_alias(func, {"c": c}, {"a": a, "b": b})
-    nt = _check_threads(func, n_threads)
-    _run_gemm(func, c, None, _operand(a, ta), _operand(b, tb), K, bool(accumulate), nt)
+        raise ValueError(f"inner dimensions differ: op(a) is {M}x{K}, op(b) is {Kb}x{N} "
+                         f"({shapes})")
+    check_output("c", c, F32, (M, N), shapes)
+    check_disjoint((("c", c),), (("a", a), ("b", b)))
+    nt = check_n_threads(n_threads)
+    _run_gemm("gemm", c, None, _operand(a, ta), _operand(b, tb), K, bool(accumulate), nt)
 
 
 def matmul_sqrelu_forward(out, pre, x, w, n_threads):
@@ -581,20 +504,14 @@ def matmul_sqrelu_forward(out, pre, x, w, n_threads):
     x   : (N, IC)  float32  read
     w   : (OC, IC) float32  read
     """
-    func = "matmul_sqrelu_forward"
-    for name, arr in (("out", out), ("pre", pre), ("x", x), ("w", w)):
-        _check_matrix(func, name, arr)
-    _check_output(func, "out", out)
-    _check_output(func, "pre", pre)
-    shapes = f"out {out.shape}, pre {pre.shape}, x {x.shape}, w {w.shape}"
-    N, IC = x.shape
-    OC = w.shape[0]
-    _check_shape(func, "w", w, (OC, IC), shapes)
-    _check_shape(func, "pre", pre, (N, OC), shapes)
-    _check_shape(func, "out", out, (N, OC), shapes)
-    _check_no_alias(func, {"out": out, "pre": pre}, {"x": x, "w": w})
-    nt = _check_threads(func, n_threads)
-    _run_gemm(func, pre, out, _operand(x, False), _operand(w, True), IC, False, nt)
+    N, IC, OC = _linear_dims("x", x, w)
+    shapes = f"x is {x.shape}, w is {w.shape}"
+    check_output("out", out, F32, (N, OC), shapes)
+    check_output("pre", pre, F32, (N, OC), shapes)
+    check_disjoint((("out", out), ("pre", pre)), (("x", x), ("w", w)))
+    nt = check_n_threads(n_threads)
+    _run_gemm("matmul_sqrelu_forward", pre, out, _operand(x, False), _operand(w, True), IC,
+              False, nt)
 
 
 def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
@@ -611,7 +528,7 @@ def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
     squared_relu_backward_inplace(dpre, pre); without the two passes over (N, IC) arrays.
     """
     func = "matmul_sqrelu_backward"
-    N, IC, OC, nt = _check_linear_grads(func, "dpre", dpre, dw, dout, "pre", pre, w, n_threads)
+    N, IC, OC, nt = _check_linear_grads("dpre", dpre, dw, dout, "pre", pre, w, n_threads)
     # dw = dout^T (OC, N) . relu(pre)^2 (N, IC)
     if dw is not None:
         _run_gemm(func, dw, None, _operand(dout, True), _operand(pre, False), N, True, nt,

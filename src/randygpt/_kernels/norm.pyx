@@ -16,10 +16,11 @@ import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
 from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input,
-                                       check_n_threads, check_output, check_real)
+                                       check_n_threads, check_output, check_real,
+                                       checked_malloc)
 from randygpt._kernels._rowops cimport (ROW_LANES, DoublePair, lanes_total, row_dot, row_sum,
                                         row_sumsq, row_sumsq_centered)
 
@@ -306,9 +307,8 @@ def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, n_thread
     cdef const float[::1] mean_v = mean
     cdef const float[::1] rstd_v = rstd
     cdef const float[::1] w_v = weight
-    cdef double* partials = <double*>malloc(n_chunks * 2 * C * sizeof(double))
-    if partials == NULL:
-        raise MemoryError(f"layernorm_backward: no memory for {n_chunks}x2x{C} partial sums")
+    cdef double* partials = <double*>checked_malloc(
+        "layernorm_backward", n_chunks * 2 * C * 8, f"{n_chunks}x2x{C} partial sums (double)")
     try:
         with nogil:
             _layernorm_backward(&dx_v[0, 0], &dw_v[0], &db_v[0], partials, &dout_v[0, 0],

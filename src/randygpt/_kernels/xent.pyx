@@ -15,6 +15,8 @@ from randygpt._kernels._checks cimport (check_array, check_disjoint, check_input
                                        out_of_range_error)
 from randygpt._kernels._rowops cimport first_out_of_range
 
+__all__ = ["cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_backward"]
+
 
 # Naming the shared exp header makes cythonize rebuild this module when it changes (the C
 # code below includes it).

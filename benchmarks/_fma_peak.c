@@ -1,0 +1,120 @@
+/* The cores' peak float32 FMA rate: the yardstick the benchmarks hold randygpt's GEMM
+ * against (no GEMM on a SIMD path can run faster than this). Not part of the package:
+ * _fma_peak.py compiles this file on first use and calls it through ctypes.
+ *
+ * Each path keeps the register tile of the GEMM path of the same name
+ * (src/randygpt/_kernels/gemm_kernels.h): MR rows of NV vectors of VW floats, that is
+ * MR * NV independent FMA chains, enough to cover the FMA latency on every x86 core we
+ * know. A round is one FMA (multiply-add on the sse2 path, which has no FMA) on each
+ * accumulator, 2 * MR * NV * VW flops, on registers alone (no memory traffic).
+ */
+#include <stddef.h>
+#include <string.h>
+
+#if !defined(__GNUC__)
+#error "the FMA-peak probe needs GCC or clang (vector extensions and target attributes)"
+#endif
+
+typedef float (*peak_fn)(long long iters);
+
+/* iters rounds on MR x NV accumulators of VW floats; the returned sum only keeps the
+ * compiler from dropping the loop. acc * mul + add is contracted to one FMA where the
+ * target has it (GCC and clang contract across statements by default in C). */
+#define FMA_PEAK(NAME, TARGET, VW, MR, NV)                                                  \
+    TARGET static float NAME(long long iters)                                               \
+    {                                                                                       \
+        typedef float vec __attribute__((vector_size(4 * (VW))));                           \
+        vec acc[MR][NV];                                                                    \
+        const vec zero = {0};                                                               \
+        const vec mul = zero + 0.999999f, add = zero + 1e-6f;                               \
+        _Pragma("GCC unroll 16")                                                            \
+        for (int i = 0; i < (MR); i++)                                                      \
+            _Pragma("GCC unroll 4")                                                         \
+            for (int j = 0; j < (NV); j++)                                                  \
+                acc[i][j] = zero + (float)(i * (NV) + j);                                   \
+        for (long long it = 0; it < iters; it++) {                                          \
+            _Pragma("GCC unroll 16")                                                        \
+            for (int i = 0; i < (MR); i++)                                                  \
+                _Pragma("GCC unroll 4")                                                     \
+                for (int j = 0; j < (NV); j++)                                              \
+                    acc[i][j] = acc[i][j] * mul + add;                                      \
+        }                                                                                   \
+        vec total = zero;                                                                   \
+        for (int i = 0; i < (MR); i++)                                                      \
+            for (int j = 0; j < (NV); j++)                                                  \
+                total += acc[i][j];                                                         \
+        float sum = 0.0f;                                                                   \
+        for (int l = 0; l < (VW); l++)                                                      \
+            sum += total[l];                                                                \
+        return sum;                                                                         \
+    }
+
+typedef struct {
+    const char *name;
+    int mr, nr; /* the GEMM tile: nr = NV * VW floats */
+    peak_fn fn;
+} peak_path;
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PEAK_X86 1
+FMA_PEAK(peak_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))), 16, 12, 2)
+FMA_PEAK(peak_avx2, __attribute__((target("avx2,fma"))), 8, 6, 2)
+#endif
+FMA_PEAK(peak_base, , 4, 6, 2)
+
+/* Fastest first, named as the GEMM's paths are. */
+static const peak_path paths[] = {
+#ifdef PEAK_X86
+    {"avx512", 12, 32, peak_avx512},
+    {"avx2", 6, 16, peak_avx2},
+    {"sse2", 6, 8, peak_base},
+#else
+    {"generic", 6, 8, peak_base},
+#endif
+};
+
+int fma_peak_path_count(void) { return (int)(sizeof paths / sizeof paths[0]); }
+
+const char *fma_peak_path_name(int i) { return paths[i].name; }
+
+/* Flops of one round of path i. */
+double fma_peak_round_flops(int i) { return 2.0 * paths[i].mr * paths[i].nr; }
+
+/* Whether this CPU (and its OS, which must save the wide registers) runs path i. */
+int fma_peak_path_supported(int i)
+{
+#ifdef PEAK_X86
+    __builtin_cpu_init();
+    if (strcmp(paths[i].name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (strcmp(paths[i].name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    (void)i;
+    return 1;
+}
+
+/* 1 when built with OpenMP (more than one thread possible). */
+int fma_peak_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* n_threads threads each run iters rounds of path i at the same time (the caller times
+ * the call); returns their sums' total, to keep the work alive. */
+float fma_peak_run(int i, long long iters, int n_threads)
+{
+    peak_fn fn = paths[i].fn;
+    float sink = 0.0f;
+    if (n_threads == 1)
+        return fn(iters);
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1) reduction(+ : sink)
+    for (int t = 0; t < n_threads; t++)
+        sink += fn(iters);
+    return sink;
+}

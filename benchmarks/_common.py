@@ -120,15 +120,32 @@ def machine_info(n_threads):
         "numpy": np.__version__,
         "blas": blas_info(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "openblas_l2_size": os.environ.get("OPENBLAS_L2_SIZE"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average": [round(x, 2) for x in load],
     }
 
 
+def blas_warning(info):
+    """A warning line when the environment overrides OpenBLAS's own choice of kernels for
+    this CPU, or None. OPENBLAS_CORETYPE=Haswell (set on some machines) runs its AVX2 kernels
+    on cores with AVX-512 too, and halves NumPy's @ there; OPENBLAS_L2_SIZE changes its
+    blocking. Either makes "vs @" flatter randygpt."""
+    forced = [f"{var}={info[key]}" for var, key in (("OPENBLAS_CORETYPE", "openblas_coretype"),
+                                                   ("OPENBLAS_L2_SIZE", "openblas_l2_size"))
+              if info.get(key)]
+    if not forced:
+        return None
+    verb, them = ("overrides", "it") if len(forced) == 1 else ("override", "them")
+    return (f"warning  : {' and '.join(forced)} {verb} OpenBLAS's choice of kernels for this "
+            f"CPU (an older, slower kernel may run): unset {them} to compare with NumPy's @")
+
+
 def format_machine(info):
     """The header lines for a machine_info() dict."""
     blas = "; ".join(
-        f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['num_threads']} threads)"
+        f"{b['internal_api']} {b['version']} running its {b['architecture']} kernels "
+        f"({b['num_threads']} threads)"
         for b in info["blas"]
     ) or "none loaded"
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
@@ -141,7 +158,14 @@ def format_machine(info):
         f"OPENBLAS_CORETYPE={info['openblas_coretype'] or '(unset)'}",
         f"date     : {info['date']}, load average {load}",
     ]
+    warning = blas_warning(info)
+    if warning:
+        lines.insert(4, warning)
     return "\n".join(lines)
+
+
+def _is_number(cell):
+    return cell[:1].isdigit() or (cell[:1] in "-+." and cell[1:2].isdigit())
 
 
 def format_table(headers, rows):
@@ -149,20 +173,27 @@ def format_table(headers, rows):
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-
-    def is_number(cell):
-        return cell[:1].isdigit() or (cell[:1] in "-+." and cell[1:2].isdigit())
-
-    numeric = [all(is_number(row[i]) or row[i] == "-" for row in rows)
+    numeric = [all(_is_number(row[i]) or row[i] == "-" for row in rows)
                for i in range(len(headers))]
+    table = StreamTable(headers, widths, numeric)
+    return "\n".join([table.header()] + [table.line(r) for r in rows])
 
-    def line(cells):
+
+class StreamTable:
+    """A table printed a row at a time, as each is measured: the widths are fixed up front
+    (text columns from the values they will hold, number columns from a bound)."""
+
+    def __init__(self, headers, widths, numeric):
+        self.headers = headers
+        self.widths = [max(w, len(h)) for w, h in zip(widths, headers)]
+        self.numeric = numeric
+
+    def line(self, cells):
         return "  ".join(c.rjust(w) if num else c.ljust(w)
-                         for c, w, num in zip(cells, widths, numeric)).rstrip()
+                         for c, w, num in zip(cells, self.widths, self.numeric)).rstrip()
 
-    out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line(r) for r in rows)
-    return "\n".join(out)
+    def header(self):
+        return "\n".join([self.line(self.headers), self.line(["-" * w for w in self.widths])])
 
 
 def fmt(value, spec, missing="-"):

@@ -18,6 +18,12 @@ training step (forward NT, input-gradient NN and weight-gradient TN of qkv, wo, 
 lm_head) is also compared with NumPy's own `@` on the same product, at the same thread count,
 and timed again at one thread for the "matmul 1->N thread scaling" line.
 
+Rows are printed as they are measured; Ctrl-C stops the run, prints the summary of the rows
+measured so far and exits with status 130. The header says which kernels NumPy's BLAS runs
+(and warns when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE overrides its choice) and the cores' peak
+FMA rate at the thread count, measured now (benchmarks/_fma_peak.py); "% peak" is a row's
+GFLOP/s against it.
+
 Targets (the PASS/MISS column): every matmul >= 0.8x NumPy `@`; every fused kernel (attention,
 norms, cross-entropy, AdamW, grad norm, dropout, squared ReLU) >= 3x its NumPy reference;
 embedding forward >= 1x its reference; matmul at 2 threads >= 1.7x one thread (0.85x N for N).
@@ -32,8 +38,9 @@ from typing import Callable, Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from _common import (SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine, format_table,
+from _common import (SPIN_SETTLE_S, StreamTable, dump_json, fmt, fmt_ratio, format_machine,
                      machine_info, time_interleaved)
+from _fma_peak import available_isas as fma_peak_isas, fma_peak_gflops
 import randygpt  # noqa: E402  (after _common, which puts the checkout on sys.path)
 
 FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
@@ -621,23 +628,48 @@ def select(cases, only):
     return [c for c in cases if wanted & {c.family, c.name, c.label}]
 
 
-def print_report(doc):
+HEADERS = ["kernel", "dir", "shape", "ours ms", "ref ms", "speedup", "GFLOP/s", "% peak",
+           "@ ms", "vs @", "target", "status"]
+NUMERIC = [False, False, False, True, True, True, True, True, True, True, False, False]
+
+
+def row_cells(r):
+    return [r["kernel"], r["direction"], r["shape"], fmt(r["ours_ms"], ".3f"),
+            fmt(r["ref_ms"], ".3f"), fmt_ratio(r["speedup"]), fmt(r["gflops"], ".1f"),
+            fmt(r["share_of_fma_peak"] and 100 * r["share_of_fma_peak"], ".0f"),
+            fmt(r["numpy_matmul_ms"], ".3f"), fmt_ratio(r["vs_numpy_matmul"]),
+            r["target"] or "-", r["status"]]
+
+
+def result_table(cases):
+    """The table the rows of `cases` will be printed in, one at a time: text columns as wide
+    as their longest value, number columns as wide as the largest value they show."""
+    texts = [[c.name for c in cases], [c.direction for c in cases], [c.shape for c in cases]]
+    widths = [max(map(len, col), default=0) for col in texts] + [9, 9, 8, 8, 6, 9, 7, 16, 6]
+    return StreamTable(HEADERS, widths, NUMERIC)
+
+
+def print_header(doc):
     print(format_machine(doc["machine"]))
+    peak = doc["fma_peak"]
+    if "gflops" in peak:
+        print(f"FMA peak : {peak['gflops']:.1f} GFLOP/s ({peak['isa']} tile, {peak['threads']} "
+              "thread(s), measured now): % peak = a row's GFLOP/s against it")
+    else:
+        print(f"FMA peak : not measured ({peak['error']})")
     d = doc["dims"]
     print(f"shapes   : B={d['B']} T={d['T']} C={d['C']} NH={d['NH']} H={d['H']} V={d['V']} "
           f"P={d['P']:,}; median of {doc['repeat']} interleaved samples; "
           f"speedup = reference / ours, vs @ = NumPy @ / ours")
-    print()
-    headers = ["kernel", "dir", "shape", "ours ms", "ref ms", "speedup", "GFLOP/s",
-               "@ ms", "vs @", "target", "status"]
-    rows = [[r["kernel"], r["direction"], r["shape"], fmt(r["ours_ms"], ".3f"),
-             fmt(r["ref_ms"], ".3f"), fmt_ratio(r["speedup"]), fmt(r["gflops"], ".1f"),
-             fmt(r["numpy_matmul_ms"], ".3f"), fmt_ratio(r["vs_numpy_matmul"]),
-             r["target"] or "-", r["status"]] for r in doc["results"]]
-    print(format_table(headers, rows))
+    print(flush=True)
+
+
+def print_summary(doc):
     s = doc["scaling"]
     print()
-    if s:
+    if doc["interrupted"]:
+        print(f"interrupted: {len(doc['results'])} row(s) measured")
+    elif s:
         print(f"matmul 1->{s['threads']} thread scaling: ours {s['ours_scaling']:.2f}x "
               f"(sum of {s['gemms']} GEMMs {s['ours_1_ms']:.1f} -> {s['ours_n_ms']:.1f} ms), "
               f"NumPy @ {s['numpy_scaling']:.2f}x ({s['numpy_1_ms']:.1f} -> "
@@ -653,6 +685,36 @@ def print_report(doc):
     passes = sum(r["status"] == "PASS" for r in doc["results"])
     print(f"targets: {passes} PASS, {misses} MISS; "
           f"{'all outputs match their references' if doc['ok'] else 'WRONG RESULTS (FAIL above)'}")
+
+
+def measure_fma_peak(loaded, n_threads, quick):
+    """The cores' peak FMA rate with the GEMM path in use, or why it was not measured."""
+    try:
+        isa = loaded["matmul"][0].get_isa() if "matmul" in loaded else fma_peak_isas()[0]
+        gflops = fma_peak_gflops(isa, n_threads, seconds=0.01 if quick else 0.2)
+    except (RuntimeError, ValueError) as e:
+        return {"error": str(e)}
+    return {"isa": isa, "threads": n_threads, "gflops": gflops}
+
+
+def measure(cases, loaded, doc, n_threads, repeat, rng, settle_s, table):
+    """Checks and times every case, appending each row to doc["results"] (and printing it
+    when `table` is given) as soon as it is measured; returns the GEMM trials for the
+    thread-scaling line."""
+    gemm_trials = []
+    peak = doc["fma_peak"].get("gflops")
+    for case in cases:
+        if case.family not in loaded:
+            continue
+        kernels, reference = loaded[case.family]
+        row, trial = run_case(case, kernels, reference, n_threads, repeat, rng, settle_s)
+        row["share_of_fma_peak"] = row["gflops"] / peak if peak and row["gflops"] else None
+        doc["results"].append(row)
+        if table:
+            print(table.line(row_cells(row)), flush=True)
+        if case.gemm and trial is not None:
+            gemm_trials.append(lambda c=case, k=kernels, r=reference: c.build(k, r, rng, 1))
+    return gemm_trials
 
 
 def main(argv=None):
@@ -686,27 +748,29 @@ def main(argv=None):
     rng = np.random.default_rng(SEED)
     # One thread leaves no idle core for a spinning pool to take; --quick is no measurement.
     settle_s = SPIN_SETTLE_S if n_threads > 1 and not args.quick else 0.0
-    rows, gemm_trials = [], []
-    with threadpool_limits(limits=n_threads, user_api="blas"):
-        info = machine_info(n_threads)
-        for case in cases:
-            if case.family not in loaded:
-                continue
-            kernels, reference = loaded[case.family]
-            row, trial = run_case(case, kernels, reference, n_threads, repeat, rng, settle_s)
-            rows.append(row)
-            if case.gemm and trial is not None:
-                gemm_trials.append(
-                    lambda c=case, k=kernels, r=reference: c.build(k, r, rng, 1))
-        scaling = gemm_scaling(gemm_trials, rows, n_threads, repeat)
-    ok = all(r["status"] != "FAIL" for r in rows)
-    doc = {"machine": info, "dims": asdict(dims), "repeat": repeat, "results": rows,
-           "scaling": scaling, "skipped": skipped, "ok": ok}
+    table = None if args.json else result_table([c for c in cases if c.family in loaded])
+    doc = {"machine": machine_info(n_threads), "fma_peak": {"error": "interrupted"},
+           "dims": asdict(dims), "repeat": repeat, "results": [], "scaling": None,
+           "skipped": skipped, "interrupted": False}
+    try:
+        with threadpool_limits(limits=n_threads, user_api="blas"):
+            doc["machine"] = machine_info(n_threads)
+            doc["fma_peak"] = measure_fma_peak(loaded, n_threads, args.quick)
+            if table:
+                print_header(doc)
+                print(table.header(), flush=True)
+            gemm_trials = measure(cases, loaded, doc, n_threads, repeat, rng, settle_s, table)
+            doc["scaling"] = gemm_scaling(gemm_trials, doc["results"], n_threads, repeat)
+    except KeyboardInterrupt:  # Ctrl-C: report the rows measured so far, no traceback
+        doc["interrupted"] = True
+    doc["ok"] = all(r["status"] != "FAIL" for r in doc["results"])
     if args.json:
         print(dump_json(doc))
     else:
-        print_report(doc)
-    return 0 if ok else 1
+        print_summary(doc)
+    if doc["interrupted"]:
+        return 130  # as a shell reports a command ended by SIGINT
+    return 0 if doc["ok"] else 1
 
 
 if __name__ == "__main__":

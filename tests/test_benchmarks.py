@@ -163,6 +163,124 @@ def test_bench_kernels_compare_reports_worst_element(bench_kernels):
     assert "(1, 2)" in bench_kernels.compare(bad, ref)
 
 
+def test_bench_kernels_prints_rows_as_measured_and_stops_on_ctrl_c(bench_kernels, monkeypatch,
+                                                                   capsys):
+    if "norm" not in built_families():
+        pytest.skip("norm kernels not built")
+    real, printed_before = bench_kernels.run_case, []
+
+    def interrupted_third(*args, **kwargs):
+        printed_before.append(capsys.readouterr().out)
+        if len(printed_before) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_kernels, "run_case", interrupted_third)
+    status = bench_kernels.main(["--quick", "--threads", "1", "--only", "rmsnorm,layernorm"])
+    rest = capsys.readouterr()
+    assert status == 130
+    # Each row was on stdout before the next one was measured.
+    assert "rmsnorm " in printed_before[1] and "fwd" in printed_before[1]
+    assert "bwd" in printed_before[2] and "layernorm" not in "".join(printed_before)
+    assert "interrupted: 2 row(s) measured" in rest.out and "Traceback" not in rest.err
+
+
+def test_bench_kernels_json_on_ctrl_c(bench_kernels, monkeypatch, capsys):
+    if "norm" not in built_families():
+        pytest.skip("norm kernels not built")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_kernels, "run_case", interrupt)
+    assert bench_kernels.main(["--quick", "--threads", "1", "--only", "rmsnorm", "--json"]) == 130
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["interrupted"] is True and doc["results"] == []
+
+
+def test_machine_header_names_the_blas_kernels_and_warns_on_coretype(common):
+    info = common.machine_info(1)
+    for b in info["blas"]:
+        assert f"running its {b['architecture']} kernels" in common.format_machine(info)
+    unset = dict(info, openblas_coretype=None, openblas_l2_size=None)
+    assert common.blas_warning(unset) is None
+    assert "warning" not in common.format_machine(unset)
+    forced = dict(unset, openblas_coretype="Haswell")
+    line = common.blas_warning(forced)
+    assert line.startswith("warning  : OPENBLAS_CORETYPE=Haswell overrides OpenBLAS's choice")
+    assert line in common.format_machine(forced).splitlines()
+    both = dict(forced, openblas_l2_size="1048576")
+    assert "OPENBLAS_CORETYPE=Haswell and OPENBLAS_L2_SIZE=1048576 override" in \
+        common.blas_warning(both)
+
+
+# ------------------------------------------------------------------------------ FMA peak
+
+@pytest.fixture(scope="module")
+def fma_peak():
+    yield from _import_benchmark("_fma_peak")
+
+
+def _best_gemm_gflops(n, repeat=5):
+    """Our GEMM's best rate on an n x n x n product that fits in cache, one thread."""
+    import time
+
+    from randygpt._kernels import matmul
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    c = np.empty((n, n), np.float32)
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        matmul.gemm(c, a, b, False, False, False, 1)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def test_fma_peak_bounds_the_gemm(fma_peak):
+    if "matmul" not in built_families():
+        pytest.skip("matmul kernels not built")
+    from randygpt._kernels import matmul
+
+    # The probe has a path for each of the GEMM's, named alike.
+    assert fma_peak.available_isas() == matmul.available_isas()
+    old = matmul.get_isa()
+    try:
+        for isa in matmul.available_isas():
+            matmul.set_isa(isa)
+            # The peak is the rate no GEMM on the same path can beat: measured on registers
+            # alone, it must come out above (with room for timing noise) what the GEMM itself
+            # reaches on a cache-resident product, and below a rate no x86 core has (64 flops
+            # a cycle at 8 GHz).
+            # Load from other jobs only slows either down: each is the best of several tries.
+            gemm = _best_gemm_gflops(192)
+            peak = max(fma_peak.fma_peak_gflops(isa, 1, seconds=0.05) for _ in range(3))
+            assert np.isfinite(peak) and peak < 64 * 8.0, (isa, peak)
+            assert peak > 0.8 * gemm, (isa, peak, gemm)
+    finally:
+        matmul.set_isa(old)
+
+
+def test_fma_peak_rejects_bad_arguments(fma_peak):
+    isa = fma_peak.available_isas()[0]
+    for bad in (0, 1.5, True, None):
+        with pytest.raises(ValueError, match="n_threads must be an int >= 1"):
+            fma_peak.fma_peak_gflops(isa, bad)
+    for bad in (0, -1.0, 100, "0.1", True, None):
+        with pytest.raises(ValueError, match="seconds must be a number"):
+            fma_peak.fma_peak_gflops(isa, 1, seconds=bad)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        fma_peak.fma_peak_gflops("avx1024", 1, seconds=0.01)
+
+
+def test_fma_peak_is_built_once_under_build(fma_peak):
+    fma_peak.available_isas()
+    built = list(fma_peak.BUILD_DIR.glob("_fma_peak-*"))
+    assert built and all(p.suffix != ".tmp" for p in built)
+    assert fma_peak.BUILD_DIR.parts[-2:] == ("build", "fma_peak")
+
+
 def test_bench_train_json():
     need_model()
     # PyTorch only when it is installed: its import alone takes seconds.

@@ -70,19 +70,6 @@ cdef extern from *:
         return s;
     }
 
-    /* sum_j x[j] in double over 4 lanes added in a fixed order: the softmax normalizer. */
-    static inline double dec_sum_double(const float *x, ptrdiff_t n)
-    {
-        double acc[4] = {0.0, 0.0, 0.0, 0.0};
-        ptrdiff_t j = 0;
-        for (; j + 4 <= n; j += 4)
-            for (int l = 0; l < 4; ++l)
-                acc[l] += (double)x[j + l];
-        for (int l = 0; j < n; ++j, ++l)
-            acc[l] += (double)x[j];
-        return (acc[0] + acc[2]) + (acc[1] + acc[3]);
-    }
-
     #define DEC_FN(name) dec_base_##name
     #define DEC_TARGET
     #define DEC_VW 4

@@ -153,7 +153,10 @@ DEC_TARGET static void DEC_FN(attention_task)(float *restrict out, const float *
      * row through the sum); the sum in double, as the training kernel takes it. */
     for (ptrdiff_t j = 0; j < nk; ++j)
         p[j] = randygpt_exp_nonpos(p[j] - mx);
-    const float inv = (float)(1.0 / dec_sum_double(p, nk));
+    double sum = 0.0;  /* in position order: at most block_size terms */
+    for (ptrdiff_t j = 0; j < nk; ++j)
+        sum += (double)p[j];
+    const float inv = (float)(1.0 / sum);
     for (ptrdiff_t j = 0; j < nk; ++j)
         p[j] *= inv;
     /* y = sum_j p_j v_j, summed in j order onto 0 */

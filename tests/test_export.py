@@ -140,7 +140,11 @@ def test_export_refuses_an_out_without_the_suffix_and_a_missing_directory(ckpt, 
     assert ".safetensors" in line
     line = error_line(capsys, cli.main(["export", str(ckpt),
                                         str(tmp_path / "no" / "w.safetensors")]))
-    assert "does not exist" in line
+    assert "cannot write" in line and "No such file or directory" in line
+    (tmp_path / "d.safetensors").mkdir()
+    line = error_line(capsys, cli.main(["export", str(ckpt), str(tmp_path / "d.safetensors")]))
+    assert "cannot write" in line and "Is a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz", "d.safetensors"]
     line = error_line(capsys, cli.main(["export", str(tmp_path / "none.npz"),
                                         str(tmp_path / "w.safetensors")]))
     assert "does not exist" in line

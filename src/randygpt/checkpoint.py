@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import NotRegularFileError, atomic_write, open_regular
+from .fileio import atomic_write, open_failure, open_regular
 
 __all__ = ["FORMAT_VERSION", "MAX_HEADER_BYTES", "CheckpointError", "Checkpoint", "save", "load",
            "load_model", "read_header"]
@@ -185,14 +185,8 @@ def _open_file(path):
     when it is not a regular file (a device behind a symbolic link would read without end)."""
     try:
         return open_regular(path)
-    except FileNotFoundError:
-        _fail(path, "does not exist")
-    except NotRegularFileError as e:
-        _fail(path, f"is {e.kind}, not a checkpoint file")
-    except OSError as e:
-        _fail(path, f"cannot be read ({e.strerror or e})")
-    except ValueError as e:  # a path with a NUL byte in it
-        _fail(path, f"is not a usable path ({e})")
+    except (OSError, ValueError) as e:
+        _fail(path, open_failure(e, "a checkpoint file"))
 
 
 def _open_zip(f, path):

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 __all__ = ["NotRegularFileError", "atomic_write", "is_temp_name", "stale_temp_files",
-           "open_regular", "file_kind"]
+           "open_regular", "open_failure", "file_kind"]
 
 # The writer's temporary names: ".<target name>.<8 random characters>.tmp". Eight characters
 # of [a-z0-9_] also match the names tempfile.mkstemp gave before this writer chose its own, so
@@ -74,6 +74,20 @@ def open_regular(path):
         os.close(fd)
         raise
     return f, st.st_size
+
+
+def open_failure(error, expected):
+    """Why open_regular refused a path, as the phrase that follows the path in a one-line error
+    ("does not exist", "is a named pipe (FIFO), not a checkpoint file", "cannot be read
+    (Permission denied)"). ``error``: the OSError or ValueError it raised; ``expected``: what
+    the path should have named, e.g. "a checkpoint file"."""
+    if isinstance(error, FileNotFoundError):
+        return "does not exist"
+    if isinstance(error, NotRegularFileError):
+        return f"is {error.kind}, not {expected}"
+    if isinstance(error, OSError):
+        return f"cannot be read ({error.strerror or error})"
+    return f"is not a usable path ({error})"  # ValueError: a NUL byte in the path
 
 
 def _fsync_dir(directory):

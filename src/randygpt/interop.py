@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .fileio import NotRegularFileError, atomic_write, open_regular
+from .fileio import atomic_write, open_failure, open_regular
 from .model import ParamTable
 from .tokenizer import CharTokenizer
 from .torch_ref import build_torch_gpt, load_params
@@ -108,12 +108,6 @@ def save_weights(path, model, tokenizer, step=0, extra=None):
     tensors = {name: np.ascontiguousarray(view, dtype=np.float32)
                for name, view in model.params.items()}
     blob = st.numpy.save(tensors, metadata=metadata)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise WeightsFileError(f"cannot write {str(path)!r}: directory {str(directory)!r} does "
-                               "not exist")
-    if path.is_dir():
-        raise WeightsFileError(f"cannot write {str(path)!r}: it is a directory")
     try:
         atomic_write(path, lambda f: f.write(blob))
     except OSError as e:
@@ -128,15 +122,9 @@ def _check_regular(path):
     """Refuse a missing path or one that is not a regular file before the library maps it."""
     try:
         f, _ = open_regular(path)
-        f.close()
-    except FileNotFoundError:
-        _fail(path, "does not exist")
-    except NotRegularFileError as e:
-        _fail(path, f"is {e.kind}, not a weights file")
-    except OSError as e:
-        _fail(path, f"cannot be read ({e.strerror or e})")
-    except ValueError as e:  # a path with a NUL byte in it
-        _fail(path, f"is not a usable path ({e})")
+    except (OSError, ValueError) as e:
+        _fail(path, open_failure(e, "a weights file"))
+    f.close()
 
 
 def _json_field(meta, key, path):

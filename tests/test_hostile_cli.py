@@ -271,3 +271,31 @@ def test_stale_temporary_files_of_killed_saves_are_removed(capsys, tmp_path, tex
                      "--no-sample"]) == 0
     assert "stale temporary file" in capsys.readouterr().out
     assert not stale.exists() and keep.read_text() == "mine"
+
+
+# --- configurations too large for memory -----------------------------------------------------
+
+@pytest.mark.parametrize("flags, part", [
+    (["--block-size", "80000", "--n-embd", "4", "--n-head", "1", "--n-layer", "1",
+      "--batch-size", "1"], "attention"),      # attention's scratch grows with T^2
+    (["--batch-size", "100000"], "activations"),
+])
+def test_a_configuration_too_large_for_memory_is_refused_with_the_figure(capsys, tmp_path,
+                                                                         flags, part):
+    data = tmp_path / "big.txt"
+    data.write_text(word_text(200000))  # a validation split longer than the 80000-character window
+    line = one_line(capsys, cli.main(["3", *flags, "--threads", "1", "--data", str(data),
+                                      "--out", "r"]))
+    assert "GiB of memory is available" in line and part in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_memory_estimate_is_what_the_model_allocates():
+    from randygpt.config import Config
+    from randygpt.model import GPT, ActivationArena
+    for cfg, B, T in ((Config(vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8), 3, 8),
+                      (Config(vocab_size=13, n_embd=24, n_head=3, n_layer=1, block_size=16,
+                              norm="layernorm"), 2, 11)):
+        est = GPT.training_memory(cfg, B, T, 2)
+        assert est["activations"] == ActivationArena(cfg, B, T).nbytes
+        assert est["parameters"] == 16 * GPT(cfg, n_threads=1).num_params

@@ -107,11 +107,13 @@ class ActivationArena:
     Scratch buffers whose lifetimes never overlap share memory (see the module docstring):
     views of the same bytes carry the names of what they hold at each point of the step."""
 
-    def __init__(self, config, B, T):
+    @staticmethod
+    def layout(config, B, T):
+        """[(name, shape)] of the arena's float32 buffers, in order."""
         L, C, H, V = config.n_layer, config.n_embd, config.mlp_hidden, config.vocab_size
         N = B * T
         layernorm = config.norm == "layernorm"
-        table = [
+        return [
             ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
             ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
             ("ln2_rstd", (L, N)),
@@ -131,6 +133,17 @@ class ActivationArena:
             # act (N, H) during the MLP; dqkv (B, T, 3C) and atty (B, T, C) during attention
             ("work", (max(N * H, 4 * N * C),)),
         ]
+
+    @classmethod
+    def nbytes_for(cls, config, B, T):
+        """Bytes an arena for (config, B, T) holds, computed without allocating it."""
+        floats = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in cls.layout(config, B, T))
+        return 4 * floats + 2 * 4 * B * T  # the float32 buffer, idx and targets (int32)
+
+    def __init__(self, config, B, T):
+        L, C, H = config.n_layer, config.n_embd, config.mlp_hidden
+        N = B * T
+        table = self.layout(config, B, T)
         sizes = [int(np.prod(shape)) for _, shape in table]
         self.B, self.T, self.N = B, T, N
         self.total = int(sum(sizes))
@@ -311,6 +324,18 @@ class GPT:
             raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside "
                              f"[0, vocab_size={self.config.vocab_size})")
         return a
+
+    @staticmethod
+    def training_memory(config, B, T, n_threads):
+        """Bytes a training step at batch (B, T) needs, computed without allocating:
+        {"parameters": params, gradients and both AdamW moments, "activations": the arena,
+        "attention": its per-call scratch, which grows with T^2 per thread}. For refusing a
+        configuration that cannot fit, with the figures, before anything is allocated."""
+        P = ParamTable(config).total
+        team = max(1, min(n_threads, B * config.n_head))
+        return {"parameters": 4 * 4 * P,
+                "activations": ActivationArena.nbytes_for(config, B, T),
+                "attention": attention.scratch_bytes(T, config.head_size, team)}
 
     def release_buffers(self):
         """Free the activation arena (125 MiB at the default size) until the next forward

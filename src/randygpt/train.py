@@ -309,6 +309,33 @@ def write_plot(out_dir, log):
         log.line(f"note: no plot written: {e}")
 
 
+def _gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def _available_memory():
+    """Bytes this process may still allocate: the system's available memory, lowered to what
+    its cgroup (a container's memory limit) has left; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            found.append(int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def _text_source(text):
     """A TextSource for text handed over by a caller (no file behind it)."""
     if not isinstance(text, str):
@@ -433,6 +460,7 @@ class Trainer:
         self.n_threads = effective_n_threads(
             options.n_threads if options.n_threads is not None or self.comm.size == 1
             else default_threads(self.comm))
+        self._check_memory()
         self.model, self.optimizer = self.build_model()
         self.batch_rng = np.random.default_rng([self.config.seed, BATCH_STREAM])
         self.best_val = math.inf
@@ -521,6 +549,19 @@ class Trainer:
                 raise
             raise DataError(f"{e} (the checkpoint was trained on {trained_on['description']}; "
                             "pass that text with --data)") from None
+
+    def _check_memory(self):
+        """Refuse, with the figures, a configuration whose training step cannot fit in the
+        memory this process may use: better than an allocation failing midway."""
+        B = self.config.batch_size // self.comm.size
+        need = GPT.training_memory(self.config, B, self.config.block_size, self.n_threads)
+        have = _available_memory()
+        if have is not None and sum(need.values()) > have:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items())
+            raise TrainError(f"this configuration needs about {_gib(sum(need.values()))} to train "
+                             f"({parts}; batch {B} x block {self.config.block_size}) but about "
+                             f"{_gib(have)} of memory is available; choose a smaller "
+                             "--batch-size, --block-size, --n-embd or --n-layer")
 
     def build_model(self):
         """The model and its optimizer (a subclass may train another implementation: the model

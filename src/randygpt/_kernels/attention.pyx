@@ -54,7 +54,8 @@ cdef extern from "attention_body.h":
 cdef extern from "fastexp.h":
     pass
 
-__all__ = ["attention_forward", "attention_backward", "available_isas", "get_isa", "set_isa"]
+__all__ = ["attention_forward", "attention_backward", "scratch_bytes", "available_isas", "get_isa",
+           "set_isa"]
 
 # Names of the vector paths: the AVX2 + FMA copy and the baseline copy (SSE2 on
 # x86-64; generic 4-float vectors elsewhere, where "avx2" is never available).
@@ -129,6 +130,18 @@ cdef float* _scratch(str func, size_t per_thread, int team, Py_ssize_t T, Py_ssi
                              f"scratch: {team} thread(s) x {floats * 4:,} bytes at T = {T}")
     stride[0] = floats
     return <float*>((<size_t>base[0] + 63) // 64 * 64)
+
+
+def scratch_bytes(T, head_size, n_threads):
+    """Bytes of the scratch block attention_forward or attention_backward (the larger) allocates
+    per call for sequences of T positions with heads of head_size on n_threads threads: it
+    grows with T^2 per thread, so a caller can check a configuration fits before it runs."""
+    # Bounds that keep the C size arithmetic (about T^2 + T * head_size) inside 64 bits.
+    cdef Py_ssize_t t = check_int("T", T, 1, 1 << 30)
+    cdef Py_ssize_t hs = check_int("head_size", head_size, 1, 1 << 20)
+    cdef int team = check_n_threads(n_threads)
+    per_thread = max(<object>attention_forward_scratch(t, hs), <object>attention_backward_scratch(t, hs))
+    return team * ((per_thread + 15) // 16 * 16) * 4 + 64
 
 
 # The arguments are checked once per call, before any nogil code, by the shared checks

@@ -299,3 +299,17 @@ def test_the_memory_estimate_is_what_the_model_allocates():
         est = GPT.training_memory(cfg, B, T, 2)
         assert est["activations"] == ActivationArena(cfg, B, T).nbytes
         assert est["parameters"] == 16 * GPT(cfg, n_threads=1).num_params
+
+
+def test_a_tiny_temperature_samples_greedily(capsys, tmp_path, text_path):
+    assert cli.main(["3", *TINY_FLAGS, "--data", str(text_path), "--out", "r"]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "r" / "ckpt.npz")
+    outs = []
+    for t in ("1e-320", "1e-7", "0"):
+        assert cli.main(["sample", "--checkpoint", ckpt, "--prompt", "the",
+                         "--max-new-tokens", "20", "--temperature", t, "--seed", "1"]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == "", captured.err       # no NumPy warnings
+        outs.append(captured.out)
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == len("the") + 21

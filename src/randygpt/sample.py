@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 __all__ = ["generate", "ContextWindow", "sample_token", "check_sampling_args", "window_keep",
-           "decode_threads"]
+           "decode_threads", "GREEDY_BELOW"]
 
 
 def window_keep(block_size):
@@ -120,15 +120,22 @@ def check_sampling_args(max_new_tokens, temperature, top_p, top_k):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
+# Temperatures below this act as 0 (greedy): logits divided by them overflow float64 (1e-320
+# turned every logit into inf and the distribution into NaN), and long before that the
+# distribution is the argmax's alone (the next logit down is e^-(gap / T) as likely).
+GREEDY_BELOW = 1e-6
+
+
 def sample_token(logits, temperature, top_p, top_k, rng):
-    """Draw one id from logits (V,). temperature 0 = argmax (no random number drawn).
+    """Draw one id from logits (V,). temperature 0 (or below GREEDY_BELOW) = argmax, no random
+    number drawn.
 
     Otherwise: divide by the temperature, keep the top_k largest (ties at the k-th value kept),
     softmax, keep the smallest set of most probable ids whose probability reaches top_p, and
     draw from what is left, renormalised, with one ``rng.random()``.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
     z = logits / temperature
     if top_k is not None and top_k < z.size:
@@ -161,7 +168,8 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
     tokenizer   : the CharTokenizer the model was trained with
     prompt      : str; every character must be in the vocabulary (ValueError naming those that
                   are not). An empty prompt starts from the BOS token.
-    temperature : >= 0; 0 picks the most likely token every step (greedy, deterministic)
+    temperature : >= 0; 0 picks the most likely token every step (greedy, deterministic), and
+                  so does any temperature below GREEDY_BELOW
     top_p       : in (0, 1], nucleus sampling; 1 disables it
     top_k       : None or >= 1, keep only the k most likely tokens
     rng         : np.random.Generator, an int seed, or None (fresh entropy)

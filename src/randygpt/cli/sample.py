@@ -25,7 +25,7 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int_arg("--max-new-tokens", lo=0), default=500,
                    metavar="N", help="characters to generate after the prompt (default 500)")
     p.add_argument("--temperature", type=float_arg("--temperature"), default=0.8, metavar="T",
-                   help="0 = greedy (default 0.8)")
+                   help="0 = greedy, as is anything below 1e-6 (default 0.8)")
     p.add_argument("--top-p", type=float_arg("--top-p"), default=0.9, metavar="P",
                    help="nucleus sampling, in (0, 1]; 1 turns it off (default 0.9)")
     p.add_argument("--top-k", type=int_arg("--top-k", lo=1), default=None, metavar="K",

@@ -398,3 +398,27 @@ def test_read_only_inputs_are_accepted(rng):
     qkv = _readonly(make_qkv(rng, 1, 3, 8))
     out, att = run_forward(qkv, 2)
     run_backward(np.zeros(qkv.shape, np.float32), _readonly(out), qkv, _readonly(att), 2)
+
+
+@pytest.mark.parametrize("fn", ["forward", "backward"])
+def test_scratch_that_cannot_be_had_is_a_memory_error_of_scratch_bytes(fn):
+    # P grows with T^2 per thread: 100000 positions need 37-75 GB, refused as one MemoryError
+    # (it aborted the process before), whose byte count scratch_bytes reports beforehand.
+    T, team = 100_000, 2
+    qkv, out = np.zeros((2, T, 3), np.float32), np.zeros((2, T, 1), np.float32)
+    with pytest.raises(MemoryError) as err:
+        if fn == "forward":
+            attention.attention_forward(out, None, qkv, 1, team)
+        else:
+            attention.attention_backward(np.zeros_like(qkv), out, qkv, None, 1, team)
+    message = str(err.value)
+    assert message.startswith(f"attention_{fn}: cannot allocate ") and "\n" not in message
+    if fn == "backward":  # the larger of the two, which scratch_bytes gives
+        assert f"({attention.scratch_bytes(T, 1, team):,} bytes)" in message
+
+
+def test_scratch_bytes_bounds_its_arguments():
+    assert attention.scratch_bytes(64, 32, 2) == 2 * attention.scratch_bytes(64, 32, 1)
+    for bad, error in ((0, ValueError), (1 << 31, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match="T"):
+            attention.scratch_bytes(bad, 32, 1)

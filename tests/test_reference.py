@@ -8,8 +8,8 @@ from randygpt._kernels import reference
 
 FAMILIES = ["matmul", "attention", "norm", "activation", "xent", "embedding", "adamw"]
 # Entry points that are not compute kernels (dispatch control, introspection, the integer
-# keep-threshold that dropout derives from p).
-NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "dropout_threshold"}
+# keep-threshold that dropout derives from p, attention's scratch size).
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "dropout_threshold", "scratch_bytes"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -81,9 +81,12 @@ def expected(local, prompt, max_tokens, temperature=0.8, top_p=0.9, top_k=None, 
 
 def test_omitted_fields_take_sample_defaults():
     tok = CharTokenizer.from_text(TEXT)
-    c = serve.parse_completion(b"{}", tok, SETTINGS)
-    assert (c.prompt, c.max_tokens, c.temperature, c.top_p, c.top_k, c.seed, c.stream) == \
-        ("", 500, 0.8, 0.9, None, None, False)
+    nulls = json.dumps({name: None for name in ("prompt", "max_tokens", "temperature", "top_p",
+                                                 "top_k", "seed", "stream", "stream_options")})
+    for body in (b"{}", nulls.encode()):
+        c = serve.parse_completion(body, tok, SETTINGS)
+        assert (c.prompt, c.max_tokens, c.temperature, c.top_p, c.top_k, c.seed, c.stream) == \
+            ("", 500, 0.8, 0.9, None, None, False)
     c = serve.parse_completion(json.dumps({"prompt": "the", "n": 1, "echo": False,
                                            "presence_penalty": 0, "model": "m", "stream": True,
                                            "stream_options": {"include_usage": True}}).encode(),

@@ -128,8 +128,9 @@ def _json_body(body):
     return data
 
 
-def _check_extra_fields(data):
-    """include_usage; refuses fields the server does not have, or has only at their neutral value."""
+def _other_fields(data):
+    """stream_options' include_usage, once the fields beyond the sampling ones are checked:
+    refuses those the server does not have, or has only at their neutral value."""
     known = set(SAMPLE_DEFAULTS) | {"prompt", "stream", "stream_options", "model", "user"}
     for name, value in data.items():
         if name in known:
@@ -154,7 +155,7 @@ def _check_extra_fields(data):
 
 
 def _check_prompt(data, tokenizer, settings):
-    prompt = data.get("prompt", "")
+    prompt = "" if data.get("prompt") is None else data["prompt"]
     if not isinstance(prompt, str):
         raise RequestError(422, f"prompt must be a string, got {type(prompt).__name__}", "prompt")
     if len(prompt) > settings.max_prompt_chars:
@@ -171,9 +172,9 @@ def _check_prompt(data, tokenizer, settings):
 
 def _sampling_fields(data, settings):
     """(max_tokens, temperature, top_p, top_k, seed), checked by sample's own rules."""
-    values = {name: data.get(name, default) for name, default in SAMPLE_DEFAULTS.items()}
-    if values["max_tokens"] is None:
-        values["max_tokens"] = SAMPLE_DEFAULTS["max_tokens"]
+    # null, as OpenAI's clients send for "not set", takes the default too.
+    values = {name: default if data.get(name) is None else data[name]
+              for name, default in SAMPLE_DEFAULTS.items()}
     try:
         check_sampling_args(values["max_tokens"], values["temperature"], values["top_p"],
                             values["top_k"])
@@ -200,8 +201,8 @@ def parse_completion(body, tokenizer, settings):
     """A Completion from a request body (bytes), or RequestError: 400 when the body is not a
     UTF-8 JSON object, 422 naming the field when a field is wrong."""
     data = _json_body(body)
-    include_usage = _check_extra_fields(data)
-    stream = data.get("stream", False)
+    include_usage = _other_fields(data)
+    stream = False if data.get("stream") is None else data["stream"]
     if not isinstance(stream, bool):
         raise RequestError(422, "stream must be true or false", "stream")
     prompt = _check_prompt(data, tokenizer, settings)

@@ -6,9 +6,15 @@ import sys
 import pytest
 
 from randygpt import _kernels
-from randygpt._kernels import activation, attention, matmul
+from randygpt._kernels import activation, attention, decode, matmul
 
-FAMILIES = (matmul, attention, activation)
+FAMILIES = (matmul, attention, activation, decode)
+
+
+def test_every_dispatched_family_is_covered():
+    # A family added to select_isa's list must be added here, or forcing a path in one test
+    # would leave it forced for the tests after.
+    assert {m.__name__.rsplit(".", 1)[1] for m in FAMILIES} == set(_kernels._DISPATCHED)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from conftest import word_text
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,3 +37,26 @@ def test_use_from_python_script_runs(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     # The last line is evaluate_checkpoint's loss, a plain float.
     assert float(out.strip().splitlines()[-1]) > 0
+
+
+def test_use_the_model_elsewhere_pytorch_snippet_runs(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from randygpt.config import Config
+    from randygpt.interop import save_weights
+    from randygpt.model import GPT
+    from randygpt.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("ROMEO: and JULIET\n")
+    model = GPT(Config(vocab_size=tok.vocab_size, n_embd=16, n_head=2, n_layer=1,
+                       block_size=16)).eval()
+    save_weights(tmp_path / "model.safetensors", model, tok)
+    script = tmp_path / "snippet.py"
+    script.write_text(_python_block("Use the model elsewhere")
+                      + "\nimport numpy\nnumpy.save('logits.npy', logits.detach().numpy())\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    theirs = np.load(tmp_path / "logits.npy")
+    ours = model.forward(tok.encode("ROMEO:")[None, :])
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)

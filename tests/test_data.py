@@ -112,7 +112,7 @@ def test_split_sizes_and_contents():
     # 26 letters and the special ids fit a byte: the splits are stored as uint8.
     assert ds.train.dtype == np.uint8 and ds.val.dtype == np.uint8
     assert tok.decode(ds.train) + tok.decode(ds.val) == text
-    x, y = ds.val_windows()
+    x, y = ds.get_batch("val", 3, np.random.default_rng(0))
     assert x.dtype == np.int32 and y.dtype == np.int32 and x.flags.c_contiguous
 
 
@@ -188,15 +188,6 @@ def test_batches_deterministic_from_rng_and_cover_the_ends():
         x, y = ds.get_batch("train", 8, r)
         seen_last |= bool(((y[:, -1] == ds.train[-1]) & (x[:, 0] == last_start_first_id)).any())
     assert seen_last
-
-
-def test_val_windows_deterministic_and_non_overlapping():
-    _, tok, ds = _tiny_dataset(block_size=4, n=300)  # val = 30 ids -> 7 windows of 4 (+1 target)
-    x, y = ds.val_windows()
-    assert x.shape == (7, 4) and y.shape == (7, 4)
-    np.testing.assert_array_equal(x.reshape(-1), ds.val[:28])
-    np.testing.assert_array_equal(y.reshape(-1), ds.val[1:29])
-    assert ds.val_windows(max_windows=2)[0].shape == (2, 4)
 
 
 def test_text_fingerprint_is_the_files_size_and_sha256(shakespeare_path):

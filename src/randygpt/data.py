@@ -281,16 +281,3 @@ class Dataset:
         windows = data[starts[:, None] + self._offsets]  # (B, T+1)
         return _as_ids(windows[:, :T]), _as_ids(windows[:, 1:])
 
-    def val_windows(self, max_windows=None):
-        """Non-overlapping windows over the validation split, in order: x, y int32 (N, T).
-
-        Deterministic (no RNG), for an evaluation that is comparable between runs. The tail
-        shorter than a whole window is left out.
-        """
-        T = self.block_size
-        n = (len(self.val) - 1) // T
-        if max_windows is not None:
-            n = min(n, int(max_windows))
-        starts = np.arange(n, dtype=np.int64) * T
-        windows = self.val[starts[:, None] + self._offsets]
-        return _as_ids(windows[:, :T]), _as_ids(windows[:, 1:])

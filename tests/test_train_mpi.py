@@ -195,3 +195,35 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_iteration(tmp_path, tex
     step = checkpoint.load(tmp_path / "r" / "ckpt.npz").step
     assert f"Interrupted (SIGTERM) after iteration {step}/100000" in rest
     assert rest.count("Interrupted (SIGTERM)") == 1  # rank 0 alone reports
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_and_the_checkpoint_resumes(tmp_path, text_path):
+    import os
+    import signal
+    mpiexec = need_mpi()
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-u", "-m", "randygpt", "100000",
+                             *FLAGS, "--save-every", "2", "--data", str(text_path), "--out", "r"],
+                            cwd=tmp_path, env=mpi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if line.startswith("Iter 5/") or time.monotonic() > deadline:
+                break
+        # The ranks are python processes under the launcher's proxy; kill the one that is not
+        # rank 0 (rank 0 is the one whose output we read: any of them will do).
+        ranks = subprocess.run(["pgrep", "-f", f"{sys.executable} -u -m randygpt 100000"],
+                               capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in ranks if int(p) != proc.pid]
+        assert len(ranks) == 2, ranks
+        t0 = time.monotonic()
+        os.kill(max(ranks), signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    step = checkpoint.load(tmp_path / "r" / "ckpt.npz").step  # intact
+    assert step >= 4 and step % 2 == 0
+    resumed = train(tmp_path, 2, "r", str(step + 2), "--resume", str(tmp_path / "r" / "ckpt.npz"))
+    assert resumed.returncode == 0, resumed.stderr

@@ -3,7 +3,9 @@ central finite differences, and the path to the Tiny Shakespeare corpus."""
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,24 @@ def thread_counts():
 def _require_openmp():
     if os.environ.get("RANDYGPT_REQUIRE_OPENMP") == "1" and not randygpt.openmp_enabled():
         pytest.exit("RANDYGPT_REQUIRE_OPENMP=1 but randygpt was built without OpenMP", returncode=1)
+
+
+def interrupt_when(cmd, prefix, act, timeout=60, **popen):
+    """Start ``cmd`` (its stdout a text pipe), wait for a line starting with ``prefix``, call
+    ``act(proc)`` (send a signal, kill a child...), and return (proc, stdout after the line,
+    stderr). The process is killed if anything fails on the way."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            if line.startswith(prefix) or time.monotonic() > deadline:
+                break
+        act(proc)
+        rest, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc, rest, err
 
 
 # --- MPI -----------------------------------------------------------------------------------------

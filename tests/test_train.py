@@ -6,15 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, interrupt_when
 from randygpt import checkpoint, cli, train
 from randygpt.metrics import METRICS_HEADER
 from randygpt.rundir import RunDirError
@@ -283,20 +281,10 @@ def test_builtin_fallback_warns(tmp_path):
 
 def test_ctrl_c_in_subprocess_exits_130_with_summary(tmp_path, text_path):
     env = dict(os.environ, RANDYGPT_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "randygpt", "1000000", *TINY_FLAGS,
-                             "--data", str(text_path), "--out", "sig", "--eval-iters", "1",
-                             "--log-every", "1", "--threads", "1"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 60
-        for line in proc.stdout:
-            if line.startswith("Iter ") or time.monotonic() > deadline:
-                break
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    proc, rest, err = interrupt_when(
+        [sys.executable, "-u", "-m", "randygpt", "1000000", *TINY_FLAGS, "--data", str(text_path),
+         "--out", "sig", "--eval-iters", "1", "--log-every", "1", "--threads", "1"],
+        "Iter ", lambda p: p.send_signal(signal.SIGINT), cwd=tmp_path, env=env)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     m = re.search(r"Interrupted \(SIGINT\) after iteration (\d+)/1000000: .*last loss \d\.\d{4}\. "

@@ -23,7 +23,10 @@ THREADS_HELP = ("kernel threads (default: RANDYGPT_NUM_THREADS, OMP_NUM_THREADS,
 def report_error(message, code=EXIT_USAGE):
     """Print ``randygpt: error: MESSAGE`` as one line on stderr (whatever the message held:
     paths or reasons with newlines) and return the exit code."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    # One write of the whole line: under an MPI launcher, which forwards every rank's stderr,
+    # print's separate write of the newline let two ranks' lines run into one.
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
     return code
 
 

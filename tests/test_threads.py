@@ -124,8 +124,8 @@ def test_zero_request_names_what_is_accepted():
         randygpt.set_num_threads(0)
 
 
-def test_bad_env_at_the_command_line_is_one_line():
-    # A bad variable reaches the user as one ValueError line, never as an import crash.
+def test_bad_env_is_one_value_error_line():
+    # A bad variable ends in one ValueError line (the command line turns it into its error).
     env = dict(os.environ, RANDYGPT_NUM_THREADS="abc")
     code = "import randygpt._kernels as k; k.effective_n_threads()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

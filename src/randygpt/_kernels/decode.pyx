@@ -30,12 +30,13 @@ off x86) and the fastest one this CPU runs is chosen at import (available_isas /
 tests run each; the FMA paths round differently from the baseline one).
 """
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport abort, free, malloc
+from libc.stdlib cimport free
 
 import numpy as np
 
 from randygpt._kernels._checks cimport (check_array, check_disjoint, check_int,
-                                       check_n_threads, check_output)
+                                       check_n_threads, check_output, checked_malloc)
+from randygpt._kernels._omp cimport omp_get_thread_num
 
 cdef extern from *:
     """
@@ -252,26 +253,20 @@ cdef void _matmul(float* out,          # OUT (n, OC)
 
 cdef void _attention(float* out,          # OUT (n, C)
                      const float* qkv,    # IN  (t0 + n, 3C)
+                     float* scratch,      # thread t's t0 + n scores at scratch + t * stride
+                     Py_ssize_t stride,
                      Py_ssize_t t0, Py_ssize_t n, Py_ssize_t C, Py_ssize_t NH,
                      int n_threads) noexcept nogil:
     cdef Py_ssize_t task
-    cdef float* p = NULL
-    cdef size_t nbytes = <size_t>(t0 + n) * sizeof(float)
+    cdef float* mine = NULL
     if n_threads == 1:
-        p = <float*> malloc(nbytes)
-        if p == NULL:
-            abort()
         for task in range(n * NH):
-            decode_attention_task(out, qkv, p, t0, C, NH, task)
-        free(p)
+            decode_attention_task(out, qkv, scratch, t0, C, NH, task)
         return
     with parallel(num_threads=n_threads):
-        p = <float*> malloc(nbytes)
-        if p == NULL:
-            abort()
+        mine = scratch + omp_get_thread_num() * stride
         for task in prange(n * NH, schedule="static"):
-            decode_attention_task(out, qkv, p, t0, C, NH, task)
-        free(p)
+            decode_attention_task(out, qkv, mine, t0, C, NH, task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,5 +368,14 @@ def decode_attention_forward(out, qkv, t0, n_head, n_threads):
     cdef const float[:, ::1] qkv_v = qkv
     cdef Py_ssize_t rows = n, channels = C, heads = NH
     cdef int team = <int> min(<Py_ssize_t> nt, rows * heads)
-    with nogil:
-        _attention(&out_v[0, 0], &qkv_v[0, 0], start, rows, channels, heads, team)
+    # Every thread's scores in one block, allocated here where a failure can be raised
+    # (MemoryError), not inside the parallel region; a slice per 64-byte line.
+    cdef Py_ssize_t stride = (start + rows + 15) // 16 * 16
+    cdef void* block = checked_malloc("decode_attention_forward", team * stride * 4,
+                                      f"scores: {team} thread(s) x {start + rows} positions")
+    try:
+        with nogil:
+            _attention(&out_v[0, 0], &qkv_v[0, 0], <float*> block, stride, start, rows, channels,
+                       heads, team)
+    finally:
+        free(block)

@@ -7,6 +7,9 @@
  * MR * NV independent FMA chains, enough to cover the FMA latency on every x86 core we
  * know. A round is one FMA (multiply-add on the sse2 path, which has no FMA) on each
  * accumulator, 2 * MR * NV * VW flops, on registers alone (no memory traffic).
+ *
+ * avx512bf16 is the bf16 GEMM's path (gemm_bf16.h): a round is one vdpbf16ps on each of its
+ * 12 x 2 accumulators, two bf16 multiply-adds per fp32 lane, so 4 * MR * NR flops.
  */
 #include <stddef.h>
 #include <string.h>
@@ -52,24 +55,49 @@ typedef float (*peak_fn)(long long iters);
 typedef struct {
     const char *name;
     int mr, nr; /* the GEMM tile: nr = NV * VW floats */
+    int macs;   /* multiply-adds per lane and instruction: 1 (FMA), 2 (vdpbf16ps) */
     peak_fn fn;
 } peak_path;
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PEAK_X86 1
+#include <immintrin.h>
 FMA_PEAK(peak_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))), 16, 12, 2)
 FMA_PEAK(peak_avx2, __attribute__((target("avx2,fma"))), 8, 6, 2)
+
+/* iters rounds of vdpbf16ps on 12 x 2 accumulators (the bf16 GEMM's tile); the bf16
+ * operands (about 1 and 1e-6) keep the sums finite. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static float peak_avx512bf16(
+    long long iters)
+{
+    __m512 acc[24];
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f7f3f7f);  /* 0.996, 0.996 */
+    const __m512bh y = (__m512bh)_mm512_set1_epi32(0x358637bd);  /* 1e-6, ~1e-6 */
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++)
+        acc[i] = _mm512_set1_ps((float)i);
+    for (long long it = 0; it < iters; it++) {
+#pragma GCC unroll 24
+        for (int i = 0; i < 24; i++)
+            acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int i = 0; i < 24; i++)
+        total = _mm512_add_ps(total, acc[i]);
+    return _mm512_reduce_add_ps(total);
+}
 #endif
 FMA_PEAK(peak_base, , 4, 6, 2)
 
 /* Fastest first, named as the GEMM's paths are. */
 static const peak_path paths[] = {
 #ifdef PEAK_X86
-    {"avx512", 12, 32, peak_avx512},
-    {"avx2", 6, 16, peak_avx2},
-    {"sse2", 6, 8, peak_base},
+    {"avx512bf16", 12, 32, 2, peak_avx512bf16},
+    {"avx512", 12, 32, 1, peak_avx512},
+    {"avx2", 6, 16, 1, peak_avx2},
+    {"sse2", 6, 8, 1, peak_base},
 #else
-    {"generic", 6, 8, peak_base},
+    {"generic", 6, 8, 1, peak_base},
 #endif
 };
 
@@ -77,14 +105,20 @@ int fma_peak_path_count(void) { return (int)(sizeof paths / sizeof paths[0]); }
 
 const char *fma_peak_path_name(int i) { return paths[i].name; }
 
+/* Multiply-adds per lane and instruction of path i: 1 (FMA paths), 2 (avx512bf16). */
+int fma_peak_path_macs(int i) { return paths[i].macs; }
+
 /* Flops of one round of path i. */
-double fma_peak_round_flops(int i) { return 2.0 * paths[i].mr * paths[i].nr; }
+double fma_peak_round_flops(int i) { return 2.0 * paths[i].macs * paths[i].mr * paths[i].nr; }
 
 /* Whether this CPU (and its OS, which must save the wide registers) runs path i. */
 int fma_peak_path_supported(int i)
 {
 #ifdef PEAK_X86
     __builtin_cpu_init();
+    if (strcmp(paths[i].name, "avx512bf16") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512bf16");
     if (strcmp(paths[i].name, "avx512") == 0)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");

@@ -2,6 +2,8 @@
 
     fma_peak_gflops(isa, n_threads=1, seconds=0.2) -> GFLOP/s
     available_isas() -> ["avx512", "avx2", "sse2"] (those this CPU runs, fastest first)
+    available_bf16_isas() -> ["avx512bf16"] where the CPU has AVX512_BF16: the vdpbf16ps peak,
+                             the bf16 GEMM's yardstick (fma_peak_gflops takes its name too)
 
 The probe is C (_fma_peak.c), compiled on first use with the C compiler setuptools would build
 an extension with ($CC, else the one Python was built with), with OpenMP, and cached under the
@@ -76,10 +78,22 @@ def _paths():
     return [lib.fma_peak_path_name(i).decode() for i in range(lib.fma_peak_path_count())]
 
 
-def available_isas():
-    """Names of the paths this CPU runs, fastest first: the GEMM's (matmul.available_isas())."""
+def _supported(macs):
     lib = _library()
-    return [name for i, name in enumerate(_paths()) if lib.fma_peak_path_supported(i)]
+    return [name for i, name in enumerate(_paths())
+            if lib.fma_peak_path_macs(i) == macs and lib.fma_peak_path_supported(i)]
+
+
+def available_isas():
+    """Names of the FMA paths this CPU runs, fastest first: the GEMM's
+    (matmul.available_isas())."""
+    return _supported(1)
+
+
+def available_bf16_isas():
+    """Names of the bf16 dot-product paths this CPU runs: ["avx512bf16"] (vdpbf16ps, two
+    bf16 multiply-adds per fp32 lane) where it has AVX512_BF16, else []."""
+    return _supported(2)
 
 
 def _rounds(index, iters, n_threads):
@@ -105,7 +119,7 @@ def fma_peak_gflops(isa, n_threads=1, seconds=0.2):
             or not 0.001 <= seconds <= 60:
         raise ValueError(f"fma_peak_gflops: seconds must be a number in [0.001, 60], "
                          f"got {seconds!r}")
-    choices = available_isas()
+    choices = available_isas() + available_bf16_isas()
     if isa not in choices:
         raise ValueError(f"fma_peak_gflops: isa must be one of {choices} on this CPU, "
                          f"got {isa!r}")

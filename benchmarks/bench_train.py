@@ -48,7 +48,8 @@ from _fma_peak import available_isas as fma_peak_isas, fma_peak_gflops
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
-NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads"}
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "effective_n_threads",
+               "available_bf16_isas", "get_bf16_isa", "set_bf16_isa", "bf16_native"}
 
 WARMUP_STEPS = 2
 QUICK_CONFIG = {"n_embd": 32, "n_head": 2, "n_layer": 1, "block_size": 16, "batch_size": 4}

@@ -41,7 +41,8 @@ from randygpt._kernels._checks import MAX_TEAM, MAX_THREADS
 CASE_TIMEOUT_S = 120
 # Entry points of the kernel modules that are not kernels: they get only the garbage test.
 NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "dropout_key", "dropout_threshold",
-               "scratch_bytes"}
+               "scratch_bytes", "available_bf16_isas", "get_bf16_isa", "set_bf16_isa",
+               "bf16_native"}
 TINY = 2    # every dimension's default is at least this: a strided view is then non-contiguous
 LARGE = 100_000    # one dimension this long (real memory, a few MB): T^2 scratch and the like
 HUGE = 2 ** 40     # one dimension this long while the others are 0 (zero-size arrays)

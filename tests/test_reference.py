@@ -9,7 +9,8 @@ from randygpt._kernels import reference
 FAMILIES = ["matmul", "attention", "norm", "activation", "xent", "embedding", "adamw"]
 # Entry points that are not compute kernels (dispatch control, introspection, the integer
 # keep-threshold that dropout derives from p, attention's scratch size).
-NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "dropout_threshold", "scratch_bytes"}
+NOT_KERNELS = {"available_isas", "get_isa", "set_isa", "dropout_threshold", "scratch_bytes",
+               "available_bf16_isas", "get_bf16_isa", "set_bf16_isa", "bf16_native"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,7 +13,7 @@
 Dimension letters: N = B*T rows, IC/OC input/output channels; M, N, K for gemm.
 
 Structure (GotoBLAS/BLIS): op(a) is packed into MR-tall strips and op(b) into NR-wide
-strips (k-major, zero-padded at the edges), one K block of RG_KC at a time, and the
+strips (k-major, zero-padded at the edges), one K block at a time, and the
 register-tile microkernel runs over the tiles. Packing absorbs every transpose, so NT, NN
 and TN share one microkernel (gemm_kernels.h, compiled per ISA and chosen at run time).
 The tiles are handed out as work items: near-equal ranges of strips along whichever of M
@@ -39,7 +39,8 @@ from randygpt._kernels._omp cimport omp_get_thread_num
 
 
 __all__ = ["matmul_forward", "matmul_backward", "gemm", "matmul_sqrelu_forward",
-           "matmul_sqrelu_backward", "available_isas", "get_isa", "set_isa"]
+           "matmul_sqrelu_backward", "available_isas", "get_isa", "set_isa",
+           "PRECISIONS", "available_bf16_isas", "get_bf16_isa", "set_bf16_isa", "bf16_native"]
 
 
 cdef extern from "gemm_kernels.h" nogil:
@@ -60,11 +61,17 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_pack_fn pack_a
         rg_pack_fn pack_b
         rg_inplace_fn sqrelu_inplace
+        rg_pack_fn pack_b_sqrelu
+        int kc_max
     int RG_KC
     int rg_isa_count()
     const rg_isa_t *rg_isa_at(int i)
     int rg_isa_supported(int i)
     void rg_barrier()
+    int rg_bf16_isa_count()
+    const rg_isa_t *rg_bf16_isa_at(int i)
+    int rg_bf16_isa_supported(int i)
+    int rg_bf16_tile_mismatch()
 
 
 # The microkernel set every GEMM uses; set_isa() is the only writer. Process-wide by nature
@@ -83,7 +90,9 @@ def get_isa():
 
 
 def set_isa(name):
-    """Use the GEMM path `name` (one of available_isas()) from now on."""
+    """Use the GEMM path `name` (one of available_isas()) from now on, and the bf16 path that
+    goes with it: vdpbf16ps under "avx512" where the CPU has AVX512_BF16, else the
+    emulation on the same tile."""
     global _isa
     choices = available_isas()
     if not isinstance(name, str) or name not in choices:
@@ -91,8 +100,61 @@ def set_isa(name):
     for i in range(rg_isa_count()):
         if rg_isa_at(i).name.decode() == name:
             _isa = rg_isa_at(i)
+    bf16 = available_bf16_isas()
+    set_bf16_isa("avx512bf16" if name == "avx512" and "avx512bf16" in bf16 else name)
 
 
+# ---------------------------------------------------------------------------------------
+# bf16 paths (gemm_bf16.h): operands rounded to bf16 as they are packed, fp32 sums. Chosen
+# with the fp32 path (set_isa); set_bf16_isa alone picks the emulation where the native
+# path runs, to compare the two.
+
+PRECISIONS = ("fp32", "bf16")
+
+cdef const rg_isa_t *_isa_bf16 = NULL
+
+
+def available_bf16_isas():
+    """Names of the bf16 GEMM paths this CPU runs, fastest first: "avx512bf16" (vdpbf16ps)
+    where it has AVX512_BF16, then the emulations on the fp32 paths' tiles."""
+    return [rg_bf16_isa_at(i).name.decode() for i in range(rg_bf16_isa_count())
+            if rg_bf16_isa_supported(i)]
+
+
+def get_bf16_isa():
+    """Name of the bf16 GEMM path in use."""
+    return _isa_bf16.name.decode()
+
+
+def set_bf16_isa(name):
+    """Use the bf16 GEMM path `name` (one of available_bf16_isas()) from now on."""
+    global _isa_bf16
+    choices = available_bf16_isas()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"set_bf16_isa: isa must be one of {choices} on this CPU, got "
+                         f"{name!r}")
+    for i in range(rg_bf16_isa_count()):
+        if rg_bf16_isa_at(i).name.decode() == name:
+            _isa_bf16 = rg_bf16_isa_at(i)
+
+
+def bf16_native():
+    """True when bf16 products run on vdpbf16ps; False when they are emulated with fp32
+    multiply-adds (the same results, at fp32 speed)."""
+    return get_bf16_isa() == "avx512bf16"
+
+
+cdef bint _bf16(str func, precision) except -1:
+    """Whether precision (one of PRECISIONS) asks for bf16 operands."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"{func}: precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16"
+
+
+if rg_bf16_tile_mismatch() >= 0:
+    # The bf16 kernels hand their sums to the fp32 kernel of the same tile for the write-back.
+    raise ImportError(f"gemm_bf16.h: the {rg_bf16_isa_at(rg_bf16_tile_mismatch()).name.decode()} "
+                      "bf16 tile differs from its fp32 path's in gemm_kernels.h; make them agree")
 set_isa(available_isas()[0])
 
 
@@ -137,7 +199,8 @@ cdef struct _Gemm:
     Py_ssize_t shared_size
     float *private
     Py_ssize_t private_size
-    Py_ssize_t n_kblocks, shared_tiles
+    Py_ssize_t kc, n_kblocks, shared_tiles  # K block length (see _plan_k_blocks), count
+    Py_ssize_t chunk    # MR strips of op(a) per packed block when splitting rows
     Py_ssize_t buffer_size   # floats for shared (one or two blocks) and every private one
     Py_ssize_t partial_size  # floats for partial: M * N, or 0 when it is not needed
 
@@ -160,6 +223,11 @@ cdef inline void _pack_b_strips(const _Gemm *g, float *dst, Py_ssize_t jt_lo, Py
                                 Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
     """NR strips jt_lo..jt_hi of op(b)[pc:pc+kc, :], strip jt at dst + (jt - jt_lo) * NR * kc."""
     cdef Py_ssize_t j = jt_lo * g.isa.nr
+    if g.b_sqrelu and g.isa.pack_b_sqrelu != NULL:
+        # bf16: squared before it is rounded
+        g.isa.pack_b_sqrelu(dst, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
+                            kc, min(jt_hi * g.isa.nr, g.N) - j)
+        return
     g.isa.pack_b(dst, g.b.ptr + pc * g.b.rs + j * g.b.cs, g.b.rs, g.b.cs,
                  kc, min(jt_hi * g.isa.nr, g.N) - j)
     if g.b_sqrelu:
@@ -169,7 +237,7 @@ cdef inline void _pack_b_strips(const _Gemm *g, float *dst, Py_ssize_t jt_lo, Py
 
 cdef void _pack_shared(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nogil:
     """Strip s of the shared operand for K block kb (edges zero-padded)."""
-    cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
+    cdef Py_ssize_t pc = kb * g.kc, kc = min(g.kc, g.K - pc)
     cdef float *block = _shared_block(g, kb)
     if g.split_m:
         _pack_b_strips(g, block + s * g.isa.nr * kc, s, s + 1, pc, kc)
@@ -180,7 +248,7 @@ cdef void _pack_shared(const _Gemm *g, Py_ssize_t s, Py_ssize_t kb) noexcept nog
 cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private) noexcept nogil:
     """All tiles of item p for K block kb, using `private` as this thread's pack buffer.
 
-    Rows are walked in chunks of isa.mc so that a chunk of packed A stays in L2 while
+    Rows are walked in chunks of g.chunk strips so that a chunk of packed A stays in L2 while
     every B strip of the item streams past it (BLIS's ic / jr / ir loop order).
 
     With accumulate and more than one K block, the running sums of the earlier blocks go
@@ -190,12 +258,12 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
     before it has been written.
     """
     cdef const rg_isa_t *isa = g.isa
-    cdef Py_ssize_t pc = kb * RG_KC, kc = min(<Py_ssize_t>RG_KC, g.K - pc)
+    cdef Py_ssize_t pc = kb * g.kc, kc = min(g.kc, g.K - pc)
     cdef float *shared = _shared_block(g, kb)
     cdef Py_ssize_t tiles = g.m_tiles if g.split_m else g.n_tiles
     cdef Py_ssize_t lo = p * tiles // g.n_items, hi = (p + 1) * tiles // g.n_items
     cdef Py_ssize_t it_lo = 0, it_hi = g.m_tiles, jt_lo = 0, jt_hi = g.n_tiles
-    cdef Py_ssize_t chunk = isa.mc // isa.mr
+    cdef Py_ssize_t chunk = g.chunk
     cdef Py_ssize_t ic, ic_hi, it, jt, i, j, cb
     cdef bint first = pc == 0, last = pc + kc >= g.K
     cdef const float *ap
@@ -277,6 +345,30 @@ cdef void _gemm_zero_k(Py_ssize_t M, Py_ssize_t N, float *c, Py_ssize_t ldc, flo
                 c[i * ldc + j] = (r + r) * c[i * ldc + j]
 
 
+cdef void _plan_k_blocks(_Gemm *g) noexcept nogil:
+    """g.kc, g.n_kblocks and g.chunk (after g.split_m): K blocks of RG_KC, or on a path with
+    kc_max, up to kc_max long when rows are split and op(a)'s rows run along k (NT, NN),
+    as long as the shared block of op(b) stays within 1 MiB; A blocks keep mc x RG_KC floats.
+
+    Longer blocks mean fewer passes of the sums through c and fewer packing calls: on the
+    Xeon (2 MiB L2) one block for K = 768-1024 ran those products 7-8% faster, while the
+    weight grads (op(a) transposed) ran 1-6% slower with blocks over RG_KC. The sums do not
+    depend on the blocks (the kernel continues each FMA chain), so neither do the results.
+    """
+    cdef const rg_isa_t *isa = g.isa
+    cdef Py_ssize_t kc_max = RG_KC, nb
+    if isa.kc_max > RG_KC and g.split_m and g.a.cs == 1:
+        kc_max = min(<Py_ssize_t>isa.kc_max, 262144 // (g.n_tiles * isa.nr) // 16 * 16)
+        kc_max = max(kc_max, <Py_ssize_t>RG_KC)
+    g.kc = RG_KC
+    if kc_max > RG_KC and g.K > RG_KC:
+        # Equal blocks, rounded up to 16 floats (still within kc_max, a multiple of 16).
+        nb = (g.K + kc_max - 1) // kc_max
+        g.kc = ((g.K + nb - 1) // nb + 15) // 16 * 16
+    g.n_kblocks = (g.K + g.kc - 1) // g.kc
+    g.chunk = max(<Py_ssize_t>1, <Py_ssize_t>isa.mc * RG_KC // (g.kc * isa.mr))
+
+
 cdef int _gemm_setup(_Gemm *g, const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                      _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
                      const float *gate, bint b_sqrelu, bint accumulate,
@@ -309,20 +401,20 @@ cdef int _gemm_setup(_Gemm *g, const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, 
         g.n_items = 1
     # Buffers rounded to 16 floats so each starts 64-byte aligned; a second shared block
     # only when there is a second K block.
-    g.n_kblocks = (K + RG_KC - 1) // RG_KC
+    _plan_k_blocks(g)
     if g.split_m:
         g.shared_tiles = g.n_tiles
-        g.shared_size = g.n_tiles * isa.nr * RG_KC
-        g.private_size = <Py_ssize_t>isa.mc * RG_KC
+        g.shared_size = g.n_tiles * isa.nr * g.kc
+        g.private_size = g.chunk * isa.mr * g.kc
     else:
         g.shared_tiles = g.m_tiles
-        g.shared_size = g.m_tiles * isa.mr * RG_KC
+        g.shared_size = g.m_tiles * isa.mr * g.kc
         item_tiles = (g.n_tiles + g.n_items - 1) // g.n_items
-        g.private_size = item_tiles * isa.nr * RG_KC
+        g.private_size = item_tiles * isa.nr * g.kc
     g.shared_size = (g.shared_size + 15) // 16 * 16
     g.private_size = (g.private_size + 15) // 16 * 16
     g.buffer_size = min(g.n_kblocks, <Py_ssize_t>2) * g.shared_size + n_threads * g.private_size
-    g.partial_size = M * N if accumulate and K > RG_KC else 0
+    g.partial_size = M * N if accumulate and g.n_kblocks > 1 else 0
     g.shared = g.private = g.partial = NULL
     return n_threads
 
@@ -411,9 +503,10 @@ cdef inline float *_align64(void *p) noexcept nogil:
 
 cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand b,
                Py_ssize_t K, bint accumulate, int n_threads,
-               const float[:, ::1] gate=None, bint b_sqrelu=False):
+               const float[:, ::1] gate=None, bint b_sqrelu=False, bint bf16=False):
     """c (+)= op(a) . op(b) (see _gemm_setup for c2, gate and b_sqrelu), the GIL released
-    once its buffers are allocated (MemoryError, saying how much, when they cannot be)."""
+    once its buffers are allocated (MemoryError, saying how much, when they cannot be);
+    bf16: on bf16-rounded operands (the bf16 path in use)."""
     cdef Py_ssize_t M = c.shape[0], N = c.shape[1]
     if M == 0 or N == 0:
         return
@@ -424,7 +517,8 @@ cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand
             _gemm_zero_k(M, N, &c[0, 0], N, c2p, gatep, accumulate)
         return
     cdef _Gemm g
-    n_threads = _gemm_setup(&g, _isa, M, N, K, a, b, &c[0, 0], N, c2p, gatep, b_sqrelu,
+    n_threads = _gemm_setup(&g, _isa_bf16 if bf16 else _isa, M, N, K, a, b, &c[0, 0], N,
+                            c2p, gatep, b_sqrelu,
                             accumulate, n_threads)
     cdef void *base = malloc(<size_t>g.buffer_size * sizeof(float) + 64)
     if base == NULL:
@@ -444,43 +538,53 @@ cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand
     free(base)
 
 
-def matmul_forward(out, x, w, n_threads, accumulate=False):
+def matmul_forward(out, x, w, n_threads, accumulate=False, precision="fp32"):
     """Linear layer without bias: out = x . w^T.
     out : (N, OC)  float32  written (accumulated when accumulate=True)
     x   : (N, IC)  float32  read
     w   : (OC, IC) float32  read
+    precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
+                summed in fp32 (see available_bf16_isas)
     """
     N, IC, OC = _linear_dims("x", x, w)
     check_output("out", out, F32, (N, OC), f"x is {x.shape}, w is {w.shape}")
     check_disjoint((("out", out),), (("x", x), ("w", w)))
     nt = check_n_threads(n_threads)
+    bf16 = _bf16("matmul_forward", precision)
     _run_gemm("matmul_forward", out, None, _operand(x, False), _operand(w, True), IC,
-              bool(accumulate), nt)
+              bool(accumulate), nt, None, False, bf16)
 
 
-def matmul_backward(dx, dw, dout, x, w, n_threads):
+def matmul_backward(dx, dw, dout, x, w, n_threads, precision="fp32"):
     """Gradients of out = x . w^T, accumulated; pass None to skip one.
     dx   : (N, IC)  float32  accumulated += dout . w
     dw   : (OC, IC) float32  accumulated += dout^T . x
     dout : (N, OC)  float32  read
     x    : (N, IC)  float32  read
     w    : (OC, IC) float32  read
+    precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
+                summed in fp32 (see available_bf16_isas)
     """
     func = "matmul_backward"
     N, IC, OC, nt = _check_linear_grads("dx", dx, dw, dout, "x", x, w, n_threads)
+    bf16 = _bf16(func, precision)
     # d(x . w^T)/dx: dx = dout (N, OC) . w (OC, IC)
     if dx is not None:
-        _run_gemm(func, dx, None, _operand(dout, False), _operand(w, False), OC, True, nt)
+        _run_gemm(func, dx, None, _operand(dout, False), _operand(w, False), OC, True, nt,
+                  None, False, bf16)
     # d(x . w^T)/dw: dw = dout^T (OC, N) . x (N, IC)
     if dw is not None:
-        _run_gemm(func, dw, None, _operand(dout, True), _operand(x, False), N, True, nt)
+        _run_gemm(func, dw, None, _operand(dout, True), _operand(x, False), N, True, nt,
+                  None, False, bf16)
 
 
-def gemm(c, a, b, trans_a, trans_b, accumulate, n_threads):
+def gemm(c, a, b, trans_a, trans_b, accumulate, n_threads, precision="fp32"):
     """General matrix product c (+)= op(a) . op(b), op(X) = X^T when its flag is set.
     c : (M, N) float32  written (accumulated when accumulate)
     a : (M, K), or (K, M) with trans_a   float32  read
     b : (K, N), or (N, K) with trans_b   float32  read
+    precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
+                summed in fp32 (see available_bf16_isas)
     """
     check_array("a", a, F32, 2)
     check_array("b", b, F32, 2)
@@ -494,15 +598,19 @@ def gemm(c, a, b, trans_a, trans_b, accumulate, n_threads):
     check_output("c", c, F32, (M, N), shapes)
     check_disjoint((("c", c),), (("a", a), ("b", b)))
     nt = check_n_threads(n_threads)
-    _run_gemm("gemm", c, None, _operand(a, ta), _operand(b, tb), K, bool(accumulate), nt)
+    bf16 = _bf16("gemm", precision)
+    _run_gemm("gemm", c, None, _operand(a, ta), _operand(b, tb), K, bool(accumulate), nt,
+              None, False, bf16)
 
 
-def matmul_sqrelu_forward(out, pre, x, w, n_threads):
+def matmul_sqrelu_forward(out, pre, x, w, n_threads, precision="fp32"):
     """Linear layer followed by squared ReLU, fused in the GEMM's write-back.
     out : (N, OC)  float32  written = relu(pre)^2
     pre : (N, OC)  float32  written = x . w^T, saved for the squared-ReLU backward
     x   : (N, IC)  float32  read
     w   : (OC, IC) float32  read
+    precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
+                summed in fp32 (see available_bf16_isas)
     """
     N, IC, OC = _linear_dims("x", x, w)
     shapes = f"x is {x.shape}, w is {w.shape}"
@@ -510,11 +618,12 @@ def matmul_sqrelu_forward(out, pre, x, w, n_threads):
     check_output("pre", pre, F32, (N, OC), shapes)
     check_disjoint((("out", out), ("pre", pre)), (("x", x), ("w", w)))
     nt = check_n_threads(n_threads)
+    bf16 = _bf16("matmul_sqrelu_forward", precision)
     _run_gemm("matmul_sqrelu_forward", pre, out, _operand(x, False), _operand(w, True), IC,
-              False, nt)
+              False, nt, None, False, bf16)
 
 
-def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
+def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads, precision="fp32"):
     """Gradients of out = relu(pre)^2 . w^T (a linear layer on a squared ReLU's output), with
     the activation never stored: pass None to skip one.
     dpre : (N, IC)  float32  written = (dout . w) * 2 relu(pre)
@@ -522,18 +631,21 @@ def matmul_sqrelu_backward(dpre, dw, dout, pre, w, n_threads):
     dout : (N, OC)  float32  read
     pre  : (N, IC)  float32  read, the squared ReLU's input
     w    : (OC, IC) float32  read
+    precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
+                summed in fp32 (see available_bf16_isas)
 
-    Bit for bit what the unfused steps give: squared_relu_forward(act, pre),
+    Bit for bit what the unfused steps give (with the same precision): squared_relu_forward(act, pre),
     matmul_backward(None, dw, dout, act, w), gemm(dpre, dout, w, False, False, False) and
     squared_relu_backward_inplace(dpre, pre); without the two passes over (N, IC) arrays.
     """
     func = "matmul_sqrelu_backward"
     N, IC, OC, nt = _check_linear_grads("dpre", dpre, dw, dout, "pre", pre, w, n_threads)
+    bf16 = _bf16(func, precision)
     # dw = dout^T (OC, N) . relu(pre)^2 (N, IC)
     if dw is not None:
         _run_gemm(func, dw, None, _operand(dout, True), _operand(pre, False), N, True, nt,
-                  None, True)
+                  None, True, bf16)
     # dpre = dout (N, OC) . w (OC, IC), times 2 relu(pre) in the write-back
     if dpre is not None:
         _run_gemm(func, dpre, None, _operand(dout, False), _operand(w, False), OC, False, nt,
-                  pre, False)
+                  pre, False, bf16)

@@ -7,9 +7,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["Config", "NORMS"]
+__all__ = ["Config", "NORMS", "PRECISIONS"]
 
 NORMS = ("rmsnorm", "layernorm")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Config:
     adam_eps: float = 1e-8      # AdamW denominator epsilon
     weight_decay: float = 0.01  # decoupled decay, on matrices only
     grad_clip: float = 1.0      # global gradient-norm clip (0 turns clipping off)
+    # GEMM operands: "fp32", or "bf16" (rounded to bf16 as the GEMMs pack them, summed in
+    # fp32; weights, gradients, AdamW, loss, softmax and norms stay fp32)
+    precision: str = "fp32"
     seed: int = 1337            # initialisation, batches and dropout masks
 
     def __post_init__(self):
@@ -56,6 +60,8 @@ class Config:
             raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self._check_float("dropout", lo=0.0, hi=1.0, hi_open=True)
         self._check_float("norm_eps", lo=0.0, lo_open=True)
         self._check_float("lr", lo=0.0, lo_open=True)

@@ -35,6 +35,13 @@ the cache, their attention over every cached row, wo with the residual add fused
 fc1 with its squared ReLU, fc2 with the residual add; then lm_head. Its products are the
 decode kernels' (a few rows against weights read in place; the GEMM's packing would cost as
 much as a one-row product), so its logits equal forward's to float32 rounding, not bit for bit.
+
+config.precision "bf16" makes every GEMM of forward and backward take bf16-rounded operands
+(rounded while the GEMM packs them) and sum in fp32; the parameters, gradients, the arena's
+activations, the norms, attention (its softmax and its own products), dropout and the loss
+stay fp32, and no activation is stored in bf16 (the packing rounds a fp32 buffer each time it
+reads one). decode stays fp32 in either precision: it is for sampling, and its one-row
+products read the weights in place without packing.
 """
 import contextlib
 import types
@@ -337,6 +344,16 @@ class GPT:
                 "activations": ActivationArena.nbytes_for(config, B, T),
                 "attention": attention.scratch_bytes(T, config.head_size, team)}
 
+    def precision_note(self):
+        """What config.precision does on this CPU, for the start-up report; None for fp32."""
+        if self.config.precision == "fp32":
+            return None
+        how = ("on vdpbf16ps (AVX512_BF16)" if matmul.bf16_native() else
+               "emulated with fp32 multiply-adds (this CPU or the SIMD path chosen has no "
+               "AVX512_BF16): the same results as vdpbf16ps, and no speed-up")
+        return (f"precision=bf16: the GEMMs round their operands to bf16 and sum in fp32 "
+                f"(weights, gradients, optimizer, norms, softmax and loss stay fp32), {how}")
+
     def release_buffers(self):
         """Free the activation arena (125 MiB at the default size) until the next forward
         allocates it again: for when only sampling is left, whose KV cache has buffers of its
@@ -386,6 +403,7 @@ class GPT:
         p = self.params
         L, NH, seed = cfg.n_layer, cfg.n_head, cfg.seed
         drop = cfg.dropout if self.training else 0.0  # p == 0 makes dropout the identity
+        pr = cfg.precision  # the GEMMs' operands; everything else is fp32 either way
         self._pending = None
 
         embedding.embedding_forward(a.resid3[0], a.idx, p["wte"], p["wpe"], nt)
@@ -394,19 +412,19 @@ class GPT:
             x, x_mid, x_out = a.resid[2 * l], a.resid[2 * l + 1], a.resid[2 * l + 2]
             # x_mid = x + dropout(attn(norm(x)) wo^T)
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], x, w.ln1_w, w.ln1_b, nt)
-            matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt)
+            matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt, precision=pr)
             attention.attention_forward(a.atty, None, a.qkv[l], NH, nt)  # P is not kept
-            matmul.matmul_forward(a.proj, a.atty2, w.wo, nt)
+            matmul.matmul_forward(a.proj, a.atty2, w.wo, nt, precision=pr)
             activation.dropout_add_to_forward(x_mid, x, a.proj, drop, seed, step, l, 0, nt,
                                               offset=mask_offset)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
             # the squared ReLU in fc1's GEMM write-back (fc1_pre kept for backward)
-            matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt)
-            matmul.matmul_forward(a.proj, a.act, w.fc2, nt)
+            matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
+            matmul.matmul_forward(a.proj, a.act, w.fc2, nt, precision=pr)
             activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt,
                                               offset=mask_offset)
-        matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt)
+        matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt, precision=pr)
 
         if targets is None:
             return a.logits.reshape(B, T, cfg.vocab_size).copy()
@@ -508,6 +526,7 @@ class GPT:
         cfg = self.config
         L, NH, seed = cfg.n_layer, cfg.n_head, cfg.seed
         nt = self.n_threads
+        pr = cfg.precision
         self.flat_grads.fill(0.0)
         g = self.grads
         if not st.have_dlogits:
@@ -518,8 +537,9 @@ class GPT:
         dresid = a.dresid2
         # logits = resid[2L] lm_head^T (dresid written: nothing to zero first)
         matmul.matmul_backward(None, g["lm_head"], a.dlogits, a.resid[2 * L],
-                               self.params["lm_head"], nt)
-        matmul.gemm(dresid, a.dlogits, self.params["lm_head"], False, False, False, nt)
+                               self.params["lm_head"], nt, precision=pr)
+        matmul.gemm(dresid, a.dlogits, self.params["lm_head"], False, False, False, nt,
+                    precision=pr)
         for l in reversed(range(L)):
             w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
@@ -527,27 +547,29 @@ class GPT:
             # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the
             # GEMM packs it, and the squared-ReLU backward runs in the write-back.
             dpre = a.act  # act's memory, free in backward
-            matmul.matmul_sqrelu_backward(dpre, gw.fc2, dproj, a.fc1_pre[l], w.fc2, nt)
+            matmul.matmul_sqrelu_backward(dpre, gw.fc2, dproj, a.fc1_pre[l], w.fc2, nt,
+                                          precision=pr)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
                                w.ln2_b, nt)  # recompute fc1's input
-            matmul.matmul_backward(None, gw.fc1, dpre, a.ln, w.fc1, nt)
+            matmul.matmul_backward(None, gw.fc1, dpre, a.ln, w.fc1, nt, precision=pr)
             dln = a.proj  # the branch gradient (proj or dresid) has been used up
-            matmul.gemm(dln, dpre, w.fc1, False, False, False, nt)
+            matmul.gemm(dln, dpre, w.fc1, False, False, False, nt, precision=pr)
             self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l],
                                 a.ln2_rstd[l], l, "ln2", nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
             dproj = self._dropout_backward(a, dresid, drop, (seed, step, l, 0), st.mask_offset, nt)
-            matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt)
+            matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt,
+                        precision=pr)
             # The probabilities are recomputed inside, bit-identical to the forward's, and
             # with them the attention output, wo's input, for its weight gradient.
             attention.attention_backward(a.dqkv, a.datty, a.qkv[l], None, NH, nt,
                                          accumulate=False, out=a.atty)
-            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt)
+            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt, precision=pr)
             self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
                                w.ln1_b, nt)  # recompute the qkv matmul's input (datty is dead)
-            matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt)
+            matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt, precision=pr)
             dln = a.proj
-            matmul.gemm(dln, a.dqkv2, w.wqkv, False, False, False, nt)
+            matmul.gemm(dln, a.dqkv2, w.wqkv, False, False, False, nt, precision=pr)
             self._norm_backward(dresid, dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
                                 l, "ln1", nt)
         # resid[0] = wte[idx] + wpe[:T]

@@ -661,6 +661,8 @@ class Trainer:
             yield (f"the run ({opts.iters} iterations) is shorter than the warmup "
                    f"({cfg.warmup_iters}): the learning rate never reaches its peak {cfg.lr:g} "
                    f"(it ends at {lr_at(opts.iters - 1, opts.iters, cfg):.1e})")
+        if self.model.precision_note():
+            yield self.model.precision_note()
 
     def threads_description(self):
         """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""

@@ -3,7 +3,7 @@ import argparse
 import shlex
 
 from .. import distributed
-from ..config import Config
+from ..config import NORMS, PRECISIONS, Config
 from ..train import RunFailed, RunOptions, Trainer, TrainError
 from .args import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, PROG, ArgumentParser, UsageError,
                    add_threads_flag, float_arg, int_arg, report_error)
@@ -32,8 +32,13 @@ CONFIG_FLAGS = [
     ("adam_eps", "--adam-eps", float, "AdamW epsilon"),
     ("weight_decay", "--weight-decay", float, "decoupled weight decay on matrices"),
     ("grad_clip", "--grad-clip", float, "clip the global gradient norm to this (0: no clipping)"),
+    ("precision", "--precision", str, "GEMM operands: fp32, or bf16 (rounded to bf16, summed in "
+                                      "fp32; weights, gradients and optimizer stay fp32)"),
     ("seed", "--seed", int, "seed for initialisation, batches, dropout and samples"),
 ]
+
+# The string fields' allowed values.
+_CHOICES = {"norm": NORMS, "precision": PRECISIONS}
 
 # RunOptions field -> the flag that sets it, for the flags a resumed run must be given again to
 # behave as the interrupted one did (see continue_command).
@@ -69,7 +74,7 @@ def build_parser(subcommands=None, version=None):
                         "schedule; with --resume, the total to reach)")
     m = p.add_argument_group("model and optimisation (defaults from randygpt.config.Config)")
     for field, flag, kind, help_text in CONFIG_FLAGS:
-        kw = ({"choices": ["rmsnorm", "layernorm"]} if field == "norm"
+        kw = ({"choices": list(_CHOICES[field])} if field in _CHOICES
               else {"type": int_arg(flag) if kind is int else float_arg(flag)})
         m.add_argument(flag, dest=field, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"),
                        help=f"{help_text} (default: {defaults[field]})", **kw)

@@ -22,7 +22,9 @@ Rows are printed as they are measured; Ctrl-C stops the run, prints the summary 
 measured so far and exits with status 130. The header says which kernels NumPy's BLAS runs
 (and warns when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE overrides its choice) and the cores' peak
 FMA rate at the thread count, measured now (benchmarks/_fma_peak.py); "% peak" is a row's
-GFLOP/s against it.
+GFLOP/s against it. The matmul_bf16 rows are the step's GEMMs with precision="bf16" (checked
+against float64 sums of the bf16-rounded operands); their % peak is against vdpbf16ps's peak,
+measured in the same run, where the bf16 path is native (the FMA peak where it is emulated).
 
 Targets (the PASS/MISS column): every matmul >= 0.8x NumPy `@`; every fused kernel (attention,
 norms, cross-entropy, AdamW, grad norm, dropout, squared ReLU) >= 3x its NumPy reference;
@@ -40,7 +42,8 @@ from threadpoolctl import threadpool_limits
 
 from _common import (SPIN_SETTLE_S, StreamTable, dump_json, fmt, fmt_ratio, format_machine,
                      machine_info, time_interleaved)
-from _fma_peak import available_isas as fma_peak_isas, fma_peak_gflops
+from _fma_peak import (available_bf16_isas as fma_peak_bf16_isas, available_isas as fma_peak_isas,
+                       fma_peak_gflops)
 import randygpt  # noqa: E402  (after _common, which puts the checkout on sys.path)
 
 FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
@@ -100,6 +103,7 @@ class Case:
     flops: Optional[float] = None
     target: Optional[tuple] = None  # ("ref", x): speedup >= x; ("@", x): vs NumPy @ >= x
     gemm: bool = False  # one of the step's GEMMs, summed for the thread-scaling line
+    bf16: bool = False  # precision="bf16": % peak against the bf16 path's own peak
 
     @property
     def label(self):
@@ -123,40 +127,44 @@ def _linear_products(d):
             ("lm_head", d.C, d.V)]
 
 
-def _gemm_forward(d, IC, OC):
+def _gemm_forward(d, IC, OC, precision="fp32"):
+    # bf16: the reference sums the bf16-rounded operands in float64
     def build(K, R, rng, n):
         x, w = _randn(rng, d.N, IC), _randn(rng, OC, IC)
         a, b = _twins(out=np.empty((d.N, OC), np.float32))
         c = np.empty((d.N, OC), np.float32)
         return Trial(
-            ours=lambda: K.matmul_forward(a["out"], x, w, n),
-            ref=lambda: R.matmul_forward_ref(b["out"], x, w),
+            ours=lambda: K.matmul_forward(a["out"], x, w, n, precision=precision),
+            ref=(lambda: R.matmul_forward_ref(b["out"], x, w)) if precision == "fp32" else
+                (lambda: R.gemm_bf16_ref(b["out"], x, w, False, True, False)),
             ours_out=(a["out"],), ref_out=(b["out"],),
             numpy_matmul=lambda: np.matmul(x, w.T, out=c))
     return build
 
 
-def _gemm_input_grad(d, IC, OC):
+def _gemm_input_grad(d, IC, OC, precision="fp32"):
     def build(K, R, rng, n):
         dout, x, w = _randn(rng, d.N, OC), _randn(rng, d.N, IC), _randn(rng, OC, IC)
         a, b = _twins(dx=np.zeros((d.N, IC), np.float32))
         c = np.empty((d.N, IC), np.float32)
         return Trial(
-            ours=lambda: K.matmul_backward(a["dx"], None, dout, x, w, n),
-            ref=lambda: R.matmul_backward_ref(b["dx"], None, dout, x, w),
+            ours=lambda: K.matmul_backward(a["dx"], None, dout, x, w, n, precision=precision),
+            ref=(lambda: R.matmul_backward_ref(b["dx"], None, dout, x, w)) if precision == "fp32"
+                else (lambda: R.gemm_bf16_ref(b["dx"], dout, w, False, False, True)),
             ours_out=(a["dx"],), ref_out=(b["dx"],),
             numpy_matmul=lambda: np.matmul(dout, w, out=c))
     return build
 
 
-def _gemm_weight_grad(d, IC, OC):
+def _gemm_weight_grad(d, IC, OC, precision="fp32"):
     def build(K, R, rng, n):
         dout, x, w = _randn(rng, d.N, OC), _randn(rng, d.N, IC), _randn(rng, OC, IC)
         a, b = _twins(dw=np.zeros((OC, IC), np.float32))
         c = np.empty((OC, IC), np.float32)
         return Trial(
-            ours=lambda: K.matmul_backward(None, a["dw"], dout, x, w, n),
-            ref=lambda: R.matmul_backward_ref(None, b["dw"], dout, x, w),
+            ours=lambda: K.matmul_backward(None, a["dw"], dout, x, w, n, precision=precision),
+            ref=(lambda: R.matmul_backward_ref(None, b["dw"], dout, x, w)) if precision == "fp32"
+                else (lambda: R.gemm_bf16_ref(b["dw"], dout, x, True, False, True)),
             ours_out=(a["dw"],), ref_out=(b["dw"],),
             numpy_matmul=lambda: np.matmul(dout.T, x, out=c))
     return build
@@ -212,6 +220,17 @@ def matmul_cases(d):
                       _matmul_sqrelu(d), 2.0 * d.N * d.C * d.H, at_least))
     cases.append(Case("matmul", "matmul_sqrelu fc2", "bwd", f"TN+NN {d.N}x{d.H}x{d.C}",
                       _matmul_sqrelu_backward(d), 4.0 * d.N * d.C * d.H, at_least))
+    # The same GEMMs with precision="bf16" ("vs @" is against NumPy's fp32 product).
+    for name, IC, OC in _linear_products(d):
+        flops = 2.0 * d.N * IC * OC
+        cases += [
+            Case("matmul", f"matmul_bf16 {name}", "fwd", f"NT {d.N}x{IC}x{OC}",
+                 _gemm_forward(d, IC, OC, "bf16"), flops, bf16=True),
+            Case("matmul", f"matmul_bf16 {name}", "bwd dX", f"NN {d.N}x{OC}x{IC}",
+                 _gemm_input_grad(d, IC, OC, "bf16"), flops, bf16=True),
+            Case("matmul", f"matmul_bf16 {name}", "bwd dW", f"TN {OC}x{d.N}x{IC}",
+                 _gemm_weight_grad(d, IC, OC, "bf16"), flops, bf16=True),
+        ]
     return cases
 
 
@@ -657,6 +676,12 @@ def print_header(doc):
               "thread(s), measured now): % peak = a row's GFLOP/s against it")
     else:
         print(f"FMA peak : not measured ({peak['error']})")
+    bf16 = doc["bf16_peak"]
+    if "gflops" in bf16:
+        print(f"bf16 peak: {bf16['gflops']:.1f} GFLOP/s ({bf16['isa']}, {bf16['threads']} "
+              "thread(s), measured now): % peak of the matmul_bf16 rows")
+    else:
+        print(f"bf16 peak: {bf16['error']}")
     d = doc["dims"]
     print(f"shapes   : B={d['B']} T={d['T']} C={d['C']} NH={d['NH']} H={d['H']} V={d['V']} "
           f"P={d['P']:,}; median of {doc['repeat']} interleaved samples; "
@@ -697,17 +722,34 @@ def measure_fma_peak(loaded, n_threads, quick):
     return {"isa": isa, "threads": n_threads, "gflops": gflops}
 
 
+def measure_bf16_peak(loaded, n_threads, quick):
+    """The peak of the bf16 GEMM path in use: vdpbf16ps's where it runs natively; the FMA
+    peak of its tile where it is emulated (the emulation runs fp32 FMAs)."""
+    if "matmul" not in loaded:
+        return {"error": "not measured (matmul not built)"}
+    isa = loaded["matmul"][0].get_bf16_isa()
+    if isa not in fma_peak_bf16_isas():
+        return {"error": f"{isa} is emulated with fp32 FMAs: its rows' % peak is against the "
+                         "FMA peak"}
+    try:
+        gflops = fma_peak_gflops(isa, n_threads, seconds=0.01 if quick else 0.2)
+    except (RuntimeError, ValueError) as e:
+        return {"error": f"not measured ({e})"}
+    return {"isa": isa, "threads": n_threads, "gflops": gflops}
+
+
 def measure(cases, loaded, doc, n_threads, repeat, rng, settle_s, table):
     """Checks and times every case, appending each row to doc["results"] (and printing it
     when `table` is given) as soon as it is measured; returns the GEMM trials for the
     thread-scaling line."""
     gemm_trials = []
-    peak = doc["fma_peak"].get("gflops")
+    fma_peak = doc["fma_peak"].get("gflops")
     for case in cases:
         if case.family not in loaded:
             continue
         kernels, reference = loaded[case.family]
         row, trial = run_case(case, kernels, reference, n_threads, repeat, rng, settle_s)
+        peak = doc["bf16_peak"].get("gflops", fma_peak) if case.bf16 else fma_peak
         row["share_of_fma_peak"] = row["gflops"] / peak if peak and row["gflops"] else None
         doc["results"].append(row)
         if table:
@@ -750,12 +792,14 @@ def main(argv=None):
     settle_s = SPIN_SETTLE_S if n_threads > 1 and not args.quick else 0.0
     table = None if args.json else result_table([c for c in cases if c.family in loaded])
     doc = {"machine": machine_info(n_threads), "fma_peak": {"error": "interrupted"},
+           "bf16_peak": {"error": "interrupted"},
            "dims": asdict(dims), "repeat": repeat, "results": [], "scaling": None,
            "skipped": skipped, "interrupted": False}
     try:
         with threadpool_limits(limits=n_threads, user_api="blas"):
             doc["machine"] = machine_info(n_threads)
             doc["fma_peak"] = measure_fma_peak(loaded, n_threads, args.quick)
+            doc["bf16_peak"] = measure_bf16_peak(loaded, n_threads, args.quick)
             if table:
                 print_header(doc)
                 print(table.header(), flush=True)

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_train.py [--threads 1,2,...] [--repeat R] [--json] [--profile]
-                                     [--no-torch] [--quick]
+                                     [--no-torch] [--quick] [--precision fp32|bf16]
 
     --threads LIST  thread counts to sweep (default: one per physical core); randygpt,
                     PyTorch and NumPy's BLAS all get the same count
@@ -12,6 +12,9 @@ Usage:
                     optimizer, and what is left outside the kernels (Python, NumPy copies)
     --no-torch      skip PyTorch
     --quick         a tiny model and one step: a smoke test, not a measurement
+    --precision P   our step in Config.precision P; with bf16, our fp32 step is timed too
+                    ("ours fp32", for "speed vs fp32") and PyTorch runs its forward under
+                    torch.autocast("cpu", dtype=torch.bfloat16)
 
 A step is what the trainer does per iteration: forward with targets (B=32, T=64, the default
 Config, dropout on), backward, global gradient norm and clip, one AdamW update. Each
@@ -239,7 +242,8 @@ def ours_session(cfg, n_threads, profile_steps):
         threads = randygpt.effective_n_threads()
         result = {"impl": "ours", "threads": threads,
                   "num_params": model.num_params, "loss": state["loss"],
-                  "isa": matmul.get_isa(), **fma_peaks(threads)}
+                  "isa": matmul.get_isa(), "precision": cfg.precision,
+                  "bf16_isa": matmul.get_bf16_isa(), **fma_peaks(threads)}
         if profile_steps:
             profiler = KernelProfiler()
             profiled = make_step(cfg, x, y,
@@ -305,6 +309,7 @@ def torch_session(cfg, n_threads):
 
     torch.set_num_threads(n_threads)
     torch.manual_seed(cfg.seed)
+    autocast = getattr(cfg, "precision", "fp32") == "bf16"
     model = _load_torch_ref().build_torch_gpt(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -325,7 +330,9 @@ def torch_session(cfg, n_threads):
 
     def step():
         optimizer.zero_grad(set_to_none=False)
-        loss = model(x, y)
+        # bf16: the forward's matmuls on bf16 under autocast, as PyTorch users run it
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, y)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -334,6 +341,7 @@ def torch_session(cfg, n_threads):
 
     def finish():
         return {"impl": "torch", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "autocast_bf16": autocast,
                 "num_params": sum(p.numel() for p in params), "loss": state["loss"]}
 
     return step, finish
@@ -358,10 +366,11 @@ def worker_main(args):
     'step' runs one step and replies its seconds, 'finish' replies the results and exits."""
     settings = json.loads(args.config_json)
     n_threads = args.threads[0]
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours_fp32"):
         from randygpt.config import Config
-        step, finish = ours_session(Config.from_dict(settings), n_threads,
-                                    args.repeat if args.profile else 0)
+        cfg = Config.from_dict(settings)
+        step, finish = ours_session(cfg if args.worker == "ours" else cfg.replace(precision="fp32"),
+                                    n_threads, args.repeat if args.profile else 0)
     elif args.worker == "torch":
         step, finish = torch_session(SimpleNamespace(**settings), n_threads)
     else:
@@ -454,7 +463,8 @@ class Worker:
 
 def measure_threads(cfg, n_threads, repeat, profile, with_torch):
     """Ours, PyTorch and NumPy's GEMMs at one thread count, one step each in turn."""
-    kinds = ["ours"] + (["torch"] if with_torch else []) + ["blas"]
+    kinds = (["ours"] + (["ours_fp32"] if cfg.precision == "bf16" else [])
+             + (["torch"] if with_torch else []) + ["blas"])
     workers, results = {}, {}
     for kind in kinds:
         try:
@@ -495,11 +505,13 @@ def measure(cfg, threads, repeat, profile, with_torch):
         run = {"threads": n, "ours": results["ours"], "numpy_gemm": results["blas"]}
         if with_torch:
             run["torch"] = results["torch"]
+        if "ours_fp32" in results:
+            run["ours_fp32"] = results["ours_fp32"]
         gemm_ms = run["numpy_gemm"].get("step_ms")
         if gemm_ms:
             run["numpy_gemm"]["gemm_ms"] = gemm_ms
             run["numpy_gemm"]["gemm_gflops"] = flops / (gemm_ms / 1e3) / 1e9
-        for impl in ("ours", "torch"):
+        for impl in IMPLS:
             r = run.get(impl)
             if not r or "error" in r:
                 continue
@@ -511,20 +523,27 @@ def measure(cfg, threads, repeat, profile, with_torch):
             # The FMA peak bounds every implementation alike: no step's GEMMs run faster.
             run["fma_peak_gflops"] = peak
             run["gemm_floor_ms"] = flops / (peak * 1e9) * 1e3
-            for impl in ("ours", "torch", "numpy_gemm"):
+            for impl in IMPLS + ("numpy_gemm",):
                 r = run.get(impl)
                 if r and "error" not in r:
                     r["share_of_fma_peak"] = r["gemm_gflops"] / peak
         if with_torch and "error" not in run["ours"] and "error" not in run["torch"]:
             run["speed_vs_torch"] = run["torch"]["step_ms"] / run["ours"]["step_ms"]
+        fp32 = run.get("ours_fp32")
+        if fp32 and "error" not in fp32 and "error" not in run["ours"]:
+            run["speed_vs_fp32"] = fp32["step_ms"] / run["ours"]["step_ms"]
         runs.append(run)
     base = runs[0]
     for run in runs[1:]:
-        for impl in ("ours", "torch"):
+        for impl in IMPLS:
             r, b = run.get(impl), base.get(impl)
             if r and b and "error" not in r and "error" not in b:
                 r["scaling"] = b["step_ms"] / r["step_ms"]
     return runs
+
+
+# Our step (in the Config's precision), our fp32 step beside a bf16 one, and PyTorch's.
+IMPLS = ("ours", "ours_fp32", "torch")
 
 
 def print_report(doc):
@@ -537,11 +556,12 @@ def print_report(doc):
           f"median of {doc['repeat']} steps after {WARMUP_STEPS} warm-up")
     print()
     base = doc["runs"][0]["threads"]
-    headers = ["threads", "impl", "ms/step", "tok/s", "speed vs torch", "GEMM GFLOP/s",
+    headers = ["threads", "impl", "ms/step", "tok/s", "speed vs torch", "speed vs fp32",
+               "GEMM GFLOP/s",
                "% of NumPy @", "% of FMA peak", "peak RSS MB", f"scaling vs {base}T"]
     rows, errors = [], []
     for run in doc["runs"]:
-        for impl in ("ours", "torch"):
+        for impl in IMPLS:
             r = run.get(impl)
             if r is None:
                 continue
@@ -551,8 +571,11 @@ def print_report(doc):
             speed = run.get("speed_vs_torch") if impl == "ours" else None
             share = r.get("share_of_numpy_gemm")
             peak_share = r.get("share_of_fma_peak")
-            rows.append([str(run["threads"]), impl, f"{r['step_ms']:.1f}",
+            label = {"ours": f"ours {r.get('precision', 'fp32')}", "ours_fp32": "ours fp32",
+                     "torch": "torch autocast bf16" if r.get("autocast_bf16") else "torch"}[impl]
+            rows.append([str(run["threads"]), label, f"{r['step_ms']:.1f}",
                          f"{r['tokens_per_s']:,.0f}", fmt_ratio(speed),
+                         fmt_ratio(run.get("speed_vs_fp32") if impl == "ours" else None),
                          f"{r['gemm_gflops']:.1f}", fmt(share and 100 * share, ".0f"),
                          fmt(peak_share and 100 * peak_share, ".0f"),
                          f"{r['peak_rss_mb']:.0f}", fmt_ratio(r.get("scaling"))])
@@ -562,7 +585,7 @@ def print_report(doc):
         else:
             peak_share = g.get("share_of_fma_peak")
             rows.append([str(run["threads"]), "NumPy @ (GEMMs only)", f"{g['gemm_ms']:.1f}",
-                         "-", "-", f"{g['gemm_gflops']:.1f}", "100",
+                         "-", "-", "-", f"{g['gemm_gflops']:.1f}", "100",
                          fmt(peak_share and 100 * peak_share, ".0f"), "-", "-"])
     print(format_table(headers, rows))
     print("speed vs torch = torch ms / ours ms; % of NumPy @ = NumPy's time for the step's "
@@ -618,8 +641,12 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="time each kernel of our step")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--quick", action="store_true", help="tiny model, one step (smoke test)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="our step's Config.precision (bf16: also our fp32 step, and "
+                             "PyTorch under autocast bf16)")
     # Internal: this script re-invoked to measure one implementation in its own process.
-    parser.add_argument("--worker", choices=("ours", "torch", "blas"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "ours_fp32", "torch", "blas"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -640,7 +667,7 @@ def main(argv=None):
     if too_many:
         parser.error(f"--threads {too_many[0]} exceeds the {usable} usable CPUs")
 
-    cfg = make_config(args.quick)
+    cfg = make_config(args.quick).replace(precision=args.precision)
     repeat = 1 if args.quick else args.repeat
     with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     runs = measure(cfg, args.threads, repeat, args.profile, with_torch)

@@ -23,7 +23,7 @@ TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 8, "batch_size": 
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
               "--batch-size", "4"]
 # Val and Best appear only on the lines of an evaluation.
-LOG_LINE = re.compile(r"^Iter \d+/\d+ \| Loss \d+\.\d{3}( \| Val \d+\.\d{3})? \| LR \d\.\de[-+]\d\d"
+LOG_LINE = re.compile(r"^Iter \d+/\d+ \| Loss \d+\.\d{3}( \| Val \d+\.\d{3} \(\d+\.\d{3} bpc\))? \| LR \d\.\de[-+]\d\d"
                       r"( \| Best \d+\.\d{3})? \| [\d,]+ tok/s \| ETA (\d+s|\d+m\d\ds|\d+h\d\dm)$")
 
 

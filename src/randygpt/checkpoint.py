@@ -60,7 +60,7 @@ class Checkpoint:
     """What load() returns. ``adam_m``/``adam_v`` are None when saved without an optimizer."""
 
     config: object          # randygpt.config.Config
-    tokenizer: object       # randygpt.tokenizer.CharTokenizer
+    tokenizer: object       # randygpt.tokenizer.CharTokenizer or BPETokenizer
     params: np.ndarray      # (P,) float32
     adam_m: np.ndarray      # (P,) float32 or None
     adam_v: np.ndarray      # (P,) float32 or None
@@ -116,7 +116,7 @@ def save(path, *, model, optimizer, tokenizer, step, rng_state, extra=None):
 
     model      : GPT (its flat_params, config and table are stored)
     optimizer  : AdamW or None (m, v and t are stored when given)
-    tokenizer  : CharTokenizer whose vocab_size equals model.config.vocab_size
+    tokenizer  : CharTokenizer or BPETokenizer whose vocab_size equals model.config.vocab_size
     step       : int >= 0, training iterations completed
     rng_state  : dict from np.random.Generator.bit_generator.state, or None
     extra      : JSON-serialisable dict, or None
@@ -318,7 +318,7 @@ def read_header(path):
 def _header_fields(header, path):
     """(config, tokenizer, step, adam_t, rng_state, extra) from a header, each validated."""
     from .config import Config
-    from .tokenizer import CharTokenizer
+    from .tokenizer import tokenizer_from_dict
 
     missing = _HEADER_KEYS - header.keys()
     if missing:
@@ -328,7 +328,7 @@ def _header_fields(header, path):
     except (TypeError, ValueError) as e:
         _fail(path, f"has an invalid config: {e}")
     try:
-        tokenizer = CharTokenizer.from_dict(header["tokenizer"])
+        tokenizer = tokenizer_from_dict(header["tokenizer"])
     except (TypeError, ValueError) as e:
         _fail(path, f"has an invalid vocabulary: {e}")
     if tokenizer.vocab_size != config.vocab_size:

@@ -6,6 +6,8 @@ is only good enough to show the program runs. This module never prints: the call
 source and any warning. It owns no RNG either: ``get_batch`` takes the caller's generator.
 """
 import hashlib
+import json
+import math
 import os
 from collections import namedtuple
 from pathlib import Path
@@ -16,7 +18,7 @@ from .fileio import NotRegularFileError, atomic_write, open_regular
 
 __all__ = ["DataError", "TextTooShort", "load_text", "text_fingerprint", "verify_text", "default_cache_dir",
            "download_shakespeare", "resolve_source", "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
-           "BUILTIN_TEXT"]
+           "BUILTIN_TEXT", "split_text", "encode_cached"]
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
@@ -227,14 +229,54 @@ def _as_ids(windows):
     return np.ascontiguousarray(windows, dtype=np.int32)
 
 
+def split_text(text, val_fraction=0.1):
+    """(training text, validation text): the first and last characters of ``text``, the
+    validation part ``val_fraction`` of them. A tokenizer that learns from its text (BPE) is
+    trained on the first part only."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n_train = int(len(text) * (1.0 - val_fraction))
+    return text[:n_train], text[n_train:]
+
+
+def encode_cached(text, tokenizer, cache_dir=None):
+    """``tokenizer.encode(text)`` in the narrowest unsigned dtype for its vocabulary. With a
+    cache directory, a BPE encoding is kept there as ``tokens/<sha256>.npy`` (keyed by the text
+    and the tokenizer) and read back memory-mapped: a second run on the same text and
+    tokenizer neither encodes again nor holds the ids in memory. A character encoding is
+    faster to redo than to read, so it is never cached. An unreadable cache entry is redone."""
+    dtype = _id_dtype(tokenizer.vocab_size)
+    if cache_dir is None or getattr(tokenizer, "kind", "char") != "bpe":
+        return tokenizer.encode(text, dtype=dtype)
+    key = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8"))
+    key.update(b"\0")
+    key.update(text.encode("utf-8"))
+    path = Path(cache_dir) / "tokens" / f"{key.hexdigest()[:32]}.npy"
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        if ids.dtype == dtype and ids.ndim == 1:
+            return ids
+    except (OSError, ValueError):  # absent or damaged: encode again
+        pass
+    ids = tokenizer.encode(text, dtype=dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
+    except OSError:  # a cache that cannot be written only costs the next run the encoding
+        return ids
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
 class Dataset:
-    """A text encoded once, split into train (first 90%) and validation (last 10%) ids.
+    """A text split into train (first 90% of its characters) and validation (the rest), each
+    encoded on its own (see encode_cached for ``cache_dir``).
 
     ``block_size`` is T: a batch row is a window of T+1 consecutive ids, x its first T, y its
-    last T (the targets are the inputs shifted by one).
+    last T (the targets are the inputs shifted by one). ``chars`` holds each split's length
+    in characters, for bits_per_char.
     """
 
-    def __init__(self, text, tokenizer, block_size, val_fraction=0.1):
+    def __init__(self, text, tokenizer, block_size, val_fraction=0.1, cache_dir=None):
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not 0.0 < val_fraction < 1.0:
@@ -247,18 +289,28 @@ class Dataset:
         self.block_size = int(block_size)
         # Held in the narrowest unsigned type that fits every id (one byte per character for
         # vocabularies up to 256): a megabyte of text stays a megabyte during training, not
-        # four. Batches and windows come out as int32.
-        ids = tokenizer.encode(text).astype(_id_dtype(tokenizer.vocab_size))
-        n_train = int(len(ids) * (1.0 - val_fraction))
-        self.train = ids[:n_train]
-        self.val = ids[n_train:]
+        # four. Batches and windows come out as int32. Each split is encoded alone, so no
+        # token straddles the boundary and a BPE never saw the validation text.
+        train_text, val_text = split_text(text, val_fraction)
+        self.chars = {"train": len(train_text), "val": len(val_text)}
+        self.train = encode_cached(train_text, tokenizer, cache_dir)
+        self.val = encode_cached(val_text, tokenizer, cache_dir)
+        del train_text, val_text
+        unit = "characters" if getattr(tokenizer, "kind", "char") == "char" else "tokens"
         need = self.block_size + 1
         for name, split in (("training", self.train), ("validation", self.val)):
             if len(split) < need:
                 raise TextTooShort(
-                    f"the text is too short: its {name} split has {len(split)} characters but one "
-                    f"window needs block_size+1 = {need} (the text has {len(ids)} characters)")
+                    f"the text is too short: its {name} split has {len(split)} {unit} but one "
+                    f"window needs block_size+1 = {need} (the text has "
+                    f"{len(self.train) + len(self.val)} {unit})")
         self._offsets = np.arange(self.block_size + 1, dtype=np.int64)
+
+    def bits_per_char(self, loss, split="val"):
+        """A mean loss in nats per token of ``split`` as bits per character of that split: the
+        measure that compares tokenizers (a BPE token carries several characters)."""
+        ids = self.split(split)
+        return loss * len(ids) / (self.chars[split] * math.log(2))
 
     def split(self, split):
         if split == "train":

@@ -37,6 +37,7 @@ class EvalReport:
     block_size: int
     step: int               # the checkpoint's training iterations
     data: str               # the text's path (or BUILTIN)
+    bits_per_char: float = None  # the loss in bits per character of the split (compares tokenizers)
 
     @property
     def perplexity(self):
@@ -152,4 +153,4 @@ def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads
     loss = evaluate(model, tokens, T, batch_size or ckpt.config.batch_size)
     return EvalReport(loss=loss, split=split, n_tokens=int(tokens.size - 1),
                       n_windows=math.ceil((tokens.size - 1) / T), block_size=T, step=ckpt.step,
-                      data=str(data))
+                      data=str(data), bits_per_char=dataset.bits_per_char(loss, split))

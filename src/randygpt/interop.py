@@ -29,7 +29,7 @@ import numpy as np
 from .config import Config
 from .fileio import atomic_write, open_failure, open_regular
 from .model import ParamTable
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, tokenizer_from_dict
 from .torch_ref import build_torch_gpt, load_params
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SUFFIX", "WeightsFileError", "Weights", "is_weights_path",
@@ -151,7 +151,7 @@ def _metadata(meta, path):
     except (TypeError, ValueError) as e:
         _fail(path, f"has an invalid config: {e}")
     try:
-        tokenizer = CharTokenizer.from_dict(_json_field(meta, "tokenizer", path))
+        tokenizer = tokenizer_from_dict(_json_field(meta, "tokenizer", path))
     except (TypeError, ValueError) as e:
         _fail(path, f"has an invalid vocabulary: {e}")
     step = meta["step"]

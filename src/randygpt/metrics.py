@@ -2,7 +2,9 @@
 
 One row per log interval: the iteration, the mean training loss over the interval, the
 validation loss where an evaluation ran (empty otherwise), the learning rate, tokens per second
-(empty on the row of the untrained model) and the seconds since the run started. The trainer
+(empty on the row of the untrained model), the seconds since the run started, and the
+validation loss in bits per character (empty with val_loss; the measure that compares
+tokenizers, see data.Dataset.bits_per_char). The trainer
 writes it, the plot and the run comparison read it; the format lives here alone.
 """
 import csv
@@ -13,7 +15,10 @@ import numpy as np
 
 __all__ = ["METRICS_HEADER", "MetricsError", "MetricsFile", "metrics_row", "read_metrics"]
 
-METRICS_HEADER = ("iter", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s")
+METRICS_HEADER = ("iter", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s", "val_bpc")
+# The header before val_bpc was added: a resumed run keeps such a file's rows (their val_bpc
+# empty), and read_metrics reads it as it is.
+_OLD_HEADER = METRICS_HEADER[:-1]
 # The columns a reader cannot do without.
 _REQUIRED = ("iter", "train_loss", "val_loss", "lr")
 
@@ -22,12 +27,13 @@ class MetricsError(ValueError):
     """A metrics.csv cannot be read (missing, malformed); the message is one line naming it."""
 
 
-def metrics_row(step, train_loss, val_loss, lr, tok_per_s, elapsed_s):
-    """One row of METRICS_HEADER's columns. val_loss is None on rows without an evaluation,
-    tok_per_s None before the first step; their cells stay empty, so a plot shows only
-    measured points."""
+def metrics_row(step, train_loss, val_loss, lr, tok_per_s, elapsed_s, val_bpc=None):
+    """One row of METRICS_HEADER's columns. val_loss and val_bpc are None on rows without an
+    evaluation, tok_per_s None before the first step; their cells stay empty, so a plot shows
+    only measured points."""
     return [step, f"{train_loss:.6f}", "" if val_loss is None else f"{val_loss:.6f}",
-            f"{lr:.6e}", "" if tok_per_s is None else f"{tok_per_s:.1f}", f"{elapsed_s:.3f}"]
+            f"{lr:.6e}", "" if tok_per_s is None else f"{tok_per_s:.1f}", f"{elapsed_s:.3f}",
+            "" if val_bpc is None else f"{val_bpc:.6f}"]
 
 
 class MetricsFile:
@@ -82,12 +88,13 @@ def _rows_up_to(path, step):
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is None or tuple(header) != METRICS_HEADER:
+        if header is None or tuple(header) not in (METRICS_HEADER, _OLD_HEADER):
             return rows
+        pad = [""] * (len(METRICS_HEADER) - len(header))
         for row in reader:
             try:
                 if row and int(row[0]) <= step:
-                    rows.append(row)
+                    rows.append(row + pad)
             except ValueError:
                 continue
     return rows

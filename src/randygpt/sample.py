@@ -165,7 +165,7 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
     """Continue ``prompt`` by ``max_new_tokens`` tokens; returns the new text (without the prompt).
 
     model       : GPT; put in eval mode for the call (no dropout) and restored afterwards
-    tokenizer   : the CharTokenizer the model was trained with
+    tokenizer   : the tokenizer the model was trained with (CharTokenizer or BPETokenizer)
     prompt      : str; every character must be in the vocabulary (ValueError naming those that
                   are not). An empty prompt starts from the BOS token.
     temperature : >= 0; 0 picks the most likely token every step (greedy, deterministic), and
@@ -202,6 +202,8 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
         return ""
 
     pieces = []
+    # A byte-level token may hold part of a character: the decoder hands out whole ones only.
+    decoder = tokenizer.stream_decoder()
     with model.evaluating():
         window = ContextWindow(model, use_cache=use_cache, n_threads=decode_threads(model))
         logits = window.start(ids)
@@ -214,10 +216,13 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_p=0.
             token = sample_token(logits, temperature, top_p, top_k, rng)
             if token == tokenizer.EOS:
                 break
-            piece = tokenizer.decode([token])
+            piece = decoder.feed(token)
             pieces.append(piece)
             if stream is not None and piece:
                 stream(piece)
             if i + 1 < max_new_tokens:
                 logits = window.push(token)
-    return "".join(pieces)
+    rest = decoder.flush()
+    if stream is not None and rest:
+        stream(rest)
+    return "".join(pieces) + rest

@@ -27,12 +27,13 @@ from ._kernels import effective_n_threads, openmp_enabled, physical_cores, usabl
 from .config import Config
 from .distributed import LocalCommunicator, default_threads
 from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource, TextTooShort,
-                   load_text, resolve_source, text_fingerprint, verify_text)
+                   default_cache_dir, load_text, resolve_source, split_text, text_fingerprint,
+                   verify_text)
 from .metrics import MetricsFile
 from .model import GPT
 from .optim import AdamW, clip_scale, lr_at
 from .rundir import RUN_ID_KEY, RunDir
-from .tokenizer import CharTokenizer
+from .tokenizer import BPE_MAX_VOCAB, BPE_MIN_VOCAB, TOKENIZERS, BPETokenizer, CharTokenizer
 
 __all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "RunFailed", "Diverged",
            "run", "estimate_loss",
@@ -41,6 +42,8 @@ __all__ = ["Trainer", "RunOptions", "RunResult", "Progress", "TrainError", "RunF
            "write_plot"]
 
 SAMPLE_PROMPTS = ("ROMEO:", "To be or not to be", "Once upon a time")
+# --tokenizer bpe without --vocab-size (see README's tokenizer comparison).
+DEFAULT_BPE_VOCAB = 2048
 
 # Stream tags mixed with config.seed: np.random.default_rng([seed, tag]) gives independent
 # generators, so evaluating or sampling never shifts the batch positions training sees.
@@ -92,6 +95,8 @@ class RunOptions:
     stop_at: int = None             # stop after this iteration as if interrupted (schedule unchanged)
     cache_dir: str = None           # corpus cache (None: data.default_cache_dir())
     data_url: str = SHAKESPEARE_URL  # where the corpus is downloaded from
+    tokenizer: str = None           # "char" or "bpe" (None: char, or the resumed checkpoint's)
+    vocab_size: int = None          # BPE vocabulary size (None: DEFAULT_BPE_VOCAB)
     overrides: dict = dataclasses.field(default_factory=dict)  # Config fields set by the user
 
     def __post_init__(self):
@@ -103,6 +108,16 @@ class RunOptions:
         _check_int("sample_tokens", self.sample_tokens, lo=0)
         if self.stop_at is not None:
             _check_int("stop_at", self.stop_at, lo=1)
+        if self.tokenizer is not None and self.tokenizer not in TOKENIZERS:
+            raise TrainError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.vocab_size is not None:
+            _check_int("vocab_size", self.vocab_size)
+            if not BPE_MIN_VOCAB <= self.vocab_size <= BPE_MAX_VOCAB:
+                raise TrainError(f"vocab_size must be in [{BPE_MIN_VOCAB}, {BPE_MAX_VOCAB}] (2 "
+                                 f"special ids + 256 bytes + merges), got {self.vocab_size}")
+            if self.tokenizer != "bpe":
+                raise TrainError("--vocab-size needs --tokenizer bpe (a character vocabulary is "
+                                 "the text's own characters)")
         if self.n_threads is not None:
             _check_int("threads", self.n_threads)
             if self.n_threads == 0:
@@ -168,11 +183,14 @@ def format_rate(tok_per_s):
     return f"{tok_per_s:,.0f} tok/s"
 
 
-def progress_line(step, iters, mean_loss, val_loss, lr, best_val, tok_per_s, eta_s):
-    """The log line printed every log_every iterations. The validation loss and the best one
-    so far appear only on the lines of an evaluation (val_loss not None), so a number on a
-    line was always measured at that line's iteration."""
+def progress_line(step, iters, mean_loss, val_loss, lr, best_val, tok_per_s, eta_s, val_bpc=None):
+    """The log line printed every log_every iterations. The validation loss (per token, and
+    in bits per character when val_bpc is given) and the best one so far appear only on the
+    lines of an evaluation (val_loss not None), so a number on a line was always measured at
+    that line's iteration."""
     val = "" if val_loss is None else f" | Val {val_loss:.3f}"
+    if val_loss is not None and val_bpc is not None:
+        val += f" ({val_bpc:.3f} bpc)"
     best = "" if val_loss is None else f" | Best {best_val:.3f}"
     return (f"Iter {step}/{iters} | Loss {mean_loss:.3f}{val} | LR {lr:.1e}{best} | "
             f"{format_rate(tok_per_s)} | ETA {format_duration(eta_s)}")
@@ -451,7 +469,7 @@ class Trainer:
         # The text's identity, recorded in every checkpoint so a resume can check it.
         self._fingerprint = text_fingerprint(self.source.text)
         if self.tokenizer is None:
-            self.tokenizer = CharTokenizer.from_text(self.source.text)
+            self.tokenizer = self._build_tokenizer()
             self.config = build_config({}, vocab_size=self.tokenizer.vocab_size, base=self.config)
         self.dataset = self._open_dataset(resumed)
         self.comm.batch_slice(self.config.batch_size)  # the ranks must divide the batch
@@ -527,11 +545,30 @@ class Trainer:
                               for k, v in sorted(conflicts.items()))
             raise TrainError(f"cannot change settings when resuming, for an exact continuation: {names}")
         self.config, self.tokenizer, self.start = resumed.config, resumed.tokenizer, resumed.step
+        self._check_resumed_tokenizer()
         if self.start >= opts.iters:
             raise TrainError(f"checkpoint is already at iteration {self.start}; ask for more than "
                              f"{self.start} iterations to continue")
         self._check_stop_at()
         return resumed
+
+    def _build_tokenizer(self):
+        """A fresh run's tokenizer: the text's characters, or a BPE learned from its training
+        split alone (the validation text stays unseen)."""
+        opts = self.options
+        if opts.tokenizer != "bpe":
+            return CharTokenizer.from_text(self.source.text)
+        size = DEFAULT_BPE_VOCAB if opts.vocab_size is None else opts.vocab_size
+        try:
+            return BPETokenizer.train(split_text(self.source.text)[0], size)
+        except ValueError as e:
+            raise TrainError(f"cannot build the BPE tokenizer: {e}") from None
+
+    def _check_resumed_tokenizer(self):
+        opts, tok = self.options, self.tokenizer
+        if opts.tokenizer not in (None, tok.kind) or opts.vocab_size not in (None, tok.vocab_size):
+            raise TrainError(f"cannot change the tokenizer when resuming: the checkpoint's is "
+                             f"{tok.kind} with {tok.vocab_size} ids")
 
     def _check_stop_at(self):
         stop_at = self.options.stop_at
@@ -540,7 +577,9 @@ class Trainer:
 
     def _open_dataset(self, resumed):
         try:
-            return Dataset(self.source.text, self.tokenizer, self.config.block_size)
+            cache = self.options.cache_dir
+            return Dataset(self.source.text, self.tokenizer, self.config.block_size,
+                           cache_dir=default_cache_dir() if cache is None else cache)
         except TextTooShort as e:
             raise TextTooShort(f"{e}; use a longer text or a smaller --block-size") from None
         except DataError as e:
@@ -639,8 +678,11 @@ class Trainer:
         log.line("Training: " + " ".join(f"{k}={v}" for k, v in fields.items()
                                          if k not in _MODEL_KEYS))
         log.line(f"Parameters: {self.model.num_params:,}")
-        log.line(f"Data: {self.source.description}; train {len(self.dataset.train):,} / val "
-                 f"{len(self.dataset.val):,} tokens; vocab {self.tokenizer.vocab_size}")
+        ds = self.dataset
+        log.line(f"Data: {self.source.description}; train {len(ds.train):,} / val "
+                 f"{len(ds.val):,} tokens; vocab {self.tokenizer.vocab_size} "
+                 f"({self.tokenizer.kind}, {ds.chars['train'] / len(ds.train):.2f} characters "
+                 "per token)")
         log.line(self.threads_description())
         log.line(f"Iterations: {self.start} -> {opts.iters}"
                  + (f" (stopping at {opts.stop_at})" if opts.stop_at is not None else "")
@@ -812,10 +854,12 @@ class Trainer:
         first = self._timed_evaluate(self._meter)
         if first is None:
             return None
-        self.log.line(f"Initial loss estimate: train {first['train']:.4f} | val {first['val']:.4f}")
+        self.log.line(f"Initial loss estimate: train {first['train']:.4f} | val {first['val']:.4f}"
+                      f" ({self._bpc(first['val']):.4f} bits per character)")
         if self.start == 0:
             # The curve starts at the untrained model (a resumed run already has this row).
-            self._write_metrics(0, first["train"], first["val"], self.lr, None, 0.0)
+            self._write_metrics(0, first["train"], first["val"], self.lr, None, 0.0,
+                                self._bpc(first["val"]))
         return first
 
     def _loop(self, stop, last_val):
@@ -867,15 +911,20 @@ class Trainer:
         eta = meter.eta(self.end - step, self._evals_left())
         mean_loss = meter.interval_loss / n
         elapsed = meter.elapsed(time.perf_counter())
+        bpc = self._bpc(val_loss)
         self.log.progress(progress_line(step, self.options.iters, mean_loss, val_loss, self.lr,
-                                        self.best_val, tok_s, eta), keep=val_loss is not None)
-        self._write_metrics(step, mean_loss, val_loss, self.lr, tok_s, elapsed)
+                                        self.best_val, tok_s, eta, bpc), keep=val_loss is not None)
+        self._write_metrics(step, mean_loss, val_loss, self.lr, tok_s, elapsed, bpc)
         meter.new_interval(step)
         record = Progress(step=step, iters=self.options.iters, loss=mean_loss, lr=self.lr,
                           tok_per_s=tok_s, elapsed_s=elapsed, eta_s=eta,
                           val_loss=val_loss, best_val=self.best_val)
         for callback in self.callbacks:
             callback(record)
+
+    def _bpc(self, val_loss):
+        """A validation loss (nats per token) in bits per character; None stays None."""
+        return None if val_loss is None else self.dataset.bits_per_char(val_loss, "val")
 
     def _write_metrics(self, *row):
         if self.metrics is None:  # not rank 0
@@ -895,8 +944,9 @@ class Trainer:
             what = ("Final loss estimate" if self.step_count == opts.iters
                     else f"Loss estimate at iteration {self.step_count}")
             log.line(f"{what}: train {result.final_estimate['train']:.4f} | "
-                     f"val {result.final_estimate['val']:.4f} (started at "
-                     f"{result.first_estimate['val']:.4f})")
+                     f"val {result.final_estimate['val']:.4f} "
+                     f"({self._bpc(result.final_estimate['val']):.4f} bits per character; "
+                     f"started at {result.first_estimate['val']:.4f})")
         if self.saved is not None:
             log.line(f"Checkpoint: {self.saved}")
         if not self.comm.is_root:

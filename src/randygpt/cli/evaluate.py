@@ -1,4 +1,5 @@
-"""``randygpt eval``: a checkpoint's loss and perplexity over a whole split of its text."""
+"""``randygpt eval``: a checkpoint's loss (per token and in bits per character) and perplexity over
+a whole split of its text."""
 from ..evaluate import evaluate_checkpoint
 from .args import ArgumentParser, add_threads_flag, int_arg
 
@@ -25,6 +26,7 @@ def main(argv):
     r = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split,
                             batch_size=args.batch_size, n_threads=args.threads)
     print(f"{r.split} loss {r.loss:.4f} | perplexity {r.perplexity:.3f} | "
+          f"{r.bits_per_char:.4f} bits per character | "
           f"{r.n_tokens:,} predicted tokens in {r.n_windows:,} windows of <= {r.block_size} "
           f"| checkpoint step {r.step} | data {r.data}", flush=True)
     return 0

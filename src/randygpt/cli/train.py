@@ -4,7 +4,8 @@ import shlex
 
 from .. import distributed
 from ..config import NORMS, PRECISIONS, Config
-from ..train import RunFailed, RunOptions, Trainer, TrainError
+from ..tokenizer import BPE_MAX_VOCAB, BPE_MIN_VOCAB, TOKENIZERS
+from ..train import DEFAULT_BPE_VOCAB, RunFailed, RunOptions, Trainer, TrainError
 from .args import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, PROG, ArgumentParser, UsageError,
                    add_threads_flag, float_arg, int_arg, report_error)
 
@@ -86,6 +87,12 @@ def _add_run_flags(r):
     add_threads_flag(r)
     r.add_argument("--data", metavar="PATH", default=None,
                    help="UTF-8 text file to train on (default: ./train.txt, else Tiny Shakespeare)")
+    r.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+                   help="char: the text's characters (default); bpe: a byte-level BPE learned "
+                        "from the training split (needs randygpt[bpe]); a resumed run keeps its own")
+    r.add_argument("--vocab-size", type=int_arg("--vocab-size"), default=None, metavar="N",
+                   help=f"BPE vocabulary size, {BPE_MIN_VOCAB}-{BPE_MAX_VOCAB} (default: "
+                        f"{DEFAULT_BPE_VOCAB})")
     r.add_argument("--eval-every", type=int_arg("--eval-every", lo=0), default=250, metavar="N",
                    help="estimate the validation loss every N iterations (0: only at start and "
                         "end; default: 250)")
@@ -124,7 +131,8 @@ def parse_train_args(argv, parser=None):
                    log_every=ns.log_every, eval_iters=ns.eval_iters, save_every=ns.save_every,
                    resume=ns.resume, n_threads=ns.threads, sample=ns.sample,
                    sample_tokens=ns.sample_tokens, plot=ns.plot, stop_at=ns.stop_at,
-                   overrides=overrides, distributed=ns.distributed)
+                   overrides=overrides, distributed=ns.distributed, tokenizer=ns.tokenizer,
+                   vocab_size=ns.vocab_size)
     return overrides, options
 
 

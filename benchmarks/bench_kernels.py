@@ -203,6 +203,23 @@ def _matmul_sqrelu_backward(d):
     return build
 
 
+# A --tokenizer bpe model's vocabularies: its lm_head is then the step's largest GEMM.
+BPE_VOCABS = (2048, 8192)
+
+
+def _bpe_lm_head_cases(d):
+    """lm_head's three GEMMs at each BPE vocabulary (not in the default step's GEMM sum)."""
+    cases = []
+    for V in BPE_VOCABS:
+        flops = 2.0 * d.N * d.C * V
+        for direction, shape, build in (("fwd", f"NT {d.N}x{d.C}x{V}", _gemm_forward),
+                                        ("bwd dX", f"NN {d.N}x{V}x{d.C}", _gemm_input_grad),
+                                        ("bwd dW", f"TN {V}x{d.N}x{d.C}", _gemm_weight_grad)):
+            cases.append(Case("matmul", f"matmul lm_head V={V}", direction, shape,
+                              build(d, d.C, V), flops, ("@", MATMUL_VS_NUMPY)))
+    return cases
+
+
 def matmul_cases(d):
     at_least = ("@", MATMUL_VS_NUMPY)
     cases = []
@@ -216,6 +233,7 @@ def matmul_cases(d):
             Case("matmul", f"matmul {name}", "bwd dW", f"TN {OC}x{d.N}x{IC}",
                  _gemm_weight_grad(d, IC, OC), flops, at_least, gemm=True),
         ]
+    cases += _bpe_lm_head_cases(d)
     cases.append(Case("matmul", "matmul_sqrelu fc1", "fwd", f"NT {d.N}x{d.C}x{d.H}",
                       _matmul_sqrelu(d), 2.0 * d.N * d.C * d.H, at_least))
     cases.append(Case("matmul", "matmul_sqrelu fc2", "bwd", f"TN+NN {d.N}x{d.H}x{d.C}",

@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_train.py [--threads 1,2,...] [--repeat R] [--json] [--profile]
                                      [--no-torch] [--quick] [--precision fp32|bf16]
+                                     [--vocab-size V]
 
     --threads LIST  thread counts to sweep (default: one per physical core); randygpt,
                     PyTorch and NumPy's BLAS all get the same count
@@ -15,6 +16,8 @@ Usage:
     --precision P   our step in Config.precision P; with bf16, our fp32 step is timed too
                     ("ours fp32", for "speed vs fp32") and PyTorch runs its forward under
                     torch.autocast("cpu", dtype=torch.bfloat16)
+    --vocab-size V  the model with V ids (default: the Config's 67, a character vocabulary):
+                    2048 or 8192 time a --tokenizer bpe model, whose lm_head and embedding grow
 
 A step is what the trainer does per iteration: forward with targets (B=32, T=64, the default
 Config, dropout on), backward, global gradient norm and clip, one AdamW update. Each
@@ -644,6 +647,8 @@ def main(argv=None):
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="our step's Config.precision (bf16: also our fp32 step, and "
                              "PyTorch under autocast bf16)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="V, the model's vocabulary (e.g. 2048 or 8192 for a BPE model)")
     # Internal: this script re-invoked to measure one implementation in its own process.
     parser.add_argument("--worker", choices=("ours", "ours_fp32", "torch", "blas"),
                         help=argparse.SUPPRESS)
@@ -668,6 +673,11 @@ def main(argv=None):
         parser.error(f"--threads {too_many[0]} exceeds the {usable} usable CPUs")
 
     cfg = make_config(args.quick).replace(precision=args.precision)
+    if args.vocab_size is not None:
+        try:
+            cfg = cfg.replace(vocab_size=args.vocab_size)
+        except ValueError as e:
+            parser.error(str(e))
     repeat = 1 if args.quick else args.repeat
     with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     runs = measure(cfg, args.threads, repeat, args.profile, with_torch)

@@ -52,7 +52,7 @@ from ._kernels import effective_n_threads
 from ._kernels import activation, attention, decode, embedding, matmul, norm, xent
 from .config import Config
 
-__all__ = ["GPT", "ParamTable", "ActivationArena", "DecodeCache"]
+__all__ = ["GPT", "ParamTable", "ActivationArena", "DecodeCache", "precision_note"]
 
 _LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc1", "fc2")
 _LAYER_NORM_PARAMS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")
@@ -218,6 +218,17 @@ class DecodeCache:
                                       self.rstd, self.atty, self.act, self.logits))
 
 
+def precision_note(config):
+    """What config.precision does on this CPU, for the start-up report; None for fp32."""
+    if config.precision == "fp32":
+        return None
+    how = ("on vdpbf16ps (AVX512_BF16)" if matmul.bf16_native() else
+           "emulated with fp32 multiply-adds (this CPU or the SIMD path chosen has no "
+           "AVX512_BF16): the same results as vdpbf16ps, and no speed-up")
+    return (f"precision=bf16: the GEMMs round their operands to bf16 and sum in fp32 "
+            f"(weights, gradients, optimizer, norms, softmax and loss stay fp32), {how}")
+
+
 class GPT:
     """The character-level GPT of SPEC.md on our kernels. See the module docstring."""
 
@@ -343,16 +354,6 @@ class GPT:
         return {"parameters": 4 * 4 * P,
                 "activations": ActivationArena.nbytes_for(config, B, T),
                 "attention": attention.scratch_bytes(T, config.head_size, team)}
-
-    def precision_note(self):
-        """What config.precision does on this CPU, for the start-up report; None for fp32."""
-        if self.config.precision == "fp32":
-            return None
-        how = ("on vdpbf16ps (AVX512_BF16)" if matmul.bf16_native() else
-               "emulated with fp32 multiply-adds (this CPU or the SIMD path chosen has no "
-               "AVX512_BF16): the same results as vdpbf16ps, and no speed-up")
-        return (f"precision=bf16: the GEMMs round their operands to bf16 and sum in fp32 "
-                f"(weights, gradients, optimizer, norms, softmax and loss stay fp32), {how}")
 
     def release_buffers(self):
         """Free the activation arena (125 MiB at the default size) until the next forward

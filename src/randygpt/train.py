@@ -30,7 +30,7 @@ from .data import (BUILTIN_TEXT, SHAKESPEARE_URL, DataError, Dataset, TextSource
                    default_cache_dir, load_text, resolve_source, split_text, text_fingerprint,
                    verify_text)
 from .metrics import MetricsFile
-from .model import GPT
+from .model import GPT, precision_note
 from .optim import AdamW, clip_scale, lr_at
 from .rundir import RUN_ID_KEY, RunDir
 from .tokenizer import BPE_MAX_VOCAB, BPE_MIN_VOCAB, TOKENIZERS, BPETokenizer, CharTokenizer
@@ -703,8 +703,9 @@ class Trainer:
             yield (f"the run ({opts.iters} iterations) is shorter than the warmup "
                    f"({cfg.warmup_iters}): the learning rate never reaches its peak {cfg.lr:g} "
                    f"(it ends at {lr_at(opts.iters - 1, opts.iters, cfg):.1e})")
-        if self.model.precision_note():
-            yield self.model.precision_note()
+        note = precision_note(cfg)
+        if note:
+            yield note
 
     def threads_description(self):
         """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""

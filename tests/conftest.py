@@ -54,6 +54,19 @@ def shakespeare_path():
     return SHAKESPEARE
 
 
+def each_path(available, get, put):
+    """A fixture that runs a test once per SIMD path ``available()`` lists on this CPU, set
+    with ``put(name)``, and restores the path ``get()`` gave before. In a kernel's test module:
+    ``isa = each_path(family.available_isas, family.get_isa, family.set_isa)``."""
+    @pytest.fixture(params=available())
+    def fixture(request):
+        before = get()
+        put(request.param)
+        yield request.param
+        put(before)
+    return fixture
+
+
 def decay_mask(model):
     """The model's decay_spans as a (P,) uint8 array, 1 where weight decay applies."""
     mask = np.zeros(model.num_params, dtype=np.uint8)

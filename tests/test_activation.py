@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, numerical_grad,
-                      thread_counts)
+from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, each_path,
+                      numerical_grad, thread_counts)
 
 from randygpt._kernels import activation as act
 from randygpt._kernels._ref_activation import (dropout_add_forward_ref,
@@ -25,13 +25,7 @@ THREAD_SHAPES = [(5, 7), (37, 129)]
 COUNTERS = dict(seed=1234, step=7, layer=3, site=1)
 
 
-@pytest.fixture(params=act.available_isas())
-def isa(request):
-    """Run a dropout test on each SIMD path this CPU has, then restore the default."""
-    before = act.get_isa()
-    act.set_isa(request.param)
-    yield request.param
-    act.set_isa(before)
+isa = each_path(act.available_isas, act.get_isa, act.set_isa)
 
 
 def _f32(rng, *shape):

@@ -4,8 +4,8 @@ exact accumulation and bad input."""
 import numpy as np
 import pytest
 
-from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, numerical_grad,
-                      thread_counts)
+from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, each_path,
+                      numerical_grad, thread_counts)
 from randygpt._kernels import attention
 from randygpt._kernels._ref_attention import attention_backward_ref, attention_forward_ref
 
@@ -17,13 +17,7 @@ SHAPES = [(2, 5, 12, 3), (1, 1, 4, 1), (3, 1, 12, 3), (1, 7, 10, 1), (2, 33, 72,
 REAL = (32, 64, 256, 8)
 
 
-@pytest.fixture(params=attention.available_isas())
-def isa(request):
-    """Runs a test once per vector path this CPU can run, restoring the default after."""
-    before = attention.get_isa()
-    attention.set_isa(request.param)
-    yield request.param
-    attention.set_isa(before)
+isa = each_path(attention.available_isas, attention.get_isa, attention.set_isa)
 
 
 def make_qkv(rng, B, T, C, scale=1.0, dtype=np.float32):

@@ -4,7 +4,7 @@ cut (rows of x, output channels, new rows), and argument checks. Inference-only 
 there is no backward, so no gradient checks."""
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal, assert_close, thread_counts
+from conftest import assert_bitwise_equal, assert_close, each_path, thread_counts
 
 from randygpt._kernels import decode
 from randygpt._kernels.reference import (decode_attention_forward_ref,
@@ -22,13 +22,7 @@ ATTENTION_SHAPES = [(8, 7, 1, 12, 3), (8, 3, 1, 12, 3), (8, 0, 1, 12, 3), (9, 4,
                     (16, 0, 16, 12, 3), (10, 2, 3, 6, 2), (64, 48, 1, 256, 8)]
 
 
-@pytest.fixture(params=decode.available_isas())
-def isa(request):
-    """Run a test on each SIMD path this CPU has, then restore the one in use."""
-    before = decode.get_isa()
-    decode.set_isa(request.param)
-    yield request.param
-    decode.set_isa(before)
+isa = each_path(decode.available_isas, decode.get_isa, decode.set_isa)
 
 
 def _f32(rng, *shape):

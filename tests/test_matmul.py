@@ -14,7 +14,8 @@ from randygpt._kernels._ref_matmul import (
 )
 from randygpt._kernels import activation
 
-from conftest import assert_bitwise_equal, assert_close, assert_grad_close, numerical_grad, thread_counts
+from conftest import (assert_bitwise_equal, assert_close, assert_grad_close, each_path,
+                      numerical_grad, thread_counts)
 
 KC = 256  # the GEMM's K block: K > KC exercises the running sums carried across blocks
 
@@ -39,12 +40,7 @@ def _tol(k):
     return dict(rtol=1e-5, atol=5e-7 * max(k, 1))
 
 
-@pytest.fixture(params=mm.available_isas())
-def isa(request):
-    old = mm.get_isa()
-    mm.set_isa(request.param)
-    yield request.param
-    mm.set_isa(old)
+isa = each_path(mm.available_isas, mm.get_isa, mm.set_isa)
 
 
 def _randn(rng, *shape):

@@ -7,7 +7,7 @@ import pytest
 from randygpt._kernels import matmul as mm
 from randygpt._kernels._ref_matmul import bf16_round_ref, gemm_bf16_ref
 
-from conftest import assert_bitwise_equal, assert_close, thread_counts
+from conftest import assert_bitwise_equal, assert_close, each_path, thread_counts
 
 KC = 256  # the GEMM's K block: K > KC carries the running sums across blocks
 
@@ -17,12 +17,7 @@ SHAPES = [(1, 1, 1), (7, 13, 5), (3, 40, 70), (67, 21, 9), (19, KC + 35, 33),
           (13, 2 * KC + 18, 67), (30, 64, 40)]
 
 
-@pytest.fixture(params=mm.available_bf16_isas())
-def bf16_isa(request):
-    old = mm.get_bf16_isa()
-    mm.set_bf16_isa(request.param)
-    yield request.param
-    mm.set_bf16_isa(old)
+bf16_isa = each_path(mm.available_bf16_isas, mm.get_bf16_isa, mm.set_bf16_isa)
 
 
 def _randn(rng, *shape):

@@ -84,19 +84,8 @@ class CharTokenizer:
 
     def decode(self, ids):
         """ids -> str; BOS and EOS are skipped. Raises ValueError for ids outside the vocabulary."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
-        if arr.size == 0:
-            return ""
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
         itos = self._itos
-        return "".join(itos[i] for i in arr.tolist())
+        return "".join(itos[i] for i in _checked_ids(ids, self.vocab_size))
 
     def stream_decoder(self):
         """A decoder fed one id at a time (see _CharStream); a character is always whole."""
@@ -107,13 +96,7 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        if not isinstance(d, dict):
-            raise TypeError(f"tokenizer dict must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"type", "chars"}
-        if unknown:
-            raise ValueError(f"tokenizer dict has unknown keys: {sorted(unknown)}")
-        if d.get("type", "char") != "char":
-            raise ValueError(f"tokenizer type must be 'char', got {d.get('type')!r}")
+        _check_dict(d, "char", "chars")
         chars = d.get("chars")
         if not isinstance(chars, str):
             raise ValueError("tokenizer dict: 'chars' must be a string of the vocabulary's characters")
@@ -127,6 +110,34 @@ class CharTokenizer:
 
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def _checked_ids(ids, vocab_size):
+    """ids (1-D integers in [0, vocab_size)) as a list; TypeError/ValueError otherwise."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return []
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    return arr.tolist()
+
+
+def _check_dict(d, kind, field):
+    """A to_dict() result of type ``kind`` (char, the default for a dict without a type, as
+    older checkpoints wrote) with no key but "type" and ``field``."""
+    if not isinstance(d, dict):
+        raise TypeError(f"tokenizer dict must be a dict, got {type(d).__name__}")
+    unknown = set(d) - {"type", field}
+    if unknown:
+        raise ValueError(f"tokenizer dict has unknown keys: {sorted(unknown)}")
+    if d.get("type", "char") != kind:
+        raise ValueError(f"tokenizer type must be {kind!r}, got {d.get('type')!r}")
 
 
 class _CharStream:
@@ -314,19 +325,9 @@ class BPETokenizer:
     def decode(self, ids):
         """ids -> str; BOS and EOS are skipped, bytes that are not UTF-8 become U+FFFD. Raises
         ValueError for ids outside the vocabulary."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
-        if arr.size == 0:
-            return ""
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
         table = self._byte_list
-        return b"".join(table[i] for i in arr.tolist()).decode("utf-8", errors="replace")
+        return b"".join(table[i] for i in _checked_ids(ids, self.vocab_size)).decode(
+            "utf-8", errors="replace")
 
     def stream_decoder(self):
         """A decoder fed one id at a time that returns only whole characters: a character
@@ -338,13 +339,7 @@ class BPETokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        if not isinstance(d, dict):
-            raise TypeError(f"tokenizer dict must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"type", "tokenizers"}
-        if unknown:
-            raise ValueError(f"tokenizer dict has unknown keys: {sorted(unknown)}")
-        if d.get("type") != "bpe":
-            raise ValueError(f"tokenizer type must be 'bpe', got {d.get('type')!r}")
+        _check_dict(d, "bpe", "tokenizers")
         return cls(d.get("tokenizers"))
 
     def __eq__(self, other):

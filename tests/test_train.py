@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_bitwise_equal, interrupt_when
-from randygpt import checkpoint, cli, train
+from randygpt import checkpoint, cli, runlog, train
 from randygpt.metrics import METRICS_HEADER
 from randygpt.rundir import RunDirError
 from randygpt.train import RunOptions, TrainError
@@ -295,8 +295,8 @@ def test_ctrl_c_in_subprocess_exits_130_with_summary(tmp_path, text_path):
 
 
 def test_format_duration():
-    assert train.format_duration(0) == "0s"
-    assert train.format_duration(59.4) == "59s"
-    assert train.format_duration(250) == "4m10s"
-    assert train.format_duration(3725) == "1h02m"
-    assert train.format_duration(float("inf")) == "?"
+    assert runlog.format_duration(0) == "0s"
+    assert runlog.format_duration(59.4) == "59s"
+    assert runlog.format_duration(250) == "4m10s"
+    assert runlog.format_duration(3725) == "1h02m"
+    assert runlog.format_duration(float("inf")) == "?"

@@ -253,9 +253,12 @@ def test_fma_peak_bounds_the_gemm(fma_peak):
             # alone, it must come out above (with room for timing noise) what the GEMM itself
             # reaches on a cache-resident product, and below a rate no x86 core has (64 flops
             # a cycle at 8 GHz).
-            # Load from other jobs only slows either down: each is the best of several tries.
-            gemm = _best_gemm_gflops(192)
-            peak = max(fma_peak.fma_peak_gflops(isa, 1, seconds=0.05) for _ in range(3))
+            # Load from other jobs only slows either down, by spells: each is the best of
+            # several tries, taken in alternation so that both see the machine's quiet spells.
+            gemm = peak = 0.0
+            for _ in range(4):
+                gemm = max(gemm, _best_gemm_gflops(192))
+                peak = max(peak, fma_peak.fma_peak_gflops(isa, 1, seconds=0.05))
             assert np.isfinite(peak) and peak < 64 * 8.0, (isa, peak)
             assert peak > 0.8 * gemm, (isa, peak, gemm)
     finally:

@@ -16,9 +16,9 @@ import numpy as np
 
 from .fileio import NotRegularFileError, atomic_write, open_regular
 
-__all__ = ["DataError", "TextTooShort", "load_text", "text_fingerprint", "verify_text", "default_cache_dir",
-           "download_shakespeare", "resolve_source", "resolve_text", "TextSource", "Dataset", "SHAKESPEARE_URL", "SHAKESPEARE_SHA256",
-           "BUILTIN_TEXT", "split_text", "encode_cached"]
+__all__ = ["DataError", "TextTooShort", "load_text", "text_fingerprint", "verify_text",
+           "default_cache_dir", "download_shakespeare", "resolve_source", "TextSource", "Dataset",
+           "SHAKESPEARE_URL", "SHAKESPEARE_SHA256", "BUILTIN_TEXT", "split_text", "encode_cached"]
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
@@ -210,12 +210,6 @@ def resolve_source(data_path=None, cache_dir=None, *, cwd=None, url=SHAKESPEARE_
                           warning, None)
 
 
-def resolve_text(data_path=None, cache_dir=None, **kw):
-    """Like resolve_source, but returns only (text, description)."""
-    src = resolve_source(data_path, cache_dir, **kw)
-    return src.text, src.description
-
-
 def _id_dtype(vocab_size):
     """The narrowest unsigned integer type holding ids 0 .. vocab_size - 1."""
     for dtype in (np.uint8, np.uint16):
@@ -246,7 +240,7 @@ def encode_cached(text, tokenizer, cache_dir=None):
     tokenizer neither encodes again nor holds the ids in memory. A character encoding is
     faster to redo than to read, so it is never cached. An unreadable cache entry is redone."""
     dtype = _id_dtype(tokenizer.vocab_size)
-    if cache_dir is None or getattr(tokenizer, "kind", "char") != "bpe":
+    if cache_dir is None or tokenizer.kind != "bpe":
         return tokenizer.encode(text, dtype=dtype)
     key = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8"))
     key.update(b"\0")
@@ -296,7 +290,7 @@ class Dataset:
         self.train = encode_cached(train_text, tokenizer, cache_dir)
         self.val = encode_cached(val_text, tokenizer, cache_dir)
         del train_text, val_text
-        unit = "characters" if getattr(tokenizer, "kind", "char") == "char" else "tokens"
+        unit = "characters" if tokenizer.kind == "char" else "tokens"
         need = self.block_size + 1
         for name, split in (("training", self.train), ("validation", self.val)):
             if len(split) < need:

@@ -192,10 +192,7 @@ def estimate_loss(model, dataset, batch_size, eval_iters, rng, stop=None, comm=N
                     losses.append(float(model.forward(x, y)))
             if comm is not None:
                 losses = comm.gather_floats(losses)
-            total = 0.0
-            for loss in losses:
-                total += loss
-            out[split] = total / eval_iters
+            out[split] = _ordered_mean(losses)  # eval_iters losses, in batch order
     return out
 
 
@@ -685,8 +682,8 @@ class Trainer:
         """Train from the current step to the target (or options.stop_at), evaluating, logging
         and saving on the options' intervals. Ctrl-C / SIGTERM stop cleanly, even during an
         evaluation: after the current step, with a checkpoint if a step was taken. Returns a
-        RunResult; the trainer stays open (evaluate, save, step) until closed. A failed write (a full disk) raises RunFailed, with the
-        last good checkpoint left as it was."""
+        RunResult; the trainer stays open (evaluate, save, step) until closed. A failed write
+        (a full disk) raises RunFailed, with the last good checkpoint left as it was."""
         first = final = diverged = None
         try:
             with _StopFlag() as stop, threadpool_limits(1, "blas"):
@@ -715,12 +712,16 @@ class Trainer:
             self._finish(result)
         return result
 
+    def _failed(self, why):
+        """RunFailed for a write that failed mid-run, naming the checkpoint to go back to."""
+        return RunFailed(f"{why}; the last good checkpoint is "
+                         f"{self.saved or self.options.resume or 'none'}")
+
     def _save_or_fail(self):
         try:
             return self.save()
         except (ckpt_mod.CheckpointError, OSError) as e:
-            raise RunFailed(f"{e}; the last good checkpoint is "
-                            f"{self.saved or self.options.resume or 'none'}") from None
+            raise self._failed(e) from None
 
     def _timed_evaluate(self, meter):
         t0 = time.perf_counter()
@@ -813,9 +814,8 @@ class Trainer:
         try:
             self.metrics.write(*row)
         except OSError as e:
-            raise RunFailed(f"cannot write {str(self.metrics.path)!r}: {e.strerror or e}; the "
-                            f"last good checkpoint is {self.saved or self.options.resume or 'none'}"
-                            ) from None
+            raise self._failed(f"cannot write {str(self.metrics.path)!r}: {e.strerror or e}") \
+                from None
 
     def _finish(self, result):
         """The end of a completed run: the final estimate, samples, plot."""

@@ -185,13 +185,11 @@ def main(argv, parser=None):
             comm.abort(EXIT_FAILURE)
             raise
     if not comm.is_root:
-        return EXIT_SIGTERM if result.interrupted == "SIGTERM" else (
-            EXIT_SIGINT if result.interrupted else 1 if result.diverged else 0)
+        return _exit_code(result)
     if result.diverged:
-        # Not a usage mistake (exit 2) but a failed run.
         return report_error(f"the loss became non-finite at iteration {result.diverged}; "
                             f"last checkpoint: {result.checkpoint or 'none'} (try a lower --lr)",
-                            code=EXIT_FAILURE)
+                            code=_exit_code(result))
     if result.interrupted:
         if result.checkpoint is None:
             print(f"\nInterrupted ({result.interrupted}) before the first step: nothing to save.",
@@ -203,6 +201,14 @@ def main(argv, parser=None):
                   f"{last}. Checkpoint: {result.checkpoint}", flush=True)
     if result.step < result.iters and result.checkpoint is not None:
         print(f"Continue with: {continue_command(options, result.checkpoint)}", flush=True)
+    return _exit_code(result)
+
+
+def _exit_code(result):
+    """A finished fit's exit code, the same on every rank: 1 for a diverged run (not a usage
+    mistake, but a failed run), 143 / 130 after SIGTERM / SIGINT, else 0."""
+    if result.diverged:
+        return EXIT_FAILURE
     if result.interrupted:
         return EXIT_SIGTERM if result.interrupted == "SIGTERM" else EXIT_SIGINT
     return 0

@@ -426,6 +426,7 @@ def load(path):
                       adam_v=adam_v, step=step, rng_state=rng_state, extra=extra, adam_t=adam_t,
                       path=str(path))
 
+
 def load_model(path, n_threads=None):
     """Load a checkpoint, or a .safetensors weights file (randygpt.interop; the Checkpoint then
     has no optimizer or sampler state), into a fresh GPT in eval mode. Returns (model,

@@ -1,6 +1,8 @@
 """The bf16 GEMMs (precision="bf16"): operands rounded to bf16 while packed, fp32 sums.
-Every bf16 path this CPU runs is checked: vdpbf16ps where it has AVX512_BF16, and the
-emulations on each fp32 path's tile."""
+Every bf16 path this CPU runs is checked: AMX tiles where it has AMX-BF16, vdpbf16ps where
+it has AVX512_BF16, and the emulations on each fp32 path's tile. All but AMX add the products
+in one order, which the ordered reference repeats bit for bit; AMX adds each tdpbf16ps's 32
+products its own way, so it is held to the float64 reference's tolerance instead."""
 import numpy as np
 import pytest
 
@@ -20,6 +22,10 @@ SHAPES = [(1, 1, 1), (7, 13, 5), (3, 40, 70), (67, 21, 9), (19, KC + 35, 33),
 bf16_isa = each_path(mm.available_bf16_isas, mm.get_bf16_isa, mm.set_bf16_isa)
 
 
+# The path whose sums follow no fp32 order we can write down (gemm_bf16_amx.h).
+OWN_ORDER = {"amx"}
+
+
 def _randn(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
@@ -31,16 +37,18 @@ def _operands(rng, M, K, N, trans_a, trans_b):
 
 def test_paths_and_choice():
     isas = mm.available_bf16_isas()
-    # The emulation runs on every fp32 path; the native one only with AVX512_BF16.
+    # The emulation runs on every fp32 path; the native ones only on CPUs that have them.
     assert set(mm.available_isas()) <= set(isas)
-    assert set(isas) - set(mm.available_isas()) <= {"avx512bf16"}
+    assert set(isas) - set(mm.available_isas()) <= {"amx", "avx512bf16"}
+    assert "amx" not in isas or "avx512bf16" in isas
+    native = [n for n in isas if n in ("amx", "avx512bf16")]
     old = mm.get_isa()
     try:
         for isa in mm.available_isas():
-            mm.set_isa(isa)  # the bf16 path follows the fp32 one
-            expect = "avx512bf16" if isa == "avx512" and "avx512bf16" in isas else isa
+            mm.set_isa(isa)  # the bf16 path follows the fp32 one, fastest first
+            expect = native[0] if isa == "avx512" and native else isa
             assert mm.get_bf16_isa() == expect
-            assert mm.bf16_native() == (expect == "avx512bf16")
+            assert mm.bf16_native() == (expect in native)
     finally:
         mm.set_isa(old)
 
@@ -80,8 +88,9 @@ def test_gemm_matches_ordered_reference(bf16_isa, rng, shape, trans_a, trans_b, 
     c, ordered, wide = start.copy(), start.copy(), start.astype(np.float64)
     mm.gemm(c, a, b, trans_a, trans_b, accumulate, 1, precision="bf16")
     # The same sums in the same order: the same bits (no sum here comes near 2^-126).
-    gemm_bf16_ref(ordered, a, b, trans_a, trans_b, accumulate, ordered=True)
-    assert_bitwise_equal(c, ordered, name=f"c[{bf16_isa}]")
+    if bf16_isa not in OWN_ORDER:
+        gemm_bf16_ref(ordered, a, b, trans_a, trans_b, accumulate, ordered=True)
+        assert_bitwise_equal(c, ordered, name=f"c[{bf16_isa}]")
     # Against float64 sums of the rounded operands: fp32 accumulation error only, a random
     # walk of about eps32 * K for unit-normal operands (see test_matmul's _tol).
     gemm_bf16_ref(wide, a, b, trans_a, trans_b, accumulate)
@@ -132,11 +141,15 @@ def test_linear_entry_points_match_the_ordered_reference(bf16_isa, rng):
             "dw": (dout, x, True, False, (OC, IC)),
             "sqrelu dw": (dout, np.square(np.maximum(pre, 0)), True, False, (OC, IC)),
             "sqrelu dpre": (dout, w, False, False, (N, IC))}.items():
-        ref[name] = np.zeros(shape, np.float32)
-        gemm_bf16_ref(ref[name], a, b, ta, tb, True, ordered=True)
+        ref[name] = np.zeros(shape, np.float64 if bf16_isa in OWN_ORDER else np.float32)
+        gemm_bf16_ref(ref[name], a, b, ta, tb, True, ordered=bf16_isa not in OWN_ORDER)
     ref["sqrelu dpre"] = ref["sqrelu dpre"] * (2 * np.maximum(pre, 0))
     for name in ref:
-        assert_bitwise_equal(got[name], ref[name], name=f"{name}[{bf16_isa}]")
+        if bf16_isa in OWN_ORDER:
+            assert_close(got[name], ref[name], rtol=1e-5, atol=5e-7 * max(IC, N),
+                         name=f"{name}[{bf16_isa}]")
+        else:
+            assert_bitwise_equal(got[name], ref[name], name=f"{name}[{bf16_isa}]")
     # The fused squared ReLU is applied to the product in fp32, as in fp32 mode.
     assert_bitwise_equal(got["sqrelu pre"], got["forward"], name="sqrelu pre")
     assert_bitwise_equal(got["sqrelu act"], np.square(np.maximum(got["forward"], 0)),
@@ -149,7 +162,8 @@ def test_native_and_emulated_paths_agree(scale):
     # operands so small at scales 1e-19 and 1e-20 that products and partial sums fall among
     # the denormals: vdpbf16ps flushes them to zero, the emulation too (MXCSR's FTZ/DAZ).
     # sse2 (no FMA) differs only when a product underflows, so it joins at scale 1 only.
-    isas = mm.available_bf16_isas()
+    # AMX has its own order (see test_amx_flushes_and_stays_close).
+    isas = [isa for isa in mm.available_bf16_isas() if isa not in OWN_ORDER]
     a = _randn(np.random.default_rng(3), 29, KC + 31) * np.float32(scale)
     b = _randn(np.random.default_rng(4), KC + 31, 70) * np.float32(scale)
     old = mm.get_bf16_isa()
@@ -172,6 +186,31 @@ def test_native_and_emulated_paths_agree(scale):
         assert not np.any((results[isas[0]] != 0) & (np.abs(results[isas[0]]) < tiny))
     for isa, c in results.items():
         assert_bitwise_equal(c, results[isas[0]], name=f"{isa} vs {isas[0]} at scale {scale:g}")
+
+
+@pytest.mark.skipif("amx" not in mm.available_bf16_isas(), reason="no AMX-BF16 on this CPU")
+@pytest.mark.parametrize("scale", [1.0, 1e-19, 1e-20])
+def test_amx_flushes_and_stays_close(scale):
+    # AMX's sums stay within fp32 accumulation error of the float64 reference, and it too
+    # flushes denormal sums: none in its results where unflushed sums hold them. K covers
+    # whole tile steps, a tail of pairs on vdpbf16ps, a half pair and two K blocks.
+    a = _randn(np.random.default_rng(3), 45, KC + 31) * np.float32(scale)
+    b = _randn(np.random.default_rng(4), KC + 31, 70) * np.float32(scale)
+    old = mm.get_bf16_isa()
+    try:
+        mm.set_bf16_isa("amx")
+        c = np.empty((45, 70), np.float32)
+        mm.gemm(c, a, b, False, False, False, 1, precision="bf16")
+    finally:
+        mm.set_bf16_isa(old)
+    wide = np.empty((45, 70), np.float64)
+    gemm_bf16_ref(wide, a, b, False, False, False)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((c != 0) & (np.abs(c) < tiny))
+    if scale == 1.0:
+        assert_close(c, wide, rtol=1e-5, atol=5e-7 * (KC + 31), name="amx vs float64")
+    else:
+        assert np.any((wide != 0) & (np.abs(wide) < tiny))  # the flush is exercised
 
 
 def test_thread_counts_give_the_same_bits(bf16_isa, rng):
@@ -204,6 +243,6 @@ def test_bad_precision_is_a_value_error(bad):
 
 def test_bad_isa_names():
     with pytest.raises(ValueError, match="set_bf16_isa: isa must be one of"):
-        mm.set_bf16_isa("amx")
+        mm.set_bf16_isa("amx2")
     with pytest.raises(ValueError, match="set_bf16_isa"):
         mm.set_bf16_isa(None)

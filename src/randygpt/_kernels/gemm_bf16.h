@@ -167,6 +167,8 @@ static inline rgb_base_fvec rgb_base_flush(rgb_base_fvec x)
 #undef RGB_FTZ_END
 #undef RGB_FTZ
 
+#include "gemm_bf16_amx.h"
+
 #define RGB_ENTRY(name, mr, nr, pre) \
     {name, mr, nr, 144, pre##kernel, pre##kernel_narrow, pre##pack_a, pre##pack_b, NULL, \
      pre##pack_b_sqrelu}
@@ -174,6 +176,12 @@ static inline rgb_base_fvec rgb_base_flush(rgb_base_fvec x)
 /* Fastest first; each emulated entry carries the name of the fp32 path whose tile (and
  * write-back) it shares, the native one shares avx512's. */
 static const rg_isa_t rg_bf16_isas[] = {
+#ifdef RG_HAVE_AMX
+    /* AMX: a 32 x 32 tile of its own, written back through avx512's kernel 12 rows at a
+     * time (gemm_bf16_amx.h); B strips as the native path packs them. */
+    {"amx", 32, 32, 128, rga_kernel, rga_kernel_narrow, rga_pack_a, rgb_native_pack_b, NULL,
+     rgb_native_pack_b_sqrelu, .kc_max = 1024, .begin = rga_configure, .end = rga_release},
+#endif
 #ifdef RG_X86
     RGB_ENTRY("avx512bf16", 12, 32, rgb_native_),
     RGB_ENTRY("avx512", 12, 32, rgb_avx512_),
@@ -193,7 +201,8 @@ static const rg_isa_t *rg_bf16_isa_at(int i) { return &rg_bf16_isas[i]; }
  * features it needs, plus AVX512_BF16 for the native one). */
 static const char *rg_bf16_isa_base(int i)
 {
-    return strcmp(rg_bf16_isas[i].name, "avx512bf16") == 0 ? "avx512" : rg_bf16_isas[i].name;
+    const char *name = rg_bf16_isas[i].name;
+    return strcmp(name, "avx512bf16") == 0 || strcmp(name, "amx") == 0 ? "avx512" : name;
 }
 
 static int rg_bf16_isa_supported(int i)
@@ -207,20 +216,27 @@ static int rg_bf16_isa_supported(int i)
             if (strcmp(rg_bf16_isas[i].name, "avx512bf16") == 0)
                 return __builtin_cpu_supports("avx512bf16");
 #endif
+#ifdef RG_HAVE_AMX
+            if (strcmp(rg_bf16_isas[i].name, "amx") == 0)
+                return rg_amx_usable();
+#endif
             return 1;
         }
     return 0;
 }
 
 /* The first bf16 path whose tile differs from its fp32 path's (whose kernel writes the
- * tile back, so the shapes must agree), or -1. */
+ * tile back, so the shapes must agree), or -1. AMX writes its taller tile back in pieces. */
 static int rg_bf16_tile_mismatch(void)
 {
-    for (int i = 0; i < rg_bf16_isa_count(); i++)
+    for (int i = 0; i < rg_bf16_isa_count(); i++) {
+        if (strcmp(rg_bf16_isas[i].name, "amx") == 0)
+            continue;
         for (int j = 0; j < rg_isa_count(); j++)
             if (strcmp(rg_isas[j].name, rg_bf16_isa_base(i)) == 0 &&
                 (rg_isas[j].mr != rg_bf16_isas[i].mr || rg_isas[j].nr != rg_bf16_isas[i].nr))
                 return i;
+    }
     return -1;
 }
 

@@ -25,6 +25,7 @@ typedef void (*rg_kernel_fn)(Py_ssize_t kc, const float *ap, const float *bp,
                              float *dst, Py_ssize_t ld_dst, int add_dst, float *c2,
                              const float *gate, int mr, int nr);
 typedef void (*rg_inplace_fn)(float *p, Py_ssize_t n);
+typedef void (*rg_thread_fn)(void);
 typedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                            Py_ssize_t rows, Py_ssize_t cols);
 
@@ -41,6 +42,10 @@ typedef struct {
                                  before rounding; NULL on the fp32 paths */
     int kc_max;          /* longest K block when op(a)'s rows run along k (NT, NN) and rows
                             are split; 0 means RG_KC. Results do not depend on it. */
+    rg_thread_fn begin;  /* called by the thread running a work item before its first
+                            kernel call, and end after its last: AMX's tile configuration
+                            (gemm_bf16_amx.h); NULL on the other paths */
+    rg_thread_fn end;
 } rg_isa_t;
 
 /* K block: the same on every path, so a path's results never depend on it (the kernel

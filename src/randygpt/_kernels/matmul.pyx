@@ -51,6 +51,7 @@ cdef extern from "gemm_kernels.h" nogil:
     ctypedef void (*rg_pack_fn)(float *dst, const float *src, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t cols) noexcept nogil
     ctypedef void (*rg_inplace_fn)(float *p, Py_ssize_t n) noexcept nogil
+    ctypedef void (*rg_thread_fn)() noexcept nogil
     ctypedef struct rg_isa_t:
         const char *name
         int mr
@@ -63,6 +64,8 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_inplace_fn sqrelu_inplace
         rg_pack_fn pack_b_sqrelu
         int kc_max
+        rg_thread_fn begin
+        rg_thread_fn end
     int RG_KC
     int rg_isa_count()
     const rg_isa_t *rg_isa_at(int i)
@@ -91,8 +94,8 @@ def get_isa():
 
 def set_isa(name):
     """Use the GEMM path `name` (one of available_isas()) from now on, and the bf16 path that
-    goes with it: vdpbf16ps under "avx512" where the CPU has AVX512_BF16, else the
-    emulation on the same tile."""
+    goes with it: under "avx512", AMX tiles where the CPU and OS allow them, else vdpbf16ps
+    where the CPU has AVX512_BF16; elsewhere the emulation on the same tile."""
     global _isa
     choices = available_isas()
     if not isinstance(name, str) or name not in choices:
@@ -101,7 +104,8 @@ def set_isa(name):
         if rg_isa_at(i).name.decode() == name:
             _isa = rg_isa_at(i)
     bf16 = available_bf16_isas()
-    set_bf16_isa("avx512bf16" if name == "avx512" and "avx512bf16" in bf16 else name)
+    native = [n for n in ("amx", "avx512bf16") if n in bf16]
+    set_bf16_isa(native[0] if name == "avx512" and native else name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,8 +119,9 @@ cdef const rg_isa_t *_isa_bf16 = NULL
 
 
 def available_bf16_isas():
-    """Names of the bf16 GEMM paths this CPU runs, fastest first: "avx512bf16" (vdpbf16ps)
-    where it has AVX512_BF16, then the emulations on the fp32 paths' tiles."""
+    """Names of the bf16 GEMM paths this CPU runs, fastest first: "amx" (tdpbf16ps tiles)
+    where it has AMX-BF16 and Linux grants the tile state, "avx512bf16" (vdpbf16ps) where it
+    has AVX512_BF16, then the emulations on the fp32 paths' tiles."""
     return [rg_bf16_isa_at(i).name.decode() for i in range(rg_bf16_isa_count())
             if rg_bf16_isa_supported(i)]
 
@@ -139,9 +144,9 @@ def set_bf16_isa(name):
 
 
 def bf16_native():
-    """True when bf16 products run on vdpbf16ps; False when they are emulated with fp32
-    multiply-adds (the same results, at fp32 speed)."""
-    return get_bf16_isa() == "avx512bf16"
+    """True when bf16 products run on bf16 hardware (AMX or vdpbf16ps); False when they are
+    emulated with fp32 multiply-adds (vdpbf16ps's results, at fp32 speed)."""
+    return get_bf16_isa() in ("amx", "avx512bf16")
 
 
 cdef bint _bf16(str func, precision) except -1:
@@ -275,6 +280,8 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
     cdef Py_ssize_t ld_init, ld_dst
     cdef int add_dst, tile_n
     cdef rg_kernel_fn kernel
+    if isa.begin != NULL:
+        isa.begin()
     if g.split_m:
         it_lo, it_hi = lo, hi
     else:
@@ -325,6 +332,8 @@ cdef void _run_item(const _Gemm *g, Py_ssize_t p, Py_ssize_t kb, float *private)
                         gate_tile = g.gate + i * g.ldc + j
                 kernel(kc, ap, bp, init, ld_init, dst, ld_dst, add_dst, c2_tile, gate_tile,
                        <int>min(<Py_ssize_t>isa.mr, g.M - i), tile_n)
+    if isa.end != NULL:
+        isa.end()
 
 
 cdef void _gemm_zero_k(Py_ssize_t M, Py_ssize_t N, float *c, Py_ssize_t ldc, float *c2,
@@ -358,13 +367,14 @@ cdef void _plan_k_blocks(_Gemm *g) noexcept nogil:
     cdef const rg_isa_t *isa = g.isa
     cdef Py_ssize_t kc_max = RG_KC, nb
     if isa.kc_max > RG_KC and g.split_m and g.a.cs == 1:
-        kc_max = min(<Py_ssize_t>isa.kc_max, 262144 // (g.n_tiles * isa.nr) // 16 * 16)
+        kc_max = min(<Py_ssize_t>isa.kc_max, 262144 // (g.n_tiles * isa.nr) // 32 * 32)
         kc_max = max(kc_max, <Py_ssize_t>RG_KC)
     g.kc = RG_KC
     if kc_max > RG_KC and g.K > RG_KC:
-        # Equal blocks, rounded up to 16 floats (still within kc_max, a multiple of 16).
+        # Equal blocks, rounded up to 32 floats (still within kc_max, a multiple of 32):
+        # AMX's sums depend on where 16-pair tile steps start (gemm_bf16_amx.h).
         nb = (g.K + kc_max - 1) // kc_max
-        g.kc = ((g.K + nb - 1) // nb + 15) // 16 * 16
+        g.kc = ((g.K + nb - 1) // nb + 31) // 32 * 32
     g.n_kblocks = (g.K + g.kc - 1) // g.kc
     g.chunk = max(<Py_ssize_t>1, <Py_ssize_t>isa.mc * RG_KC // (g.kc * isa.mr))
 

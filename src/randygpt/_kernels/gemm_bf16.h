@@ -177,10 +177,10 @@ static inline rgb_base_fvec rgb_base_flush(rgb_base_fvec x)
  * write-back) it shares, the native one shares avx512's. */
 static const rg_isa_t rg_bf16_isas[] = {
 #ifdef RG_HAVE_AMX
-    /* AMX: a 32 x 32 tile of its own, written back through avx512's kernel 12 rows at a
-     * time (gemm_bf16_amx.h); B strips as the native path packs them. */
-    {"amx", 32, 32, 128, rga_kernel, rga_kernel_narrow, rga_pack_a, rgb_native_pack_b, NULL,
-     rgb_native_pack_b_sqrelu, .kc_max = 1024, .begin = rga_configure, .end = rga_release},
+    /* AMX: a 32 x 32 tile of its own (gemm_bf16_amx.h); B strips laid out as the native
+     * path's. */
+    {"amx", 32, 32, 128, rga_kernel, rga_kernel_narrow, rga_pack_a, rga_pack_b, NULL,
+     rga_pack_b_sqrelu, .kc_max = 1024, .begin = rga_configure, .end = rga_release},
 #endif
 #ifdef RG_X86
     RGB_ENTRY("avx512bf16", 12, 32, rgb_native_),

@@ -1,7 +1,8 @@
 /* The AMX path of randygpt's bf16 GEMM: tdpbf16ps on 16 x 16 fp32 tiles (AMX-BF16: Intel
  * Sapphire Rapids and later). Included by gemm_bf16.h after the native AVX512_BF16 path,
- * whose B packer (k pairs, 32 columns, pair-major: one AMX B tile row per pair) and whose
- * vdpbf16ps it reuses, and whose fp32 avx512 kernel writes the sums back.
+ * whose B strip layout (k pairs of 32 columns, pair-major: one AMX B tile row per pair)
+ * and vdpbf16ps it shares, and after the fp32 kernels, whose write-back arithmetic it
+ * repeats.
  *
  * Register tile: 32 x 32 outputs in four accumulator tiles (C00 C01 / C10 C11), two A
  * tiles (rows 0-15 and 16-31, 16 pairs each) and two B tiles (16 pairs of columns 0-15 and
@@ -10,28 +11,32 @@
  * tile registers straight to dst; the rest through a stack tile and an AVX-512 write-back
  * equal to the fp32 kernels'.
  *
- * A strips are row-major (AMX reads a tile's rows from a stride): row r of a strip holds
- * its P = ceil(kc / 2) pair words contiguously, bf16(x[r, 2p]) low and bf16(x[r, 2p + 1])
- * high, as the other paths pair them; rows past the edge are zeros. That is 32 P words,
- * within the 32 kc floats the driver gives a strip. The last P mod 16 pairs (a K block
- * that is not a multiple of 32: K = 65, or a short last block) are added after the tiles,
- * with vdpbf16ps from the same strips.
+ * A strips hold pair words, bf16(x[r, 2p]) low and bf16(x[r, 2p + 1]) high as the other
+ * paths pair them, for the P = ceil(kc / 2) pairs of 32 rows (rows past the edge zeros):
+ * first each whole step of 16 pairs as one contiguous 2 KiB block, rows 0-31 of 16 words
+ * each (the two A tiles, each loaded from one contiguous KiB, which the prefetchers follow
+ * better than 16 rows a strip's length apart: fc1's forward 1.15 -> 1.06 ms, a qkv weight
+ * gradient 1.11 -> 1.05 ms at one thread), then the last
+ * P mod 16 pairs of every row, row after row (see rga_a_at). That is 32 P words, within the
+ * 32 kc floats the driver gives a strip. Those last pairs (a K block that is not a
+ * multiple of 32: K = 67, or a short last block) are added after the tiles, with
+ * vdpbf16ps.
  *
  * Numerics: per output element the sums are fp32, products of bf16 values exact; how one
  * tdpbf16ps adds its 32 products into the accumulator is the hardware's own (measured on
  * a Sapphire Rapids-class Xeon: one pair alone gives acc + round(even + odd product); with
  * more pairs it matches neither a sequential fp32 chain nor a single rounding of the exact
  * sum, in 5-35% of the elements, by an ulp or so). So this path's bits are its own: not
- * the emulation's, but the same for any thread count and any K blocking that keeps blocks
- * at multiples of 32 (RG_KC is; this path has no kc_max).
+ * the emulation's, but the same for any thread count and any K blocking whose blocks but
+ * the last are multiples of 32 (RG_KC is, and _plan_k_blocks rounds longer ones to 32).
  *
  * Tile state: the process asks Linux for the tile data state once (arch_prctl
  * ARCH_REQ_XCOMP_PERM, in rg_amx_usable; without it the path is not offered). Each OpenMP
  * thread has its own tile state, and other code in the process may configure the tiles
  * differently between our calls, so the driver has every work item load the
  * configuration first and release the tiles after (rg_isa_t's begin and end):
- * ldtilecfg measured ~1000 cycles here, twice a 32 x 32 x 256 tile's tdpbf16ps, so once per
- * item and not once per kernel call.
+ * loaded per kernel call, ldtilecfg took about half of the kernel's time here, so it is
+ * loaded once per item.
  */
 #ifndef RANDYGPT_GEMM_BF16_AMX_H
 #define RANDYGPT_GEMM_BF16_AMX_H
@@ -85,6 +90,15 @@ static int rg_amx_usable(void)
     return usable;
 }
 
+/* Where pair p of row r sits in an A strip of `all` pairs (the layout above). */
+static inline __attribute__((always_inline)) Py_ssize_t rga_a_at(int r, Py_ssize_t p,
+                                                                 Py_ssize_t all)
+{
+    const Py_ssize_t full = all / 16 * 16;
+    return p < full ? p / 16 * (RGA_MR * 16) + r * 16 + p % 16
+                    : full * RGA_MR + r * (all - full) + (p - full);
+}
+
 /* Up to 16 floats from x, zeros past n (n <= 0: all zeros). */
 static inline __attribute__((always_inline)) RGA_TARGET __m512 rga_load(const float *x,
                                                                         Py_ssize_t n)
@@ -135,23 +149,24 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_transpose16(__m
     }
 }
 
-/* One row of a strip from a contiguous k run x[0 .. kc - 1]: bf16 of x in order is the
+/* Row r of a strip from a contiguous k run x[0 .. kc - 1]: bf16 of x in order is the
  * row's pair words, 16 at a time. */
 static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_row(
-    uint32_t *restrict d, const float *restrict x, Py_ssize_t kc)
+    uint32_t *restrict strip, int r, const float *restrict x, Py_ssize_t kc)
 {
+    const Py_ssize_t all = (kc + 1) / 2;
     for (Py_ssize_t k = 0; k < kc; k += 32) {
         const __m512 lo = rga_load(x + k, kc - k), hi = rga_load(x + k + 16, kc - k - 16);
-        _mm512_mask_storeu_epi32(d + k / 2, rga_mask((kc - k + 1) / 2),
+        _mm512_mask_storeu_epi32(strip + rga_a_at(r, k / 2, all), rga_mask((kc - k + 1) / 2),
                                  (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 }
 
-/* Rows r0 .. r0 + 15 (lines of them valid) of a strip from op(A) transposed (element (i, k)
- * at a[i + k * cs]): 16 pairs at a time, each pair's two source rows read contiguously
- * into a pair-major block that one transpose turns row-major. */
+/* Rows r0 .. r0 + lines - 1 (lines <= 16) of a strip from op(A) transposed (element
+ * (i, k) at a[i + k * cs]): 16 pairs at a time, each pair's two source rows read
+ * contiguously into a pair-major block that one transpose turns row-major. */
 static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_rows_t(
-    uint32_t *restrict strip, Py_ssize_t all, const float *restrict a, Py_ssize_t cs,
+    uint32_t *restrict strip, int r0, Py_ssize_t all, const float *restrict a, Py_ssize_t cs,
     int lines, Py_ssize_t kc)
 {
     for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
@@ -166,7 +181,7 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_rows_t(
         }
         rga_transpose16(w);
         for (int r = 0; r < lines; r++)
-            _mm512_mask_storeu_epi32(strip + r * all + p0, rga_mask(np), w[r]);
+            _mm512_mask_storeu_epi32(strip + rga_a_at(r0 + r, p0, all), rga_mask(np), w[r]);
     }
 }
 
@@ -180,25 +195,108 @@ static RGA_TARGET void rga_pack_a(
     for (Py_ssize_t i0 = 0; i0 < mc; i0 += RGA_MR) {
         uint32_t *strip = (uint32_t *)(dst + i0 * kc);
         const int lines = (int)(mc - i0 < RGA_MR ? mc - i0 : RGA_MR);
+        if (lines < RGA_MR) /* the rows past the edge: zeros */
+            __builtin_memset(strip, 0, (size_t)(RGA_MR * all) * 4);
         if (cs == 1) {
             /* rows of X or dY: each row's k run is contiguous */
             for (int r = 0; r < lines; r++)
-                rga_pack_row(strip + r * all, a + (i0 + r) * rs, kc);
+                rga_pack_row(strip, r, a + (i0 + r) * rs, kc);
         } else if (rs == 1) {
             /* op(A) transposed (X^T, dY^T): the rows' values of one k are contiguous */
             for (int r0 = 0; r0 < lines; r0 += 16)
-                rga_pack_rows_t(strip + r0 * all, all, a + i0 + r0, cs,
+                rga_pack_rows_t(strip, r0, all, a + i0 + r0, cs,
                                 lines - r0 < 16 ? lines - r0 : 16, kc);
         } else {
             for (int r = 0; r < lines; r++)
                 for (Py_ssize_t p = 0; p < all; p++) {
                     const float *x = a + (i0 + r) * rs + 2 * p * cs;
-                    strip[r * all + p] = rg_bf16_pair(x[0], 2 * p + 1 < kc ? x[cs] : 0.0f);
+                    strip[rga_a_at(r, p, all)] =
+                        rg_bf16_pair(x[0], 2 * p + 1 < kc ? x[cs] : 0.0f);
                 }
         }
-        for (int r = lines; r < RGA_MR; r++)
-            __builtin_memset(strip + r * all, 0, (size_t)all * 4);
     }
+}
+
+/* Up to 16 operand values from x (zeros past n), squared-ReLU'd first when sq, as
+ * rg_bf16_load does. */
+static inline __attribute__((always_inline)) RGA_TARGET __m512 rga_operand(const float *x,
+                                                                           Py_ssize_t n,
+                                                                           const int sq)
+{
+    const __m512 v = rga_load(x, n);
+    return sq ? (__m512)rg_avx512_sqrelu((rg_avx512_vec)v) : v;
+}
+
+/* A kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/32) strips,
+ * strip s at dst + s * 32 * kc floats, pair-major as the native path lays them out (the
+ * words equal rgb_native_pack_b's), with vcvtne2ps2bf16 doing the rounding. */
+static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_b_impl(
+    float *restrict dst, const float *restrict b, Py_ssize_t rs, Py_ssize_t cs,
+    Py_ssize_t kc, Py_ssize_t nc, const int sq)
+{
+    const Py_ssize_t all = (kc + 1) / 2;
+    for (Py_ssize_t j0 = 0; j0 < nc; j0 += RGA_NR) {
+        uint32_t *strip = (uint32_t *)(dst + j0 * kc);
+        const Py_ssize_t lines = nc - j0 < RGA_NR ? nc - j0 : RGA_NR;
+        if (cs == 1) {
+            /* op(B) row-major (W in dX = dY W, X or relu(pre)^2 in weight grads): each
+             * pair's two rows are contiguous runs of the strip's columns */
+            for (Py_ssize_t p = 0; p < all; p++) {
+                const float *x0 = b + 2 * p * rs + j0, *x1 = x0 + rs;
+                const int odd = 2 * p + 1 < kc;
+                for (int h = 0; h < 2; h++) {
+                    const Py_ssize_t n = lines - 16 * h;
+                    _mm512_store_si512(
+                        strip + p * RGA_NR + 16 * h,
+                        rga_pairs(rga_operand(x0 + 16 * h, n, sq),
+                                  odd ? rga_operand(x1 + 16 * h, n, sq) : _mm512_setzero_ps()));
+                }
+            }
+        } else if (rs == 1) {
+            /* op(B) = W^T (the forward): each column's k run is contiguous; 16 pairs of
+             * 16 columns convert line-major, and one transpose makes them pair-major */
+            for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
+                const int np = (int)(all - p0 < 16 ? all - p0 : 16);
+                for (int h = 0; h < 2; h++) {
+                    __m512i w[16];
+                    for (int l = 0; l < 16; l++) {
+                        const Py_ssize_t line = 16 * h + l, k = 2 * p0;
+                        const float *x = b + (j0 + line) * cs + k;
+                        w[l] = line < lines
+                                   ? (__m512i)_mm512_cvtne2ps_pbh(
+                                         rga_operand(x + 16, kc - k - 16, sq),
+                                         rga_operand(x, kc - k, sq))
+                                   : _mm512_setzero_si512();
+                    }
+                    rga_transpose16(w);
+                    for (int q = 0; q < np; q++)
+                        _mm512_store_si512(strip + (p0 + q) * RGA_NR + 16 * h, w[q]);
+                }
+            }
+        } else {
+            for (Py_ssize_t p = 0; p < all; p++)
+                for (int l = 0; l < RGA_NR; l++) {
+                    const float *x = b + 2 * p * rs + (j0 + l) * cs;
+                    strip[p * RGA_NR + l] =
+                        l < lines ? rg_bf16_pair(rg_bf16_load(x[0], sq),
+                                                 2 * p + 1 < kc ? rg_bf16_load(x[rs], sq) : 0.0f)
+                                  : 0;
+                }
+        }
+    }
+}
+
+static RGA_TARGET void rga_pack_b(float *restrict dst, const float *restrict b, Py_ssize_t rs,
+                                  Py_ssize_t cs, Py_ssize_t kc, Py_ssize_t nc)
+{
+    rga_pack_b_impl(dst, b, rs, cs, kc, nc, 0);
+}
+
+static RGA_TARGET void rga_pack_b_sqrelu(float *restrict dst, const float *restrict b,
+                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t kc,
+                                         Py_ssize_t nc)
+{
+    rga_pack_b_impl(dst, b, rs, cs, kc, nc, 1);
 }
 
 /* The pairs p0 .. all - 1 of a strip added to the stored sums (32 rows of 32 floats) with
@@ -211,7 +309,7 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_tail(
             __m512 acc = _mm512_load_ps(tile + r * RGA_NR + 16 * j);
             for (Py_ssize_t p = p0; p < all; p++)
                 acc = _mm512_dpbf16_ps(
-                    acc, (__m512bh)_mm512_set1_epi32((int)a[r * all + p]),
+                    acc, (__m512bh)_mm512_set1_epi32((int)a[rga_a_at(r, p, all)]),
                     (__m512bh)_mm512_loadu_si512(b + p * RGA_NR + 16 * j));
             _mm512_store_ps(tile + r * RGA_NR + 16 * j, acc);
         }
@@ -250,7 +348,6 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_tile(
     float tile[RGA_MR * RGA_NR] __attribute__((aligned(64)));
     const uint32_t *a = (const uint32_t *)ap, *b = (const uint32_t *)bp;
     const Py_ssize_t all = (kc + 1) / 2, full_pairs = all / 16 * 16;
-    const size_t a_stride = (size_t)all * 4;
 
     if (init == NULL) {
         _tile_zero(0);
@@ -278,9 +375,9 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_tile(
     /* tiles 0 1 / 2 3: C00 C01 / C10 C11; 4, 5: A rows 0-15, 16-31; 6, 7: B columns 0-15,
      * 16-31 */
     for (Py_ssize_t p = 0; p < full_pairs; p += 16) {
-        _tile_loadd(4, a + p, a_stride);
+        _tile_loadd(4, a + p * RGA_MR, 64);
         _tile_loadd(6, b + p * RGA_NR, RGA_NR * 4);
-        _tile_loadd(5, a + 16 * all + p, a_stride);
+        _tile_loadd(5, a + p * RGA_MR + 256, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (nv == 2) {

@@ -10,6 +10,9 @@
  *
  * avx512bf16 is the bf16 GEMM's path (gemm_bf16.h): a round is one vdpbf16ps on each of its
  * 12 x 2 accumulators, two bf16 multiply-adds per fp32 lane, so 4 * MR * NR flops.
+ * amx is the bf16 GEMM's AMX path (gemm_bf16_amx.h): a round is one tdpbf16ps on each of
+ * its 2 x 2 accumulator tiles of 16 x 16 fp32 lanes, 32 bf16 multiply-adds per lane, so
+ * 64 * MR * NR flops for its 32 x 32 tile, on tile registers alone.
  */
 #include <stddef.h>
 #include <string.h>
@@ -55,7 +58,8 @@ typedef float (*peak_fn)(long long iters);
 typedef struct {
     const char *name;
     int mr, nr; /* the GEMM tile: nr = NV * VW floats */
-    int macs;   /* multiply-adds per lane and instruction: 1 (FMA), 2 (vdpbf16ps) */
+    int macs;   /* multiply-adds per lane and instruction: 1 (FMA), 2 (vdpbf16ps), 32
+                   (tdpbf16ps) */
     peak_fn fn;
 } peak_path;
 
@@ -86,11 +90,48 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static float peak_avx512b
         total = _mm512_add_ps(total, acc[i]);
     return _mm512_reduce_add_ps(total);
 }
+
+#if defined(__linux__) && defined(__x86_64__)
+#define PEAK_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Palette 1, every tile 16 rows of 64 bytes; static so the whole of it is in memory when
+ * ldtilecfg reads it. */
+static const struct {
+    unsigned char palette, start_row, reserved[14];
+    unsigned short colsb[16];
+    unsigned char rows[16];
+} __attribute__((packed, aligned(64))) amx_cfg = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+/* iters rounds of tdpbf16ps on four accumulator tiles from four operand tiles (zeros, as
+ * ldtilecfg leaves them: the unit's speed does not depend on the values), as the GEMM's
+ * 32 x 32 tile runs them. */
+__attribute__((target("amx-tile,amx-bf16"))) static float peak_amx(long long iters)
+{
+    float out[16 * 16] __attribute__((aligned(64)));
+    _tile_loadconfig(&amx_cfg); /* which also zeroes every tile */
+    for (long long it = 0; it < iters; it++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return out[0];
+}
+#endif
 #endif
 FMA_PEAK(peak_base, , 4, 6, 2)
 
 /* Fastest first, named as the GEMM's paths are. */
 static const peak_path paths[] = {
+#ifdef PEAK_AMX
+    {"amx", 32, 32, 32, peak_amx},
+#endif
 #ifdef PEAK_X86
     {"avx512bf16", 12, 32, 2, peak_avx512bf16},
     {"avx512", 12, 32, 1, peak_avx512},
@@ -105,7 +146,8 @@ int fma_peak_path_count(void) { return (int)(sizeof paths / sizeof paths[0]); }
 
 const char *fma_peak_path_name(int i) { return paths[i].name; }
 
-/* Multiply-adds per lane and instruction of path i: 1 (FMA paths), 2 (avx512bf16). */
+/* Multiply-adds per lane and instruction of path i: 1 (FMA paths), 2 (avx512bf16), 32
+ * (amx). */
 int fma_peak_path_macs(int i) { return paths[i].macs; }
 
 /* Flops of one round of path i. */
@@ -116,6 +158,13 @@ int fma_peak_path_supported(int i)
 {
 #ifdef PEAK_X86
     __builtin_cpu_init();
+#ifdef PEAK_AMX
+    /* The tile data state must be granted by Linux (once per process) before use. */
+    if (strcmp(paths[i].name, "amx") == 0)
+        return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+               syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                       18 /* XFEATURE_XTILEDATA */) == 0;
+#endif
     if (strcmp(paths[i].name, "avx512bf16") == 0)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512bf16");

@@ -2,8 +2,10 @@
 
     fma_peak_gflops(isa, n_threads=1, seconds=0.2) -> GFLOP/s
     available_isas() -> ["avx512", "avx2", "sse2"] (those this CPU runs, fastest first)
-    available_bf16_isas() -> ["avx512bf16"] where the CPU has AVX512_BF16: the vdpbf16ps peak,
-                             the bf16 GEMM's yardstick (fma_peak_gflops takes its name too)
+    available_bf16_isas() -> ["amx", "avx512bf16"] where the CPU has AMX-BF16 (and Linux grants
+                             the tile state) and AVX512_BF16: the tdpbf16ps and vdpbf16ps
+                             peaks, the bf16 GEMM paths' yardsticks (fma_peak_gflops takes
+                             their names too)
 
 The probe is C (_fma_peak.c), compiled on first use with the C compiler setuptools would build
 an extension with ($CC, else the one Python was built with), with OpenMP, and cached under the
@@ -78,22 +80,23 @@ def _paths():
     return [lib.fma_peak_path_name(i).decode() for i in range(lib.fma_peak_path_count())]
 
 
-def _supported(macs):
+def _supported(bf16):
     lib = _library()
     return [name for i, name in enumerate(_paths())
-            if lib.fma_peak_path_macs(i) == macs and lib.fma_peak_path_supported(i)]
+            if (lib.fma_peak_path_macs(i) > 1) == bf16 and lib.fma_peak_path_supported(i)]
 
 
 def available_isas():
     """Names of the FMA paths this CPU runs, fastest first: the GEMM's
     (matmul.available_isas())."""
-    return _supported(1)
+    return _supported(False)
 
 
 def available_bf16_isas():
-    """Names of the bf16 dot-product paths this CPU runs: ["avx512bf16"] (vdpbf16ps, two
-    bf16 multiply-adds per fp32 lane) where it has AVX512_BF16, else []."""
-    return _supported(2)
+    """Names of the bf16 dot-product paths this CPU runs, fastest first: "amx" (tdpbf16ps,
+    32 bf16 multiply-adds per fp32 lane of a tile) where it has AMX-BF16 and Linux grants
+    the tile state, "avx512bf16" (vdpbf16ps, two per lane) where it has AVX512_BF16."""
+    return _supported(True)
 
 
 def _rounds(index, iters, n_threads):

@@ -741,8 +741,8 @@ def measure_fma_peak(loaded, n_threads, quick):
 
 
 def measure_bf16_peak(loaded, n_threads, quick):
-    """The peak of the bf16 GEMM path in use: vdpbf16ps's where it runs natively; the FMA
-    peak of its tile where it is emulated (the emulation runs fp32 FMAs)."""
+    """The peak of the bf16 GEMM path in use: tdpbf16ps's (amx) or vdpbf16ps's where it runs
+    natively; the FMA peak of its tile where it is emulated (the emulation runs fp32 FMAs)."""
     if "matmul" not in loaded:
         return {"error": "not measured (matmul not built)"}
     isa = loaded["matmul"][0].get_bf16_isa()

@@ -50,7 +50,8 @@ import numpy as np
 
 from _common import (SPIN_SETTLE_S, dump_json, fmt, fmt_ratio, format_machine,
                      format_table, machine_info, parse_threads)
-from _fma_peak import available_isas as fma_peak_isas, fma_peak_gflops
+from _fma_peak import (available_bf16_isas as fma_peak_bf16_isas, available_isas as fma_peak_isas,
+                       fma_peak_gflops)
 
 KERNEL_FAMILIES = ("matmul", "attention", "norm", "activation", "xent", "embedding", "adamw")
 # Module-level helpers of the kernel families that are not kernels.
@@ -246,7 +247,9 @@ def ours_session(cfg, n_threads, profile_steps):
         result = {"impl": "ours", "threads": threads,
                   "num_params": model.num_params, "loss": state["loss"],
                   "isa": matmul.get_isa(), "precision": cfg.precision,
-                  "bf16_isa": matmul.get_bf16_isa(), **fma_peaks(threads)}
+                  "bf16_isa": matmul.get_bf16_isa(), **fma_peaks(threads),
+                  **(bf16_peak(matmul.get_bf16_isa(), threads) if cfg.precision == "bf16"
+                     else {})}
         if profile_steps:
             profiler = KernelProfiler()
             profiled = make_step(cfg, x, y,
@@ -272,6 +275,17 @@ def fma_peaks(n_threads):
     best_isa = max(peaks, key=peaks.get)
     return {"fma_peaks_gflops": peaks, "fma_peak_isa": best_isa,
             "fma_peak_gflops": peaks[best_isa]}
+
+
+def bf16_peak(isa, n_threads):
+    """The peak of the bf16 GEMM path in use (tdpbf16ps or vdpbf16ps), the bf16 step's own
+    floor; nothing where the path is emulated (its yardstick is the FMA peak)."""
+    if isa not in fma_peak_bf16_isas():
+        return {}
+    try:
+        return {"bf16_peak_isa": isa, "bf16_peak_gflops": fma_peak_gflops(isa, n_threads)}
+    except RuntimeError as e:
+        return {"bf16_peak_error": str(e)}
 
 
 def run_profiled(profiler, step, first_it, repeat):
@@ -312,8 +326,8 @@ def torch_session(cfg, n_threads):
 
     torch.set_num_threads(n_threads)
     torch.manual_seed(cfg.seed)
-    autocast = getattr(cfg, "precision", "fp32") == "bf16"
-    model = _load_torch_ref().build_torch_gpt(cfg)
+    torch_ref = _load_torch_ref()
+    model = torch_ref.build_torch_gpt(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -334,7 +348,7 @@ def torch_session(cfg, n_threads):
     def step():
         optimizer.zero_grad(set_to_none=False)
         # bf16: the forward's matmuls on bf16 under autocast, as PyTorch users run it
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch_ref.autocast(cfg):
             loss = model(x, y)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -344,7 +358,7 @@ def torch_session(cfg, n_threads):
 
     def finish():
         return {"impl": "torch", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "autocast_bf16": autocast,
+                "autocast_bf16": cfg.precision == "bf16",
                 "num_params": sum(p.numel() for p in params), "loss": state["loss"]}
 
     return step, finish
@@ -602,6 +616,15 @@ def print_report(doc):
                   "a floor for any implementation")
         elif run["ours"].get("fma_peak_error"):
             print(f"FMA peak: not measured ({run['ours']['fma_peak_error']})")
+        ours = run["ours"]
+        if ours.get("bf16_peak_gflops") and "gemm_gflops" in ours:
+            floor = run["gemm_floor_ms"] * run["fma_peak_gflops"] / ours["bf16_peak_gflops"] \
+                if run.get("fma_peak_gflops") else None
+            print(f"bf16 peak at {run['threads']} thread(s) ({ours['bf16_peak_isa']}, measured "
+                  f"in this run): {ours['bf16_peak_gflops']:.1f} GFLOP/s; our bf16 step's GEMM "
+                  f"FLOPs run at {100 * ours['gemm_gflops'] / ours['bf16_peak_gflops']:.0f}% of "
+                  "it" + (f"; the GEMMs alone would take {floor:.1f} ms at that rate" if floor
+                          else ""))
     for line in errors:
         print(f"error: {line}")
     for run in doc["runs"]:

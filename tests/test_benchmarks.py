@@ -221,7 +221,7 @@ def fma_peak():
     yield from _import_benchmark("_fma_peak")
 
 
-def _best_gemm_gflops(n, repeat=5):
+def _best_gemm_gflops(n, repeat=5, precision="fp32"):
     """Our GEMM's best rate on an n x n x n product that fits in cache, one thread."""
     import time
 
@@ -233,7 +233,7 @@ def _best_gemm_gflops(n, repeat=5):
     best = np.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
-        matmul.gemm(c, a, b, False, False, False, 1)
+        matmul.gemm(c, a, b, False, False, False, 1, precision=precision)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best / 1e9
 
@@ -263,6 +263,30 @@ def test_fma_peak_bounds_the_gemm(fma_peak):
             assert peak > 0.8 * gemm, (isa, peak, gemm)
     finally:
         matmul.set_isa(old)
+
+
+def test_bf16_peak_bounds_the_bf16_gemm(fma_peak):
+    if "matmul" not in built_families():
+        pytest.skip("matmul kernels not built")
+    from randygpt._kernels import matmul
+
+    # Every native bf16 GEMM path has a probe of the same name (the emulated ones are held
+    # to the FMA peak), and it bounds that path's GEMM as the FMA peak bounds fp32's; AMX
+    # reaches ~3.7 TFLOP/s a core here, so the sanity bound is 2048 flops a cycle at 8 GHz.
+    native = [isa for isa in matmul.available_bf16_isas() if isa in ("amx", "avx512bf16")]
+    assert fma_peak.available_bf16_isas() == native
+    old = matmul.get_bf16_isa()
+    try:
+        for isa in native:
+            matmul.set_bf16_isa(isa)
+            gemm = peak = 0.0
+            for _ in range(4):
+                gemm = max(gemm, _best_gemm_gflops(256, precision="bf16"))
+                peak = max(peak, fma_peak.fma_peak_gflops(isa, 1, seconds=0.05))
+            assert np.isfinite(peak) and peak < 2048 * 8.0, (isa, peak)
+            assert peak > 0.8 * gemm, (isa, peak, gemm)
+    finally:
+        matmul.set_bf16_isa(old)
 
 
 def test_fma_peak_rejects_bad_arguments(fma_peak):

@@ -7,9 +7,11 @@ names and PyTorch's (out_features, in_features) layout, so load_params / export_
 tensors across by name. Dropout here is nn.Dropout (its masks differ from ours), so parity
 is checked with dropout 0.
 """
+import contextlib
+
 import numpy as np
 
-__all__ = ["build_torch_gpt", "load_params", "export_grads", "torch_name", "our_name"]
+__all__ = ["build_torch_gpt", "autocast", "load_params", "export_grads", "torch_name", "our_name"]
 
 
 def build_torch_gpt(config, dtype=None):
@@ -73,6 +75,20 @@ def build_torch_gpt(config, dtype=None):
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def autocast(config):
+    """The context to run the forward and loss in for config.precision, as a PyTorch user turns
+    on mixed precision: "bf16" is torch.autocast("cpu", dtype=torch.bfloat16) (the parameters
+    stay fp32; the matmuls and attention run in bf16, the ops on autocast's fp32 list such as
+    the loss in fp32), "fp32" no context at all. Backward runs outside it, as autocast wants."""
+    import torch
+
+    if config.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
 
 
 def torch_name(name):

@@ -2,6 +2,7 @@
 so the two can be compared at the same seed and learning rate.
 
     python benchmarks/torch_train.py 5000 --lr 1e-3 --data PATH --threads 2 --out DIR
+    python benchmarks/torch_train.py 5000 --lr 1e-3 --data PATH --precision bf16 --out DIR2
     python -m randygpt plot DIR          # the same plot as for a randygpt run
 
 Flags are randygpt's training flags (every Config flag: --n-layer, --n-embd, --n-head,
@@ -31,6 +32,13 @@ What differs:
     dropout 0 the losses agree to rounding (about 1e-7 relative over the first dozen steps of
     a tiny model, tests/test_torch_train.py), not bit for bit, and over a long run the
     rounding differences grow until the two curves agree only statistically;
+  - --precision bf16 is PyTorch's mixed precision as its users turn it on: the forward and the
+    loss under torch.autocast("cpu", dtype=torch.bfloat16) (torch_ref.autocast, which
+    bench_train.py times too), backward outside it, fp32 weights, gradients and AdamW. Autocast
+    runs every matmul, attention included, in bf16 and keeps their outputs in bf16 up to the
+    residual add (the logits too; the loss is fp32), where our bf16 rounds only the GEMM
+    operands, so the two bf16 runs differ by more than rounding.
+    config.json records config.precision and "autocast": "bfloat16" (null in fp32);
   - speed: tok/s is torch's, in a process that also loaded our kernels' module (to build the
     initial weights; none of them is called), so use benchmarks/bench_train.py for timings.
 
@@ -41,11 +49,12 @@ import dataclasses
 import sys
 
 from randygpt import effective_n_threads, openmp_enabled, physical_cores, usable_cpus
-from randygpt.cli.args import ArgumentParser, UsageError, float_arg, int_arg, threads_arg
-from randygpt.cli.train import CONFIG_FLAGS
+from randygpt.cli.args import ArgumentParser, UsageError, int_arg, threads_arg
+from randygpt.cli.train import CONFIG_FLAGS, add_config_flags
 from randygpt.config import Config
 from randygpt.data import DataError
 from randygpt.model import GPT
+from randygpt.torch_ref import autocast, build_torch_gpt, load_params
 from randygpt.train import RunOptions, Trainer, TrainError, default_out_dir
 
 PROG = "torch_train"
@@ -60,8 +69,9 @@ class _TorchModel:
     """The torch module behind the interface the Trainer uses (forward(x, y, step) -> float,
     backward(), evaluating(), train(), num_params, release_buffers())."""
 
-    def __init__(self, module, torch):
+    def __init__(self, module, config, torch):
         self.module = module
+        self._config = config
         self._torch = torch
         self.num_params = sum(p.numel() for p in module.parameters())
         self._loss = None
@@ -89,7 +99,8 @@ class _TorchModel:
 
     def forward(self, x, y, step=0):
         torch = self._torch
-        loss = self.module(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        with autocast(self._config):
+            loss = self.module(torch.from_numpy(x).long(), torch.from_numpy(y).long())
         self._loss = loss if loss.requires_grad else None
         return loss.item()
 
@@ -141,24 +152,35 @@ class TorchTwinTrainer(Trainer):
             raise TrainError("the torch twin writes no checkpoints: resume and stop_at are not supported")
         if options.out_dir is None:
             ours = default_out_dir()
-            options = dataclasses.replace(options, out_dir=str(ours.with_name("torch-" + ours.name)))
+            # runs/torch-<time>, runs/torch-bf16-<time>: compare_runs labels a run by its directory.
+            precision = options.overrides.get("precision", "fp32")
+            prefix = "torch-" if precision == "fp32" else f"torch-{precision}-"
+            options = dataclasses.replace(options, out_dir=str(ours.with_name(prefix + ours.name)))
         super().__init__(None, dataclasses.replace(options, sample=False), **kwargs)
 
     def build_model(self):
-        from randygpt.torch_ref import build_torch_gpt, load_params
         torch = self._torch
         torch.set_num_threads(_resolve_threads(self.options.n_threads))
         # Seeds torch's dropout masks; the weights themselves are ours, loaded below.
         torch.manual_seed(self.config.seed)
         module = build_torch_gpt(self.config)
         load_params(module, GPT(self.config, seed=self.config.seed, n_threads=1).params)
-        return _TorchModel(module, torch), _TorchAdamW(module, self.config, torch)
+        return _TorchModel(module, self.config, torch), _TorchAdamW(module, self.config, torch)
 
     def threads_description(self):
         return f"the PyTorch {self._torch.__version__} twin: torch threads={self._torch.get_num_threads()}"
 
+    def precision_description(self):
+        if self.config.precision == "fp32":
+            return None
+        return ("precision=bf16: the forward and the loss run under torch.autocast(\"cpu\", "
+                "dtype=torch.bfloat16), backward outside it; weights, gradients and AdamW fp32")
+
     def run_info(self):
-        return dict(super().run_info(), impl="torch", torch=self._torch.__version__)
+        # config.json's config.precision says bf16 either way; "autocast" says how torch did it.
+        autocast_dtype = "bfloat16" if self.config.precision == "bf16" else None
+        return dict(super().run_info(), impl="torch", torch=self._torch.__version__,
+                    autocast=autocast_dtype)
 
     def save(self):
         return None
@@ -189,12 +211,8 @@ def build_parser():
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("iters", metavar="ITERS", type=int_arg("ITERS", lo=1),
                    help="training iterations (also the learning-rate schedule's length)")
-    m = p.add_argument_group("model and optimisation (defaults from randygpt.config.Config)")
-    for field, flag, kind, help_text in CONFIG_FLAGS:
-        kw = ({"choices": ["rmsnorm", "layernorm"]} if field == "norm"
-              else {"type": int_arg(flag) if kind is int else float_arg(flag)})
-        m.add_argument(flag, dest=field, default=None, help=help_text,
-                       metavar=flag.lstrip("-").upper().replace("-", "_"), **kw)
+    add_config_flags(p.add_argument_group("model and optimisation (defaults from "
+                                          "randygpt.config.Config)"), Config().to_dict())
     r = p.add_argument_group("run")
     r.add_argument("--threads", type=threads_arg, default=None,
                    help="torch threads (default: as randygpt resolves its own)")

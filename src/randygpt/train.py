@@ -580,9 +580,13 @@ class Trainer:
             yield (f"the run ({opts.iters} iterations) is shorter than the warmup "
                    f"({cfg.warmup_iters}): the learning rate never reaches its peak {cfg.lr:g} "
                    f"(it ends at {lr_at(opts.iters - 1, opts.iters, cfg):.1e})")
-        note = precision_note(cfg)
+        note = self.precision_description()
         if note:
             yield note
+
+    def precision_description(self):
+        """The start-up note on what config.precision does here (None: nothing to say)."""
+        return precision_note(self.config)
 
     def threads_description(self):
         """The start-up line about threads (OpenMP on or off, how many, out of how many cores)."""

@@ -9,8 +9,8 @@ from ..train import DEFAULT_BPE_VOCAB, RunFailed, RunOptions, Trainer, TrainErro
 from .args import (EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, PROG, ArgumentParser, UsageError,
                    add_threads_flag, float_arg, int_arg, report_error)
 
-__all__ = ["CONFIG_FLAGS", "RUN_FLAGS", "build_parser", "parse_train_args", "main",
-           "continue_command"]
+__all__ = ["CONFIG_FLAGS", "RUN_FLAGS", "add_config_flags", "build_parser", "parse_train_args",
+           "main", "continue_command"]
 
 # Config field -> (flag, type, help). Defaults are read from Config when the help is shown, so
 # they are written down in one place only.
@@ -73,14 +73,25 @@ def build_parser(subcommands=None, version=None):
     p.add_argument("iters", metavar="ITERS", type=int_arg("ITERS", lo=1),
                    help="target number of training iterations (also sets the learning-rate "
                         "schedule; with --resume, the total to reach)")
-    m = p.add_argument_group("model and optimisation (defaults from randygpt.config.Config)")
-    for field, flag, kind, help_text in CONFIG_FLAGS:
-        kw = ({"choices": list(_CHOICES[field])} if field in _CHOICES
-              else {"type": int_arg(flag) if kind is int else float_arg(flag)})
-        m.add_argument(flag, dest=field, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"),
-                       help=f"{help_text} (default: {defaults[field]})", **kw)
+    add_config_flags(p.add_argument_group("model and optimisation (defaults from "
+                                          "randygpt.config.Config)"), defaults)
     _add_run_flags(p.add_argument_group("run"))
     return p
+
+
+def add_config_flags(group, defaults, fields=None):
+    """Add CONFIG_FLAGS's flags (only those of ``fields``, if given) to an argparse group or
+    parser, typed and checked as the training command does (an unset flag is None); each help
+    ends with ``(default: defaults[field])``. Other commands that take a Config flag (eval's
+    --precision, benchmarks/torch_train.py) use this, so the flag means one thing everywhere."""
+    for field, flag, kind, help_text in CONFIG_FLAGS:
+        if fields is not None and field not in fields:
+            continue
+        kw = ({"choices": list(_CHOICES[field])} if field in _CHOICES
+              else {"type": int_arg(flag) if kind is int else float_arg(flag)})
+        group.add_argument(flag, dest=field, default=None,
+                           metavar=flag.lstrip("-").upper().replace("-", "_"),
+                           help=f"{help_text} (default: {defaults[field]})", **kw)
 
 
 def _add_run_flags(r):

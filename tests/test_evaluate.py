@@ -11,7 +11,7 @@ from randygpt import cli
 from randygpt.checkpoint import save
 from randygpt.config import Config
 from randygpt.data import Dataset
-from randygpt.evaluate import evaluate
+from randygpt.evaluate import EvalError, evaluate, evaluate_checkpoint
 from randygpt.model import GPT
 from randygpt.tokenizer import CharTokenizer
 
@@ -165,6 +165,7 @@ def test_cli_needs_data_when_the_checkpoint_does_not_say(run, capsys):
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--threads", "0"], "--threads must not be 0"),
     (["--split", "test"], "invalid choice"),
+    (["--precision", "fp16"], r"--precision: invalid choice: 'fp16' \(choose from 'fp32', 'bf16'\)"),
     (["--data", "{missing}"], "does not exist"),
     (["--data", "{foreign}"], "characters the tokenizer does not know: 'Z'"),
     (["--data", "{short}"], "too short.*evaluate a longer text"),
@@ -181,6 +182,33 @@ def test_cli_bad_input(run, capsys, tmp_path, argv, match):
     assert code == 2 and out == ""
     assert err.startswith("randygpt: error: ") and err.count("\n") == 1, err
     assert re.search(match, err), err
+
+
+def test_cli_evaluates_either_precision_whatever_the_checkpoint_was_trained_in(tmp_path, capsys):
+    model, tok = tiny_model()
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT)
+    val = Dataset(TEXT, tok, 8).val
+    expected = {}
+    for precision in ("fp32", "bf16"):
+        m = GPT(model.config.replace(precision=precision), seed=0)
+        m.load_flat_params(model.flat_params)
+        expected[precision] = f"val loss {evaluate(m, val, 8, 4):.4f} | "
+    assert expected["fp32"] != expected["bf16"], "the test needs precisions that differ"
+    for trained in ("fp32", "bf16"):
+        m = GPT(model.config.replace(precision=trained), seed=0)
+        m.load_flat_params(model.flat_params)
+        ckpt = tmp_path / f"{trained}.npz"
+        save(ckpt, model=m, optimizer=None, tokenizer=tok, step=7, rng_state=None,
+             extra={"data_path": str(data)})
+        for asked in (None, "fp32", "bf16"):
+            code, out, err = run_main(capsys, "--checkpoint", ckpt,
+                                      *(["--precision", asked] if asked else []))
+            ran = asked or trained  # by default, the precision the checkpoint was trained in
+            assert code == 0 and err == "", err
+            assert out.startswith(expected[ran]) and f"| precision {ran} |" in out, out
+    with pytest.raises(EvalError, match="precision must be one of"):
+        evaluate_checkpoint(ckpt, precision="fp16")
 
 
 def test_cli_bad_checkpoint(tmp_path, capsys):

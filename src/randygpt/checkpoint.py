@@ -427,10 +427,11 @@ def load(path):
                       path=str(path))
 
 
-def load_model(path, n_threads=None):
+def load_model(path, n_threads=None, precision=None):
     """Load a checkpoint, or a .safetensors weights file (randygpt.interop; the Checkpoint then
-    has no optimizer or sampler state), into a fresh GPT in eval mode. Returns (model,
-    tokenizer, checkpoint)."""
+    has no optimizer or sampler state), into a fresh GPT in eval mode, computing in
+    ``precision`` (None: the one it was trained in; the weights are fp32 either way). Returns
+    (model, tokenizer, checkpoint); checkpoint.config is the file's."""
     from .interop import is_weights_path, load_weights
     from .model import GPT
 
@@ -440,7 +441,8 @@ def load_model(path, n_threads=None):
                           adam_v=None, step=w.step, rng_state=None, extra=w.extra, path=w.path)
     else:
         ckpt = load(path)
-    model = GPT(ckpt.config, n_threads=n_threads)
+    config = ckpt.config if precision is None else ckpt.config.replace(precision=precision)
+    model = GPT(config, n_threads=n_threads)
     model.load_flat_params(ckpt.params)
     model.eval()
     return model, ckpt.tokenizer, ckpt

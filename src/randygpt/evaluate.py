@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
+from .config import PRECISIONS
 from .data import BUILTIN_TEXT, DataError, Dataset, TextTooShort, load_text
 
 __all__ = ["evaluate", "evaluate_checkpoint", "EvalReport", "EvalError", "BUILTIN"]
@@ -38,6 +39,7 @@ class EvalReport:
     step: int               # the checkpoint's training iterations
     data: str               # the text's path (or BUILTIN)
     bits_per_char: float = None  # the loss in bits per character of the split (compares tokenizers)
+    precision: str = "fp32"      # the model's GEMMs while evaluating (Config.precision)
 
     @property
     def perplexity(self):
@@ -116,12 +118,15 @@ def _recorded_data(extra):
     return None, None
 
 
-def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads=None):
+def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads=None,
+                        precision=None):
     """The loss of the checkpoint at ``path`` over a whole split of a text, as an EvalReport.
 
     data       : text file to score; None: the one the checkpoint records it was trained on
     split      : "val" or "train", split as in training (the checkpoint's val fraction)
     batch_size : windows per forward pass (None: the checkpoint's); the result does not depend on it
+    precision  : "fp32" or "bf16" (None: the checkpoint's own); a checkpoint's weights are fp32,
+                 so one trained in either precision evaluates in either
     Raises CheckpointError, DataError or EvalError, each one line for the user.
     """
     if split not in ("val", "train"):
@@ -129,7 +134,9 @@ def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise EvalError(f"batch size must be a positive integer, got {batch_size!r}")
-    model, tokenizer, ckpt = load_model(path, n_threads=n_threads)
+    if precision is not None and precision not in PRECISIONS:
+        raise EvalError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    model, tokenizer, ckpt = load_model(path, n_threads=n_threads, precision=precision)
     if data is None:
         data, recorded = _recorded_data(ckpt.extra)
         if data is None:
@@ -153,4 +160,5 @@ def evaluate_checkpoint(path, data=None, split="val", batch_size=None, n_threads
     loss = evaluate(model, tokens, T, batch_size or ckpt.config.batch_size)
     return EvalReport(loss=loss, split=split, n_tokens=int(tokens.size - 1),
                       n_windows=math.ceil((tokens.size - 1) / T), block_size=T, step=ckpt.step,
-                      data=str(data), bits_per_char=dataset.bits_per_char(loss, split))
+                      data=str(data), bits_per_char=dataset.bits_per_char(loss, split),
+                      precision=model.config.precision)

@@ -39,7 +39,8 @@ def one_line(capsys, code, expected_code=2):
 
 def run_module(args, cwd, env_extra=None, timeout=60):
     env = dict(os.environ, RANDYGPT_CACHE_DIR=str(cwd / "cache"))
-    for name in ("RANDYGPT_NUM_THREADS", "OMP_NUM_THREADS", "RANDYGPT_ISA", "RANDYGPT_DEBUG"):
+    for name in ("RANDYGPT_NUM_THREADS", "OMP_NUM_THREADS", "RANDYGPT_ISA", "RANDYGPT_BF16_ISA",
+                 "RANDYGPT_DEBUG"):
         env.pop(name, None)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "randygpt", *args], cwd=cwd, env=env,
@@ -53,6 +54,7 @@ def run_module(args, cwd, env_extra=None, timeout=60):
     ("RANDYGPT_NUM_THREADS", "0", "RANDYGPT_NUM_THREADS"),
     ("OMP_NUM_THREADS", "zero", "OMP_NUM_THREADS"),
     ("RANDYGPT_ISA", "foo", "RANDYGPT_ISA"),
+    ("RANDYGPT_BF16_ISA", "fp16", "RANDYGPT_BF16_ISA"),
 ])
 def test_bad_environment_is_one_line_and_exit_2(tmp_path, text_path, name, value, words):
     p = run_module(["2", *TINY_FLAGS[:-3], "--data", str(text_path), "--out", "r"], tmp_path,

@@ -56,6 +56,26 @@ def test_env_and_bad_names(monkeypatch):
         _kernels.select_isa("avx1024")
 
 
+def test_bf16_env_picks_the_bf16_path(monkeypatch):
+    monkeypatch.delenv("RANDYGPT_ISA", raising=False)
+    default = (_kernels.select_isa(), matmul.get_bf16_isa())[1]
+    try:
+        for name in matmul.available_bf16_isas():
+            monkeypatch.setenv("RANDYGPT_BF16_ISA", name)
+            _kernels.select_isa()
+            assert matmul.get_bf16_isa() == name
+        monkeypatch.setenv("RANDYGPT_BF16_ISA", "fp16")
+        with pytest.raises(ValueError) as err:
+            _kernels.select_isa()
+        assert str(err.value) == (
+            f"RANDYGPT_BF16_ISA must be one of {', '.join(matmul.available_bf16_isas())} (the "
+            "bf16 GEMM paths this CPU runs), got 'fp16'")
+    finally:
+        monkeypatch.delenv("RANDYGPT_BF16_ISA")
+        _kernels.select_isa()
+    assert matmul.get_bf16_isa() == default
+
+
 def test_bad_env_fails_the_import_with_one_line():
     # select_isa runs at import, so RANDYGPT_ISA=foo stops `import randygpt._kernels` with the
     # ValueError above (the command line turns it into its error line), not a crash.

@@ -173,7 +173,23 @@ def select_isa(name=None):
         own = [isa for isa in mod.available_isas()
                if isa in ISA_ORDER and ISA_ORDER.index(isa) >= rank] or mod.available_isas()[-1:]
         mod.set_isa(name if name in mod.available_isas() else own[0])
+    _select_bf16_isa(modules)
     return name
+
+
+def _select_bf16_isa(modules):
+    """RANDYGPT_BF16_ISA, if set, picks the bf16 GEMM path over the one set_isa chose: e.g.
+    "avx512bf16" on an AMX machine gives the bits of a CPU with AVX512_BF16 and no AMX (AMX
+    sums its products its own way), "avx512" the emulation's (the same bits, at fp32 speed)."""
+    name = os.environ.get("RANDYGPT_BF16_ISA", "").strip()
+    matmul_mod = next((m for m in modules if m.__name__.endswith(".matmul")), None)
+    if not name or matmul_mod is None:
+        return
+    choices = matmul_mod.available_bf16_isas()
+    if name not in choices:
+        raise ValueError(f"RANDYGPT_BF16_ISA must be one of {', '.join(choices)} (the bf16 GEMM "
+                         f"paths this CPU runs), got {name!r}")
+    matmul_mod.set_bf16_isa(name)
 
 
 # Chosen once at import so RANDYGPT_ISA applies to every kernel, and a bad value fails here,

@@ -113,6 +113,6 @@ def _report_unexpected(e):
 
 def _from_environment(e):
     """A ValueError raised for a bad environment variable (RANDYGPT_NUM_THREADS, OMP_NUM_THREADS,
-    RANDYGPT_ISA): its message names the variable, and it is the user's input like a flag."""
+    RANDYGPT_ISA, RANDYGPT_BF16_ISA): its message names the variable, and it is the user's input like a flag."""
     text = str(e)
     return any(name in text for name in ("RANDYGPT_", "OMP_NUM_THREADS"))

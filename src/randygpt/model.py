@@ -9,20 +9,28 @@ Forward, per layer l (pre-norm; RMSNorm without gain, or LayerNorm with gain and
     resid[2l+2] = resid[2l+1] + dropout(relu(norm(resid[2l+1]) fc1^T)^2 fc2^T)  site 1
 with resid[0] = wte[idx] + wpe[:T] and logits = resid[2L] lm_head^T (no final norm).
 Forward saves only what backward cannot cheaply redo: every residual stream (the norms' inputs
-and lm_head's), the norms' rstd (and mean), qkv and fc1's pre-activation. Backward recomputes,
-with the same deterministic code (so bit-identical to what forward used), the norm outputs (one
-elementwise pass each), relu(fc1)^2 inside fc2's backward GEMM (squared as it is packed, with
-the squared-ReLU backward in the same GEMM's write-back) and, inside attention_backward, each
-layer's attention
-probabilities and output (the scores and softmax again, about 3 ms per layer at the default
-size, 2% of a step, checked bit for bit by the attention tests): the probabilities were
-(L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
+and lm_head's), the norms' rstd (and mean), and in fp32 qkv and fc1's pre-activation (bf16
+redoes those too, below). Backward recomputes, with the same deterministic code (so
+bit-identical to what forward used), the norm outputs (one elementwise pass each), relu(fc1)^2
+inside fc2's backward GEMM (squared as it is packed, with the squared-ReLU backward in the same
+GEMM's write-back) and, inside attention_backward, each layer's attention probabilities and
+output (the scores and softmax again, about 3 ms per layer at the default size, 2% of a step,
+checked bit for bit by the attention tests): the probabilities were (L, B, NH, T, T) floats
+(24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
 Scratch buffers whose lifetimes do not overlap share memory: one work region holds act (N, H)
 during the MLP, then dqkv and atty during attention; in backward fc1's pre-activation gradient
-is written into act's memory; the branch gradient and then the
-norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the arena is 125 MiB
-(189 MiB with every activation saved and separate scratch), and a training step peaks at about
-240 MiB RSS with the parameters, gradients and AdamW moments (305 MiB before).
+is written into act's memory; the branch gradient and then the norm-output gradient live in
+proj's buffer, datty in ln's. At B=32, T=64 the fp32 arena is 125 MiB (189 MiB with every
+activation saved and separate scratch), and a training step peaks at about 240 MiB RSS with the
+parameters, gradients and AdamW moments (305 MiB before).
+In bf16 (ActivationArena's recompute plan, the default there) qkv and fc1's pre-activation are
+not saved per layer: one layer's live in one buffer, redo (with datty beside qkv in backward),
+and backward redoes each layer's qkv and fc1 forward GEMM from the recomputed norm output and
+the same weights, so with forward's bits; the last layer's fc1_pre is still in redo when
+backward starts (11 GEMMs redone a step at L=6). On AMX those cost about 1 ms each at the
+default size: the step measured 2.9% slower (174 against 169 ms at 1 thread), for an arena of
+49 MiB and a peak of 161-168 MiB RSS (237-244 before). fp32 keeps saving them: its GEMMs are
+3-5x dearer, and recomputing measured 10% slower (463 against 420 ms).
 Every scratch gradient is written (GEMM with accumulate=False, dropout_forward for the masked
 branch gradient, attention_backward(accumulate=False)), never zeroed and then accumulated into;
 only the parameter gradients accumulate, into flat_grads zeroed once per step.
@@ -109,28 +117,47 @@ def init_std(name, config):
 
 class ActivationArena:
     """Every activation forward saves for backward, plus the scratch buffers of both passes, in
-    one float32 allocation sized from (config, B, T). Made once per (B, T); never resized.
+    one float32 allocation sized from (config, B, T, recompute). Made once per (B, T, plan);
+    never resized.
+
+    recompute (the plan; None: default_recompute(config)): False saves every layer's qkv and
+    fc1 pre-activation; True keeps one layer's in a buffer named redo, and backward redoes the
+    two GEMMs (see the module docstring). Either way qkv[l], qkv2[l] and fc1_pre[l] name layer
+    l's buffers (with recompute, the same redo memory for every l).
 
     Scratch buffers whose lifetimes never overlap share memory (see the module docstring):
     views of the same bytes carry the names of what they hold at each point of the step."""
 
     @staticmethod
-    def layout(config, B, T):
+    def default_recompute(config):
+        """The plan a model of config uses unless told: recompute where the GEMMs run in bf16
+        (cheap on AMX: 3% of a step at the default size), save in fp32 (where it cost 10%)."""
+        return config.precision == "bf16"
+
+    @classmethod
+    def layout(cls, config, B, T, recompute=None):
         """[(name, shape)] of the arena's float32 buffers, in order."""
+        if recompute is None:
+            recompute = cls.default_recompute(config)
         L, C, H, V = config.n_layer, config.n_embd, config.mlp_hidden, config.vocab_size
         N = B * T
         layernorm = config.norm == "layernorm"
+        if recompute:
+            # one layer's q | k | v (then datty beside it in backward), or its fc1 output
+            per_layer = [("redo", (max(N * H, 4 * N * C),))]
+        else:
+            per_layer = [("qkv", (L, B, T, 3 * C)),   # q | k | v, the attention kernel's input
+                         ("fc1_pre", (L, N, H))]      # fc1 output before relu^2, for its backward
         return [
             ("resid", (2 * L + 1, N, C)),   # residual stream before each norm, and lm_head's input
             ("ln1_rstd", (L, N)),           # 1/rms (or 1/std) per row, saved for norm backward
             ("ln2_rstd", (L, N)),
             ("ln1_mean", (L, N if layernorm else 0)),  # LayerNorm only
             ("ln2_mean", (L, N if layernorm else 0)),
-            ("qkv", (L, B, T, 3 * C)),      # q | k | v, the attention kernel's input
-            ("fc1_pre", (L, N, H)),         # fc1 output before relu^2, for its backward
+            *per_layer,
             # scratch, reused by every layer
             ("ln", (N, C)),                 # a norm's output (recomputed in backward); also
-                                            # datty in backward's attention part
+                                            # datty in backward's attention part (saved plan)
             ("proj", (N, C)),               # wo / fc2 output before dropout; in backward the
                                             # branch gradient, then a norm output's gradient
             ("dresid", (B, T, C)),          # gradient of the residual stream
@@ -142,15 +169,18 @@ class ActivationArena:
         ]
 
     @classmethod
-    def nbytes_for(cls, config, B, T):
-        """Bytes an arena for (config, B, T) holds, computed without allocating it."""
-        floats = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in cls.layout(config, B, T))
+    def nbytes_for(cls, config, B, T, recompute=None):
+        """Bytes an arena for (config, B, T, recompute) holds, computed without allocating it."""
+        floats = sum(int(np.prod(shape, dtype=np.int64))
+                     for _, shape in cls.layout(config, B, T, recompute))
         return 4 * floats + 2 * 4 * B * T  # the float32 buffer, idx and targets (int32)
 
-    def __init__(self, config, B, T):
+    def __init__(self, config, B, T, recompute=None):
         L, C, H = config.n_layer, config.n_embd, config.mlp_hidden
         N = B * T
-        table = self.layout(config, B, T)
+        self.recompute = (self.default_recompute(config) if recompute is None
+                          else bool(recompute))
+        table = self.layout(config, B, T, self.recompute)
         sizes = [int(np.prod(shape)) for _, shape in table]
         self.B, self.T, self.N = B, T, N
         self.total = int(sum(sizes))
@@ -166,10 +196,19 @@ class ActivationArena:
                                                      # fc1_pre's gradient
         self.dqkv = w[:3 * N * C].reshape(B, T, 3 * C)
         self.atty = w[3 * N * C:4 * N * C].reshape(B, T, C)  # attention output, wo's input
+        if self.recompute:
+            r = self.redo
+            self.qkv = (r[:3 * N * C].reshape(B, T, 3 * C),) * L
+            self.fc1_pre = (r[:N * H].reshape(N, H),) * L
+            self.datty = r[3 * N * C:4 * N * C].reshape(B, T, C)  # beside qkv, which it outlives
+        else:
+            self.datty = self.ln.reshape(B, T, C)
+        # With recompute, the layer whose fc1_pre redo holds (None: another layer's q | k | v
+        # or nothing): forward leaves the last layer's there for backward.
+        self.fc1_pre_held = None
         # 2-D views of the (B, T, X) buffers for the row-wise kernels (matmul, norm, dropout).
-        self.qkv2 = self.qkv.reshape(L, N, 3 * C)
+        self.qkv2 = tuple(q.reshape(N, 3 * C) for q in self.qkv)
         self.atty2 = self.atty.reshape(N, C)
-        self.datty = self.ln.reshape(B, T, C)
         self.dresid2 = self.dresid.reshape(N, C)
         self.dqkv2 = self.dqkv.reshape(N, 3 * C)
         self.resid3 = self.resid.reshape(2 * L + 1, B, T, C)
@@ -232,7 +271,10 @@ def precision_note(config):
 class GPT:
     """The character-level GPT of SPEC.md on our kernels. See the module docstring."""
 
-    def __init__(self, config, seed=1337, n_threads=None):
+    def __init__(self, config, seed=1337, n_threads=None, *, recompute=None):
+        """recompute: the activation arena's plan (ActivationArena; None: bf16 recomputes, fp32
+        saves). Either plan gives the same bits; it trades memory for two GEMMs a layer. A
+        public attribute: the next forward allocates an arena for a new value."""
         if not isinstance(config, Config):
             raise TypeError(f"config must be a randygpt.Config, got {type(config).__name__}")
         self.config = config
@@ -257,6 +299,8 @@ class GPT:
         self._layers_p = self._layer_views(self.flat_params, self.params)
         self._layers_g = self._layer_views(self.flat_grads, self.grads)
         self.training = True
+        self.recompute = (ActivationArena.default_recompute(config) if recompute is None
+                          else bool(recompute))
         self._arena = None
         self._pending = None  # what backward needs from the last forward with targets
         self.init_params(np.random.default_rng(seed))
@@ -344,28 +388,30 @@ class GPT:
         return a
 
     @staticmethod
-    def training_memory(config, B, T, n_threads):
-        """Bytes a training step at batch (B, T) needs, computed without allocating:
+    def training_memory(config, B, T, n_threads, recompute=None):
+        """Bytes a training step at batch (B, T) needs (with the arena plan recompute, None:
+        the config's default, as GPT's), computed without allocating:
         {"parameters": params, gradients and both AdamW moments, "activations": the arena,
         "attention": its per-call scratch, which grows with T^2 per thread}. For refusing a
         configuration that cannot fit, with the figures, before anything is allocated."""
         P = ParamTable(config).total
         team = max(1, min(n_threads, B * config.n_head))
         return {"parameters": 4 * 4 * P,
-                "activations": ActivationArena.nbytes_for(config, B, T),
+                "activations": ActivationArena.nbytes_for(config, B, T, recompute),
                 "attention": attention.scratch_bytes(T, config.head_size, team)}
 
     def release_buffers(self):
-        """Free the activation arena (125 MiB at the default size) until the next forward
-        allocates it again: for when only sampling is left, whose KV cache has buffers of its
-        own. A backward() needs a new forward first."""
+        """Free the activation arena (125 MiB at the default size, 49 MiB in bf16) until the
+        next forward allocates it again: for when only sampling is left, whose KV cache has
+        buffers of its own. A backward() needs a new forward first."""
         self._arena = None
         self._pending = None
 
     def _arena_for(self, B, T):
-        if self._arena is None or (self._arena.B, self._arena.T) != (B, T):
-            self._arena = None  # free the old arena before allocating the new one
-            self._arena = ActivationArena(self.config, B, T)
+        a = self._arena
+        if a is None or (a.B, a.T, a.recompute) != (B, T, self.recompute):
+            self._arena = a = None  # free the old arena before allocating the new one
+            self._arena = ActivationArena(self.config, B, T, self.recompute)
         return self._arena
 
     # ------------------------------------------------------------------ forward
@@ -422,6 +468,7 @@ class GPT:
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
             # the squared ReLU in fc1's GEMM write-back (fc1_pre kept for backward)
             matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
+            a.fc1_pre_held = l
             matmul.matmul_forward(a.proj, a.act, w.fc2, nt, precision=pr)
             activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt,
                                               offset=mask_offset)
@@ -525,7 +572,7 @@ class GPT:
         st = self._pending
         a, drop, step = st.arena, st.drop, st.step
         cfg = self.config
-        L, NH, seed = cfg.n_layer, cfg.n_head, cfg.seed
+        L, seed = cfg.n_layer, cfg.seed
         nt = self.n_threads
         pr = cfg.precision
         self.flat_grads.fill(0.0)
@@ -542,39 +589,63 @@ class GPT:
         matmul.gemm(dresid, a.dlogits, self.params["lm_head"], False, False, False, nt,
                     precision=pr)
         for l in reversed(range(L)):
-            w, gw = self._layers_p[l], self._layers_g[l]
             # x_out = x_mid + dropout(proj, site 1), proj = relu(fc1_pre)^2 fc2^T
             dproj = self._dropout_backward(a, dresid, drop, (seed, step, l, 1), st.mask_offset, nt)
-            # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the
-            # GEMM packs it, and the squared-ReLU backward runs in the write-back.
-            dpre = a.act  # act's memory, free in backward
-            matmul.matmul_sqrelu_backward(dpre, gw.fc2, dproj, a.fc1_pre[l], w.fc2, nt,
-                                          precision=pr)
-            self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
-                               w.ln2_b, nt)  # recompute fc1's input
-            matmul.matmul_backward(None, gw.fc1, dpre, a.ln, w.fc1, nt, precision=pr)
-            dln = a.proj  # the branch gradient (proj or dresid) has been used up
-            matmul.gemm(dln, dpre, w.fc1, False, False, False, nt, precision=pr)
-            self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l],
-                                a.ln2_rstd[l], l, "ln2", nt)
+            self._mlp_backward(a, dresid, dproj, l, nt)
             # x_mid = x + dropout(proj, site 0), proj = attn(qkv) wo^T, qkv = norm(x) wqkv^T
             dproj = self._dropout_backward(a, dresid, drop, (seed, step, l, 0), st.mask_offset, nt)
-            matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt,
-                        precision=pr)
-            # The probabilities are recomputed inside, bit-identical to the forward's, and
-            # with them the attention output, wo's input, for its weight gradient.
-            attention.attention_backward(a.dqkv, a.datty, a.qkv[l], None, NH, nt,
-                                         accumulate=False, out=a.atty)
-            matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt, precision=pr)
-            self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
-                               w.ln1_b, nt)  # recompute the qkv matmul's input (datty is dead)
-            matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt, precision=pr)
-            dln = a.proj
-            matmul.gemm(dln, a.dqkv2, w.wqkv, False, False, False, nt, precision=pr)
-            self._norm_backward(dresid, dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
-                                l, "ln1", nt)
+            self._attention_backward(a, dresid, dproj, l, nt)
         # resid[0] = wte[idx] + wpe[:T]
         embedding.embedding_backward(g["wte"], g["wpe"], a.dresid, a.idx, nt)
+
+    def _mlp_backward(self, a, dresid, dproj, l, nt):
+        """dresid += the MLP branch's gradient given dproj (its output's), and layer l's fc1
+        and fc2 (and ln2) gradients."""
+        w, gw, pr = self._layers_p[l], self._layers_g[l], self.config.precision
+        self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
+                           w.ln2_b, nt)  # recompute fc1's input
+        dpre = a.act  # act's memory, free in backward
+        if a.recompute and a.fc1_pre_held != l:
+            # fc1_pre again (the first backward after a forward finds the last layer's): the
+            # sums matmul_sqrelu_forward wrote as pre, the same GEMM on the same bits with the
+            # same write-back, less its relu^2 store, so the bits forward saw
+            matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
+            a.fc1_pre_held = l
+        # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the
+        # GEMM packs it, and the squared-ReLU backward runs in the write-back.
+        matmul.matmul_sqrelu_backward(dpre, gw.fc2, dproj, a.fc1_pre[l], w.fc2, nt,
+                                      precision=pr)
+        matmul.matmul_backward(None, gw.fc1, dpre, a.ln, w.fc1, nt, precision=pr)
+        dln = a.proj  # the branch gradient (proj or dresid) has been used up
+        matmul.gemm(dln, dpre, w.fc1, False, False, False, nt, precision=pr)
+        self._norm_backward(dresid, dln, a.resid[2 * l + 1], a.ln2_mean[l], a.ln2_rstd[l],
+                            l, "ln2", nt)
+
+    def _attention_backward(self, a, dresid, dproj, l, nt):
+        """dresid += the attention branch's gradient given dproj (its output's), and layer l's
+        wq | wk | wv and wo (and ln1) gradients."""
+        w, gw, pr = self._layers_p[l], self._layers_g[l], self.config.precision
+        if a.recompute:
+            # qkv's input, then qkv again by forward's own call (datty has memory of its own)
+            self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
+                               w.ln1_b, nt)
+            matmul.matmul_forward(a.qkv2[l], a.ln, w.wqkv, nt, precision=pr)
+            a.fc1_pre_held = None
+        matmul.gemm(a.datty.reshape(dproj.shape), dproj, w.wo, False, False, False, nt,
+                    precision=pr)
+        # The probabilities are recomputed inside, bit-identical to the forward's, and
+        # with them the attention output, wo's input, for its weight gradient.
+        attention.attention_backward(a.dqkv, a.datty, a.qkv[l], None, self.config.n_head, nt,
+                                     accumulate=False, out=a.atty)
+        matmul.matmul_backward(None, gw.wo, dproj, a.atty2, w.wo, nt, precision=pr)
+        if not a.recompute:
+            self._norm_forward(a.ln, a.ln1_mean[l], a.ln1_rstd[l], a.resid[2 * l], w.ln1_w,
+                               w.ln1_b, nt)  # recompute the qkv matmul's input (datty is dead)
+        matmul.matmul_backward(None, gw.wqkv, a.dqkv2, a.ln, w.wqkv, nt, precision=pr)
+        dln = a.proj
+        matmul.gemm(dln, a.dqkv2, w.wqkv, False, False, False, nt, precision=pr)
+        self._norm_backward(dresid, dln, a.resid[2 * l], a.ln1_mean[l], a.ln1_rstd[l],
+                            l, "ln1", nt)
 
     @staticmethod
     def _dropout_backward(a, dresid, drop, counters, offset, nt):

@@ -165,7 +165,8 @@ def test_start_up_says_how_bf16_runs(tmp_path):
         trainer.fit()
     log = out.getvalue()
     assert "precision=bf16" in log
-    how = "on vdpbf16ps" if matmul.bf16_native() else "emulated with fp32 multiply-adds"
+    how = {"amx": "on AMX tiles", "avx512bf16": "on vdpbf16ps"}.get(
+        matmul.get_bf16_isa(), "emulated with fp32 multiply-adds")
     assert how in log
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["config"]["precision"] == "bf16"

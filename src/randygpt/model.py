@@ -261,9 +261,11 @@ def precision_note(config):
     """What config.precision does on this CPU, for the start-up report; None for fp32."""
     if config.precision == "fp32":
         return None
-    how = ("on vdpbf16ps (AVX512_BF16)" if matmul.bf16_native() else
-           "emulated with fp32 multiply-adds (this CPU or the SIMD path chosen has no "
-           "AVX512_BF16): the same results as vdpbf16ps, and no speed-up")
+    how = {"amx": "on AMX tiles (tdpbf16ps)",
+           "avx512bf16": "on vdpbf16ps (AVX512_BF16)"}.get(
+        matmul.get_bf16_isa(),
+        "emulated with fp32 multiply-adds (this CPU or the SIMD path chosen has no "
+        "AVX512_BF16): the same results as vdpbf16ps, and no speed-up")
     return (f"precision=bf16: the GEMMs round their operands to bf16 and sum in fp32 "
             f"(weights, gradients, optimizer, norms, softmax and loss stay fp32), {how}")
 

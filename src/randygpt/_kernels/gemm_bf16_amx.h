@@ -99,55 +99,6 @@ static inline __attribute__((always_inline)) Py_ssize_t rga_a_at(int r, Py_ssize
                     : full * RGA_MR + r * (all - full) + (p - full);
 }
 
-/* Up to 16 floats from x, zeros past n (n <= 0: all zeros). */
-static inline __attribute__((always_inline)) RGA_TARGET __m512 rga_load(const float *x,
-                                                                        Py_ssize_t n)
-{
-    if (n >= 16)
-        return _mm512_loadu_ps(x);
-    return n > 0 ? _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), x) : _mm512_setzero_ps();
-}
-
-static inline __attribute__((always_inline)) __mmask16 rga_mask(Py_ssize_t n)
-{
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-}
-
-/* Pair words of lines 0-15: bf16(even[l]) low, bf16(odd[l]) high. vcvtne2ps2bf16 rounds as
- * rg_bf16_bits does (gemm_bf16.h), so these equal the portable packers' words. */
-static inline __attribute__((always_inline)) RGA_TARGET __m512i rga_pairs(__m512 even,
-                                                                          __m512 odd)
-{
-    const __m512i interleave = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-}
-
-/* r[i][j] <- r[j][i] for 16 x 16 32-bit words. */
-static inline __attribute__((always_inline)) RGA_TARGET void rga_transpose16(__m512i r[16])
-{
-    __m512i t[16], u[16], v[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 4; j++) {
-            v[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + j + 4], 0x88);
-            v[8 * i + j + 4] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + j + 4], 0xdd);
-        }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_i32x4(v[j], v[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_i32x4(v[j], v[j + 8], 0xdd);
-    }
-}
 
 /* Row r of a strip from a contiguous k run x[0 .. kc - 1]: bf16 of x in order is the
  * row's pair words, 16 at a time. */
@@ -156,8 +107,8 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_row(
 {
     const Py_ssize_t all = (kc + 1) / 2;
     for (Py_ssize_t k = 0; k < kc; k += 32) {
-        const __m512 lo = rga_load(x + k, kc - k), hi = rga_load(x + k + 16, kc - k - 16);
-        _mm512_mask_storeu_epi32(strip + rga_a_at(r, k / 2, all), rga_mask((kc - k + 1) / 2),
+        const __m512 lo = rgv_load(x + k, kc - k), hi = rgv_load(x + k + 16, kc - k - 16);
+        _mm512_mask_storeu_epi32(strip + rga_a_at(r, k / 2, all), rgv_mask((kc - k + 1) / 2),
                                  (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 }
@@ -174,14 +125,14 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_rows_t(
         const int np = (int)(all - p0 < 16 ? all - p0 : 16);
         for (int q = 0; q < 16; q++) {
             const Py_ssize_t k = 2 * (p0 + q);
-            w[q] = q < np ? rga_pairs(rga_load(a + k * cs, lines),
-                                      k + 1 < kc ? rga_load(a + (k + 1) * cs, lines)
+            w[q] = q < np ? rgv_pairs(rgv_load(a + k * cs, lines),
+                                      k + 1 < kc ? rgv_load(a + (k + 1) * cs, lines)
                                                  : _mm512_setzero_ps())
                           : _mm512_setzero_si512();
         }
-        rga_transpose16(w);
+        rgv_transpose16(w);
         for (int r = 0; r < lines; r++)
-            _mm512_mask_storeu_epi32(strip + rga_a_at(r0 + r, p0, all), rga_mask(np), w[r]);
+            _mm512_mask_storeu_epi32(strip + rga_a_at(r0 + r, p0, all), rgv_mask(np), w[r]);
     }
 }
 
@@ -217,87 +168,6 @@ static RGA_TARGET void rga_pack_a(
     }
 }
 
-/* Up to 16 operand values from x (zeros past n), squared-ReLU'd first when sq, as
- * rg_bf16_load does. */
-static inline __attribute__((always_inline)) RGA_TARGET __m512 rga_operand(const float *x,
-                                                                           Py_ssize_t n,
-                                                                           const int sq)
-{
-    const __m512 v = rga_load(x, n);
-    return sq ? (__m512)rg_avx512_sqrelu((rg_avx512_vec)v) : v;
-}
-
-/* A kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/32) strips,
- * strip s at dst + s * 32 * kc floats, pair-major as the native path lays them out (the
- * words equal rgb_native_pack_b's), with vcvtne2ps2bf16 doing the rounding. */
-static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_b_impl(
-    float *restrict dst, const float *restrict b, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t kc, Py_ssize_t nc, const int sq)
-{
-    const Py_ssize_t all = (kc + 1) / 2;
-    for (Py_ssize_t j0 = 0; j0 < nc; j0 += RGA_NR) {
-        uint32_t *strip = (uint32_t *)(dst + j0 * kc);
-        const Py_ssize_t lines = nc - j0 < RGA_NR ? nc - j0 : RGA_NR;
-        if (cs == 1) {
-            /* op(B) row-major (W in dX = dY W, X or relu(pre)^2 in weight grads): each
-             * pair's two rows are contiguous runs of the strip's columns */
-            for (Py_ssize_t p = 0; p < all; p++) {
-                const float *x0 = b + 2 * p * rs + j0, *x1 = x0 + rs;
-                const int odd = 2 * p + 1 < kc;
-                for (int h = 0; h < 2; h++) {
-                    const Py_ssize_t n = lines - 16 * h;
-                    _mm512_store_si512(
-                        strip + p * RGA_NR + 16 * h,
-                        rga_pairs(rga_operand(x0 + 16 * h, n, sq),
-                                  odd ? rga_operand(x1 + 16 * h, n, sq) : _mm512_setzero_ps()));
-                }
-            }
-        } else if (rs == 1) {
-            /* op(B) = W^T (the forward): each column's k run is contiguous; 16 pairs of
-             * 16 columns convert line-major, and one transpose makes them pair-major */
-            for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
-                const int np = (int)(all - p0 < 16 ? all - p0 : 16);
-                for (int h = 0; h < 2; h++) {
-                    __m512i w[16];
-                    for (int l = 0; l < 16; l++) {
-                        const Py_ssize_t line = 16 * h + l, k = 2 * p0;
-                        const float *x = b + (j0 + line) * cs + k;
-                        w[l] = line < lines
-                                   ? (__m512i)_mm512_cvtne2ps_pbh(
-                                         rga_operand(x + 16, kc - k - 16, sq),
-                                         rga_operand(x, kc - k, sq))
-                                   : _mm512_setzero_si512();
-                    }
-                    rga_transpose16(w);
-                    for (int q = 0; q < np; q++)
-                        _mm512_store_si512(strip + (p0 + q) * RGA_NR + 16 * h, w[q]);
-                }
-            }
-        } else {
-            for (Py_ssize_t p = 0; p < all; p++)
-                for (int l = 0; l < RGA_NR; l++) {
-                    const float *x = b + 2 * p * rs + (j0 + l) * cs;
-                    strip[p * RGA_NR + l] =
-                        l < lines ? rg_bf16_pair(rg_bf16_load(x[0], sq),
-                                                 2 * p + 1 < kc ? rg_bf16_load(x[rs], sq) : 0.0f)
-                                  : 0;
-                }
-        }
-    }
-}
-
-static RGA_TARGET void rga_pack_b(float *restrict dst, const float *restrict b, Py_ssize_t rs,
-                                  Py_ssize_t cs, Py_ssize_t kc, Py_ssize_t nc)
-{
-    rga_pack_b_impl(dst, b, rs, cs, kc, nc, 0);
-}
-
-static RGA_TARGET void rga_pack_b_sqrelu(float *restrict dst, const float *restrict b,
-                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t kc,
-                                         Py_ssize_t nc)
-{
-    rga_pack_b_impl(dst, b, rs, cs, kc, nc, 1);
-}
 
 /* The pairs p0 .. all - 1 of a strip added to the stored sums (32 rows of 32 floats) with
  * vdpbf16ps, nv of the two 16-column halves. */

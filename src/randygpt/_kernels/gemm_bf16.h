@@ -74,6 +74,7 @@ static inline __attribute__((always_inline)) float rg_bf16_float(uint32_t bits)
 #ifdef RG_X86
 /* The native path: the instruction flushes by itself. */
 #define RGB_FTZ_BEGIN
+#define RGB_FTZ_SETTLE(acc, nv)
 #define RGB_FTZ_END
 #define RGB_FTZ(x) (x)
 #define RGB_NAME(x) rgb_native_##x
@@ -92,19 +93,26 @@ static inline __attribute__((always_inline)) float rg_bf16_float(uint32_t bits)
 #undef RGB_FP32
 #undef RGB_NATIVE
 #undef RGB_FTZ_BEGIN
+#undef RGB_FTZ_SETTLE
 #undef RGB_FTZ_END
 
 /* Its packers: the portable ones' words, written 16 at a time (and shared with AMX). */
 #include "gemm_bf16_pack.h"
 
 /* The emulation's k loop runs with MXCSR's FTZ (bit 15) and DAZ (bit 6) set, and MXCSR
- * restored after it. The asm statements clobber memory, so the loop's loads and the
- * stores of its sums stay between them. */
+ * restored after it. The asm statements clobber memory, so the loop's loads stay after
+ * the first; the sums stay in registers, so RGB_FTZ_SETTLE hands each one to an empty asm
+ * (volatile, clobbering memory, hence ordered before the restore) to keep every
+ * multiply-add before it. */
 #define RGB_FTZ_BEGIN                                                      \
     unsigned rgb_csr, rgb_ftz;                                             \
     __asm__ __volatile__("stmxcsr %0" : "=m"(rgb_csr) : : "memory");       \
     rgb_ftz = rgb_csr | 0x8040u;                                           \
     __asm__ __volatile__("ldmxcsr %0" : : "m"(rgb_ftz) : "memory");
+#define RGB_FTZ_SETTLE(acc, nv)                                            \
+    _Pragma("GCC unroll 16") for (int i_ = 0; i_ < RGB_MR; i_++)              \
+        _Pragma("GCC unroll 4") for (int j_ = 0; j_ < (nv); j_++)             \
+            __asm__ __volatile__("" : "+v"(acc[i_][j_]) : : "memory");
 #define RGB_FTZ_END __asm__ __volatile__("ldmxcsr %0" : : "m"(rgb_csr) : "memory");
 #define RGB_NATIVE 0
 
@@ -139,6 +147,7 @@ static inline __attribute__((always_inline)) float rg_bf16_float(uint32_t bits)
 #else /* not x86: each sum flushed by hand (no MXCSR) */
 #define RGB_NATIVE 0
 #define RGB_FTZ_BEGIN
+#define RGB_FTZ_SETTLE(acc, nv)
 #define RGB_FTZ_END
 #define RGB_FTZ(x) rgb_base_flush(x)
 typedef float rgb_base_fvec __attribute__((vector_size(16)));
@@ -169,6 +178,7 @@ static inline rgb_base_fvec rgb_base_flush(rgb_base_fvec x)
 #undef RGB_FP32
 #undef RGB_NATIVE
 #undef RGB_FTZ_BEGIN
+#undef RGB_FTZ_SETTLE
 #undef RGB_FTZ_END
 #undef RGB_FTZ
 

@@ -7,10 +7,11 @@
  *   RGB_VW        floats per SIMD vector (16, 8 or 4)
  *   RGB_MR        rows of the register tile
  *   RGB_NV        vectors per tile row: the tile is RGB_MR x (RGB_NV * RGB_VW)
- *   RGB_FP32(x)   the fp32 path of the same tile shape (rg_avx512_##x, ...): its kernel,
- *                 called with kc = 0, does every tile's write-back
+ *   RGB_FP32(x)   the fp32 path of the same tile shape (rg_avx512_##x, ...): its
+ *                 tile_start and tile_finish load and write back every tile's sums
  *   RGB_NATIVE    1: vdpbf16ps; 0: the emulation with fp32 multiply-adds
- *   RGB_FTZ       how the emulation flushes denormal sums (see gemm_bf16.h)
+ *   RGB_FTZ       how the emulation flushes denormal sums (see gemm_bf16.h), with
+ *                 RGB_FTZ_BEGIN, RGB_FTZ_SETTLE and RGB_FTZ_END around its k loop
  *
  * Packed layout: K comes in pairs, as vdpbf16ps reads it. A strip holds, for each pair
  * p = 0 .. ceil(kc/2) - 1 and each of its lines l (RGB_MR rows of op(A), or NR columns of
@@ -132,8 +133,9 @@ static RGB_TARGET void RGB_NAME(pack_b_sqrelu)(
 }
 
 /* One MR x NR tile (nv of its NV vectors per row): acc = init (or 0), then for every pair
- * acc += odd product, acc += even product; then the fp32 kernel's write-back (dst, add_dst,
- * c2, gate: see gemm_microkernel.h), called with kc = 0 on the finished sums. */
+ * acc += odd product, acc += even product; then the write-back (dst, add_dst, c2, gate: see
+ * gemm_microkernel.h). The start and the write-back are the fp32 kernel's own, on the
+ * sums in registers (through a stack tile only at an edge). */
 static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(tile)(
     const int nv, Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
     const float *init, Py_ssize_t ld_init,
@@ -144,23 +146,7 @@ static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(tile)(
     const uint32_t *a = (const uint32_t *)ap, *b = (const uint32_t *)bp;
     const Py_ssize_t pairs = (kc + 1) / 2;
 
-    if (init != NULL) {
-        /* Edge tiles read only their valid corner of init. */
-        if (mr < RGB_MR || nr < nv * RGB_VW)
-            __builtin_memset(tile, 0, sizeof tile);
-        for (int i = 0; i < mr; i++)
-            __builtin_memcpy(tile + i * RGB_NR, init + i * ld_init, (size_t)nr * sizeof(float));
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < RGB_MR; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            if (init != NULL)
-                __builtin_memcpy(&acc[i][j], tile + i * RGB_NR + j * RGB_VW, sizeof acc[i][j]);
-            else
-                acc[i][j] = (RGB_NAME(vec)){0};
-        }
-
+    RGB_FP32(tile_start)(acc, tile, nv, init, ld_init, dst, ld_dst, add_dst, gate, mr, nr);
     RGB_FTZ_BEGIN
     for (Py_ssize_t p = 0; p < pairs; p++) {
         RGB_NAME(uvec) bw[RGB_NV];
@@ -198,18 +184,9 @@ static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(tile)(
         }
 #endif
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < RGB_MR; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < nv; j++)
-            __builtin_memcpy(tile + i * RGB_NR + j * RGB_VW, &acc[i][j], sizeof acc[i][j]);
+    RGB_FTZ_SETTLE(acc, nv)
     RGB_FTZ_END
-
-    if (nv == RGB_NV)
-        RGB_FP32(kernel)(0, NULL, NULL, tile, RGB_NR, dst, ld_dst, add_dst, c2, gate, mr, nr);
-    else
-        RGB_FP32(kernel_narrow)(0, NULL, NULL, tile, RGB_NR, dst, ld_dst, add_dst, c2, gate,
-                                mr, nr);
+    RGB_FP32(tile_finish)(acc, tile, nv, dst, ld_dst, add_dst, c2, gate, mr, nr);
 }
 
 static RGB_TARGET void RGB_NAME(kernel)(

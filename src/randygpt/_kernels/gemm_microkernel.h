@@ -50,26 +50,13 @@ static inline RG_TARGET RG_NAME(vec) RG_NAME(relu2x)(RG_NAME(vec) g)
     return r + r;
 }
 
-/* One MR x NR tile: acc = init (or 0); acc += sum_k a[:, k] b[k, :] as one FMA chain per
- * element in k order; then dst = acc (or dst + acc when add_dst), and c2 = relu(acc)^2
- * if c2 is given (same leading dimension as dst). With gate given (same leading
- * dimension, never together with add_dst or c2), dst = 2 relu(gate) * acc instead: the
- * squared-ReLU backward, rounded like activation.pyx's squared_relu_backward_inplace.
- *
- * Continuing the chain from a stored partial (init) makes the result independent of how
- * K is cut into blocks, and the final "+ dst" makes repeated accumulation exact: adding
- * the same product twice to zero gives exactly twice the product.
- * mr < RG_MR or nr < nv * RG_VW marks an edge tile: it goes through a stack tile so
- * nothing outside the valid mr x nr corner of dst/init/c2 is read or written. */
-static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
-    const int nv, /* vectors per row actually computed: RG_NV, or RG_NV / 2 (narrow) */
-    Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
-    const float *init, Py_ssize_t ld_init,
-    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, const float *gate,
+/* A tile's start, shared with the bf16 kernels (gemm_bf16_kernel.h): the prefetches, and
+ * acc = init (or 0), an edge tile's valid corner through the stack tile. */
+static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile_start)(
+    RG_NAME(vec) acc[RG_MR][RG_NV], float *tile, const int nv, const float *init,
+    Py_ssize_t ld_init, float *dst, Py_ssize_t ld_dst, int add_dst, const float *gate,
     int mr, int nr)
 {
-    RG_NAME(vec) acc[RG_MR][RG_NV];
-    float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
     const int full = (mr == RG_MR && nr == nv * RG_VW);
 
     /* dst (when added to) and the gate are read only after the k loop: ask for their rows
@@ -107,20 +94,14 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
             for (int j = 0; j < nv; j++)
                 acc[i][j] = RG_NAME(loadu)(tile + i * RG_NR + j * RG_VW);
     }
+}
 
-    for (Py_ssize_t k = 0; k < kc; k++) {
-        RG_NAME(vec) b[RG_NV];
-#pragma GCC unroll 4
-        for (int j = 0; j < nv; j++)
-            b[j] = *(const RG_NAME(vec) *)(bp + k * RG_NR + j * RG_VW);
-#pragma GCC unroll 16
-        for (int i = 0; i < RG_MR; i++) {
-            const float a = ap[k * RG_MR + i];
-#pragma GCC unroll 4
-            for (int j = 0; j < nv; j++)
-                acc[i][j] += a * b[j]; /* contracted to one FMA where the target has it */
-        }
-    }
+/* A tile's end, shared likewise: the finished sums acc written back (see RG_NAME(tile) below). */
+static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile_finish)(
+    RG_NAME(vec) acc[RG_MR][RG_NV], float *tile, const int nv, float *dst, Py_ssize_t ld_dst,
+    int add_dst, float *c2, const float *gate, int mr, int nr)
+{
+    const int full = (mr == RG_MR && nr == nv * RG_VW);
 
     if (full) {
 #pragma GCC unroll 16
@@ -158,6 +139,44 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
                     c2[i * ld_dst + j] = v < 0.0f ? 0.0f : v * v;
             }
     }
+}
+
+/* One MR x NR tile: acc = init (or 0); acc += sum_k a[:, k] b[k, :] as one FMA chain per
+ * element in k order; then dst = acc (or dst + acc when add_dst), and c2 = relu(acc)^2
+ * if c2 is given (same leading dimension as dst). With gate given (same leading
+ * dimension, never together with add_dst or c2), dst = 2 relu(gate) * acc instead: the
+ * squared-ReLU backward, rounded like activation.pyx's squared_relu_backward_inplace.
+ *
+ * Continuing the chain from a stored partial (init) makes the result independent of how
+ * K is cut into blocks, and the final "+ dst" makes repeated accumulation exact: adding
+ * the same product twice to zero gives exactly twice the product.
+ * mr < RG_MR or nr < nv * RG_VW marks an edge tile: it goes through a stack tile so
+ * nothing outside the valid mr x nr corner of dst/init/c2 is read or written. */
+static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(tile)(
+    const int nv, /* vectors per row actually computed: RG_NV, or RG_NV / 2 (narrow) */
+    Py_ssize_t kc, const float *restrict ap, const float *restrict bp,
+    const float *init, Py_ssize_t ld_init,
+    float *dst, Py_ssize_t ld_dst, int add_dst, float *c2, const float *gate,
+    int mr, int nr)
+{
+    RG_NAME(vec) acc[RG_MR][RG_NV];
+    float tile[RG_MR * RG_NR] __attribute__((aligned(64)));
+
+    RG_NAME(tile_start)(acc, tile, nv, init, ld_init, dst, ld_dst, add_dst, gate, mr, nr);
+    for (Py_ssize_t k = 0; k < kc; k++) {
+        RG_NAME(vec) b[RG_NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < nv; j++)
+            b[j] = *(const RG_NAME(vec) *)(bp + k * RG_NR + j * RG_VW);
+#pragma GCC unroll 16
+        for (int i = 0; i < RG_MR; i++) {
+            const float a = ap[k * RG_MR + i];
+#pragma GCC unroll 4
+            for (int j = 0; j < nv; j++)
+                acc[i][j] += a * b[j]; /* contracted to one FMA where the target has it */
+        }
+    }
+    RG_NAME(tile_finish)(acc, tile, nv, dst, ld_dst, add_dst, c2, gate, mr, nr);
 }
 
 static RG_TARGET void RG_NAME(kernel)(

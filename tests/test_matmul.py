@@ -114,6 +114,24 @@ def test_sqrelu_forward_matches_reference(isa, rng, shape):
     assert_bitwise_equal(pre, plain, name=f"pre vs matmul_forward [{isa}]")
 
 
+@pytest.mark.parametrize("shape", LINEAR_SHAPES + [(200, 40, 9)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_forward_of_a_squared_relu_input_equals_the_unfused_steps(isa, rng, shape, accumulate):
+    # x_sqrelu squares x while packing it: the same operand values as relu(x)^2 stored
+    # first, so the same bits, at any thread count; (200, 40, 9) splits columns, not rows.
+    N, IC, OC = shape
+    x, w = _randn(rng, N, IC), _randn(rng, OC, IC)
+    start = _randn(rng, N, OC) if accumulate else np.full((N, OC), np.nan, np.float32)
+    act = np.empty_like(x)
+    activation.squared_relu_forward(act, x, 1)
+    unfused = start.copy()
+    mm.matmul_forward(unfused, act, w, 1, accumulate=accumulate)
+    for n in thread_counts():
+        fused = start.copy()
+        mm.matmul_forward(fused, x, w, n, accumulate=accumulate, x_sqrelu=True)
+        assert_bitwise_equal(fused, unfused, name=f"out[{isa}] {n} thread(s)")
+
+
 def _sqrelu_backward_unfused(dpre, dw, dout, pre, w, n_threads):
     """The steps matmul_sqrelu_backward fuses, each by its own kernel."""
     act = np.empty_like(pre)

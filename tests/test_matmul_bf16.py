@@ -156,6 +156,23 @@ def test_linear_entry_points_match_the_ordered_reference(bf16_isa, rng):
                          name="sqrelu act")
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(200, 40, 9)])
+def test_forward_of_a_squared_relu_input_equals_the_unfused_steps(bf16_isa, rng, shape):
+    # x_sqrelu squares x before rounding it to bf16, as the packer of a stored relu(x)^2
+    # rounds that: the same operands, so the same bits on every path, AMX included; x
+    # transposed in memory is not an entry point, the row-major one is checked at edges
+    # (odd K, K over one and two blocks, a narrow last strip, a column split).
+    M, K, N = shape
+    x, w = _randn(rng, M, K), _randn(rng, N, K)
+    act = np.square(np.maximum(x, 0)).astype(np.float32)
+    unfused = np.empty((M, N), np.float32)
+    mm.matmul_forward(unfused, act, w, 1, precision="bf16")
+    for n in thread_counts():
+        fused = np.full((M, N), np.nan, np.float32)
+        mm.matmul_forward(fused, x, w, n, precision="bf16", x_sqrelu=True)
+        assert_bitwise_equal(fused, unfused, name=f"out[{bf16_isa}] {n} thread(s)")
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-19, 1e-20])
 def test_native_and_emulated_paths_agree(scale):
     # Every bf16 path gives the first one's bits (vdpbf16ps where the CPU has it), with

@@ -12,14 +12,13 @@ Forward saves only what backward cannot cheaply redo: every residual stream (the
 and lm_head's), the norms' rstd (and mean), and in fp32 qkv and fc1's pre-activation (bf16
 redoes those too, below). Backward recomputes, with the same deterministic code (so
 bit-identical to what forward used), the norm outputs (one elementwise pass each), relu(fc1)^2
-inside fc2's backward GEMM (squared as it is packed, with the squared-ReLU backward in the same
-GEMM's write-back) and, inside attention_backward, each layer's attention probabilities and
+inside fc2's GEMMs (squared as it is packed, in forward too, where it is never stored; with the
+squared-ReLU backward in the input gradient's write-back) and, inside attention_backward, each layer's attention probabilities and
 output (the scores and softmax again, about 3 ms per layer at the default size, 2% of a step,
 checked bit for bit by the attention tests): the probabilities were (L, B, NH, T, T) floats
 (24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
-Scratch buffers whose lifetimes do not overlap share memory: one work region holds act (N, H)
-during the MLP, then dqkv and atty during attention; in backward fc1's pre-activation gradient
-is written into act's memory; the branch gradient and then the norm-output gradient live in
+Scratch buffers whose lifetimes do not overlap share memory: one work region holds dqkv and
+atty during attention, and in backward fc1's pre-activation gradient (dpre, N x H); the branch gradient and then the norm-output gradient live in
 proj's buffer, datty in ln's. At B=32, T=64 the fp32 arena is 125 MiB (189 MiB with every
 activation saved and separate scratch), and a training step peaks at about 240 MiB RSS with the
 parameters, gradients and AdamW moments (305 MiB before).
@@ -164,7 +163,8 @@ class ActivationArena:
             ("logits", (N, V)),
             ("losses", (N,)),
             ("dlogits", (N, V)),
-            # act (N, H) during the MLP; dqkv (B, T, 3C) and atty (B, T, C) during attention
+            # dqkv (B, T, 3C) and atty (B, T, C) during attention; dpre (N, H) in the MLP's
+            # backward
             ("work", (max(N * H, 4 * N * C),)),
         ]
 
@@ -192,8 +192,7 @@ class ActivationArena:
         self.idx = np.zeros((B, T), dtype=np.int32)
         self.targets = np.zeros(N, dtype=np.int32)
         w = self.work
-        self.act = w[:N * H].reshape(N, H)           # relu(fc1_pre)^2, fc2's input; in backward
-                                                     # fc1_pre's gradient
+        self.dpre = w[:N * H].reshape(N, H)          # fc1_pre's gradient, in backward
         self.dqkv = w[:3 * N * C].reshape(B, T, 3 * C)
         self.atty = w[3 * N * C:4 * N * C].reshape(B, T, C)  # attention output, wo's input
         if self.recompute:
@@ -468,10 +467,11 @@ class GPT:
                                               offset=mask_offset)
             # x_out = x_mid + dropout(relu(norm(x_mid) fc1^T)^2 fc2^T)
             self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], x_mid, w.ln2_w, w.ln2_b, nt)
-            # the squared ReLU in fc1's GEMM write-back (fc1_pre kept for backward)
-            matmul.matmul_sqrelu_forward(a.act, a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
+            # fc1's output before the squared ReLU, kept for backward; fc2's GEMM squares it
+            # as it packs it, so relu(fc1_pre)^2 is never stored
+            matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
             a.fc1_pre_held = l
-            matmul.matmul_forward(a.proj, a.act, w.fc2, nt, precision=pr)
+            matmul.matmul_forward(a.proj, a.fc1_pre[l], w.fc2, nt, precision=pr, x_sqrelu=True)
             activation.dropout_add_to_forward(x_out, x_mid, a.proj, drop, seed, step, l, 1, nt,
                                               offset=mask_offset)
         matmul.matmul_forward(a.logits, a.resid[2 * L], p["lm_head"], nt, precision=pr)
@@ -606,11 +606,10 @@ class GPT:
         w, gw, pr = self._layers_p[l], self._layers_g[l], self.config.precision
         self._norm_forward(a.ln, a.ln2_mean[l], a.ln2_rstd[l], a.resid[2 * l + 1], w.ln2_w,
                            w.ln2_b, nt)  # recompute fc1's input
-        dpre = a.act  # act's memory, free in backward
+        dpre = a.dpre
         if a.recompute and a.fc1_pre_held != l:
             # fc1_pre again (the first backward after a forward finds the last layer's): the
-            # sums matmul_sqrelu_forward wrote as pre, the same GEMM on the same bits with the
-            # same write-back, less its relu^2 store, so the bits forward saw
+            # GEMM forward ran, on the same bits, so the bits forward saw
             matmul.matmul_forward(a.fc1_pre[l], a.ln, w.fc1, nt, precision=pr)
             a.fc1_pre_held = l
         # Both of fc2's gradients from fc1_pre alone: relu(fc1_pre)^2 is redone while the

@@ -101,13 +101,14 @@ static inline __attribute__((always_inline)) Py_ssize_t rga_a_at(int r, Py_ssize
 
 
 /* Row r of a strip from a contiguous k run x[0 .. kc - 1]: bf16 of x in order is the
- * row's pair words, 16 at a time. */
+ * row's pair words, 16 at a time (sq: of relu(x)^2). */
 static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_row(
-    uint32_t *restrict strip, int r, const float *restrict x, Py_ssize_t kc)
+    uint32_t *restrict strip, int r, const float *restrict x, Py_ssize_t kc, const int sq)
 {
     const Py_ssize_t all = (kc + 1) / 2;
     for (Py_ssize_t k = 0; k < kc; k += 32) {
-        const __m512 lo = rgv_load(x + k, kc - k), hi = rgv_load(x + k + 16, kc - k - 16);
+        const __m512 lo = rgv_operand(x + k, kc - k, sq),
+                     hi = rgv_operand(x + k + 16, kc - k - 16, sq);
         _mm512_mask_storeu_epi32(strip + rga_a_at(r, k / 2, all), rgv_mask((kc - k + 1) / 2),
                                  (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
@@ -118,15 +119,15 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_row(
  * contiguously into a pair-major block that one transpose turns row-major. */
 static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_rows_t(
     uint32_t *restrict strip, int r0, Py_ssize_t all, const float *restrict a, Py_ssize_t cs,
-    int lines, Py_ssize_t kc)
+    int lines, Py_ssize_t kc, const int sq)
 {
     for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
         __m512i w[16];
         const int np = (int)(all - p0 < 16 ? all - p0 : 16);
         for (int q = 0; q < 16; q++) {
             const Py_ssize_t k = 2 * (p0 + q);
-            w[q] = q < np ? rgv_pairs(rgv_load(a + k * cs, lines),
-                                      k + 1 < kc ? rgv_load(a + (k + 1) * cs, lines)
+            w[q] = q < np ? rgv_pairs(rgv_operand(a + k * cs, lines, sq),
+                                      k + 1 < kc ? rgv_operand(a + (k + 1) * cs, lines, sq)
                                                  : _mm512_setzero_ps())
                           : _mm512_setzero_si512();
         }
@@ -137,10 +138,11 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_rows_t(
 }
 
 /* An mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/32) strips,
- * strip s at dst + s * 32 * kc floats, each row-major as described above. */
-static RGA_TARGET void rga_pack_a(
+ * strip s at dst + s * 32 * kc floats, each row-major as described above; sq:
+ * relu(op(A))^2, squared before it is rounded. */
+static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_a_impl(
     float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t mc, Py_ssize_t kc)
+    Py_ssize_t mc, Py_ssize_t kc, const int sq)
 {
     const Py_ssize_t all = (kc + 1) / 2;
     for (Py_ssize_t i0 = 0; i0 < mc; i0 += RGA_MR) {
@@ -151,23 +153,36 @@ static RGA_TARGET void rga_pack_a(
         if (cs == 1) {
             /* rows of X or dY: each row's k run is contiguous */
             for (int r = 0; r < lines; r++)
-                rga_pack_row(strip, r, a + (i0 + r) * rs, kc);
+                rga_pack_row(strip, r, a + (i0 + r) * rs, kc, sq);
         } else if (rs == 1) {
             /* op(A) transposed (X^T, dY^T): the rows' values of one k are contiguous */
             for (int r0 = 0; r0 < lines; r0 += 16)
                 rga_pack_rows_t(strip, r0, all, a + i0 + r0, cs,
-                                lines - r0 < 16 ? lines - r0 : 16, kc);
+                                lines - r0 < 16 ? lines - r0 : 16, kc, sq);
         } else {
             for (int r = 0; r < lines; r++)
                 for (Py_ssize_t p = 0; p < all; p++) {
                     const float *x = a + (i0 + r) * rs + 2 * p * cs;
                     strip[rga_a_at(r, p, all)] =
-                        rg_bf16_pair(x[0], 2 * p + 1 < kc ? x[cs] : 0.0f);
+                        rg_bf16_pair(rg_bf16_load(x[0], sq),
+                                     2 * p + 1 < kc ? rg_bf16_load(x[cs], sq) : 0.0f);
                 }
         }
     }
 }
 
+static RGA_TARGET void rga_pack_a(float *restrict dst, const float *restrict a, Py_ssize_t rs,
+                                  Py_ssize_t cs, Py_ssize_t mc, Py_ssize_t kc)
+{
+    rga_pack_a_impl(dst, a, rs, cs, mc, kc, 0);
+}
+
+static RGA_TARGET void rga_pack_a_sqrelu(float *restrict dst, const float *restrict a,
+                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t mc,
+                                         Py_ssize_t kc)
+{
+    rga_pack_a_impl(dst, a, rs, cs, mc, kc, 1);
+}
 
 /* The pairs p0 .. all - 1 of a strip added to the stored sums (32 rows of 32 floats) with
  * vdpbf16ps, nv of the two 16-column halves. */

@@ -97,14 +97,29 @@ static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(pack_strip
 }
 
 /* An mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/MR) strips,
- * strip s at dst + s * MR * kc (float units, as the fp32 packer places them). */
+ * strip s at dst + s * MR * kc (float units, as the fp32 packer places them); sq:
+ * relu(op(A))^2, squared before it is rounded. */
+static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(pack_a_impl)(
+    float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
+    Py_ssize_t mc, Py_ssize_t kc, const int sq)
+{
+    for (Py_ssize_t i0 = 0; i0 < mc; i0 += RGB_MR)
+        RGB_NAME(pack_strip)((uint32_t *)(dst + i0 * kc), RGB_MR, a + i0 * rs, rs, cs,
+                             (int)(mc - i0 < RGB_MR ? mc - i0 : RGB_MR), kc, sq);
+}
+
 static RGB_TARGET void RGB_NAME(pack_a)(
     float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
     Py_ssize_t mc, Py_ssize_t kc)
 {
-    for (Py_ssize_t i0 = 0; i0 < mc; i0 += RGB_MR)
-        RGB_NAME(pack_strip)((uint32_t *)(dst + i0 * kc), RGB_MR, a + i0 * rs, rs, cs,
-                             (int)(mc - i0 < RGB_MR ? mc - i0 : RGB_MR), kc, 0);
+    RGB_NAME(pack_a_impl)(dst, a, rs, cs, mc, kc, 0);
+}
+
+static RGB_TARGET void RGB_NAME(pack_a_sqrelu)(
+    float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
+    Py_ssize_t mc, Py_ssize_t kc)
+{
+    RGB_NAME(pack_a_impl)(dst, a, rs, cs, mc, kc, 1);
 }
 
 /* A kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/NR) strips,

@@ -149,10 +149,11 @@ static RGV_TARGET void rgv_pack_b_sqrelu(float *restrict dst, const float *restr
 
 /* An mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/12) strips of
  * the native layout (gemm_bf16_kernel.h: for each pair, the 12 rows' words), strip s at
- * dst + s * 12 * kc floats; rows past the edge and the high half of a last odd pair zero. */
-static RGV_TARGET void rgv_pack_a(
+ * dst + s * 12 * kc floats; rows past the edge and the high half of a last odd pair zero;
+ * sq: relu(op(A))^2, squared before it is rounded. */
+static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_a_impl(
     float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t mc, Py_ssize_t kc)
+    Py_ssize_t mc, Py_ssize_t kc, const int sq)
 {
     const Py_ssize_t all = (kc + 1) / 2;
     const __mmask16 row_words = (__mmask16)((1u << RGV_MR) - 1);
@@ -168,8 +169,8 @@ static RGV_TARGET void rgv_pack_a(
                 const Py_ssize_t lines = mc - i0 < RGV_MR ? mc - i0 : RGV_MR;
                 _mm512_mask_storeu_epi32(
                     (uint32_t *)(dst + i0 * kc) + p * RGV_MR, row_words,
-                    rgv_pairs(rgv_load(x + i0, lines),
-                              odd ? rgv_load(x + cs + i0, lines) : _mm512_setzero_ps()));
+                    rgv_pairs(rgv_operand(x + i0, lines, sq),
+                              odd ? rgv_operand(x + cs + i0, lines, sq) : _mm512_setzero_ps()));
             }
         }
         return;
@@ -187,8 +188,9 @@ static RGV_TARGET void rgv_pack_a(
                 __m512i w[16];
                 for (int l = 0; l < 16; l++) {
                     const float *x = src + l * rs + k;
-                    w[l] = l < lines ? (__m512i)_mm512_cvtne2ps_pbh(rgv_load(x + 16, kc - k - 16),
-                                                                    rgv_load(x, kc - k))
+                    w[l] = l < lines ? (__m512i)_mm512_cvtne2ps_pbh(
+                                           rgv_operand(x + 16, kc - k - 16, sq),
+                                           rgv_operand(x, kc - k, sq))
                                      : _mm512_setzero_si512();
                 }
                 rgv_transpose16(w);
@@ -200,10 +202,25 @@ static RGV_TARGET void rgv_pack_a(
                 for (int l = 0; l < RGV_MR; l++) {
                     const float *x = src + l * rs + 2 * p * cs;
                     strip[p * RGV_MR + l] =
-                        l < lines ? rg_bf16_pair(x[0], 2 * p + 1 < kc ? x[cs] : 0.0f) : 0;
+                        l < lines ? rg_bf16_pair(rg_bf16_load(x[0], sq),
+                                                 2 * p + 1 < kc ? rg_bf16_load(x[cs], sq) : 0.0f)
+                                  : 0;
                 }
         }
     }
+}
+
+static RGV_TARGET void rgv_pack_a(float *restrict dst, const float *restrict a, Py_ssize_t rs,
+                                  Py_ssize_t cs, Py_ssize_t mc, Py_ssize_t kc)
+{
+    rgv_pack_a_impl(dst, a, rs, cs, mc, kc, 0);
+}
+
+static RGV_TARGET void rgv_pack_a_sqrelu(float *restrict dst, const float *restrict a,
+                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t mc,
+                                         Py_ssize_t kc)
+{
+    rgv_pack_a_impl(dst, a, rs, cs, mc, kc, 1);
 }
 
 #endif /* RANDYGPT_GEMM_BF16_PACK_H */

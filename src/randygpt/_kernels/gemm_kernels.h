@@ -40,6 +40,8 @@ typedef struct {
     rg_inplace_fn sqrelu_inplace; /* relu(x)^2 over a packed strip */
     rg_pack_fn pack_b_sqrelu; /* bf16 paths (gemm_bf16.h): pack_b of relu(b)^2, squared
                                  before rounding; NULL on the fp32 paths */
+    rg_pack_fn pack_a_sqrelu; /* bf16 paths: pack_a of relu(a)^2 likewise; NULL on the fp32
+                                 paths, which square the packed strips (sqrelu_inplace) */
     int kc_max;          /* longest K block when op(a)'s rows run along k (NT, NN) and rows
                             are split; 0 means RG_KC. Results do not depend on it. */
     rg_thread_fn begin;  /* called by the thread running a work item before its first

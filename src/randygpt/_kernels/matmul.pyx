@@ -63,6 +63,7 @@ cdef extern from "gemm_kernels.h" nogil:
         rg_pack_fn pack_b
         rg_inplace_fn sqrelu_inplace
         rg_pack_fn pack_b_sqrelu
+        rg_pack_fn pack_a_sqrelu
         int kc_max
         rg_thread_fn begin
         rg_thread_fn end
@@ -192,6 +193,7 @@ cdef struct _Gemm:
     const float *gate   # c = 2 relu(gate) * product in the last K block, or NULL
     Py_ssize_t ldc
     bint b_sqrelu       # op(b) is relu(b)^2, applied as its strips are packed
+    bint a_sqrelu       # op(a) is relu(a)^2, likewise
     bint accumulate
     float *partial      # (M, N) running sums when accumulating over several K blocks
     Py_ssize_t m_tiles, n_tiles, n_items
@@ -220,8 +222,16 @@ cdef inline void _pack_a_strips(const _Gemm *g, float *dst, Py_ssize_t it_lo, Py
                                 Py_ssize_t pc, Py_ssize_t kc) noexcept nogil:
     """MR strips it_lo..it_hi of op(a)[:, pc:pc+kc], strip it at dst + (it - it_lo) * MR * kc."""
     cdef Py_ssize_t i = it_lo * g.isa.mr
+    if g.a_sqrelu and g.isa.pack_a_sqrelu != NULL:
+        # bf16: squared before it is rounded
+        g.isa.pack_a_sqrelu(dst, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
+                            min(it_hi * g.isa.mr, g.M) - i, kc)
+        return
     g.isa.pack_a(dst, g.a.ptr + i * g.a.rs + pc * g.a.cs, g.a.rs, g.a.cs,
                  min(it_hi * g.isa.mr, g.M) - i, kc)
+    if g.a_sqrelu:
+        # The zero padding stays zero.
+        g.isa.sqrelu_inplace(dst, (it_hi - it_lo) * g.isa.mr * kc)
 
 
 cdef inline void _pack_b_strips(const _Gemm *g, float *dst, Py_ssize_t jt_lo, Py_ssize_t jt_hi,
@@ -381,7 +391,7 @@ cdef void _plan_k_blocks(_Gemm *g) noexcept nogil:
 
 cdef int _gemm_setup(_Gemm *g, const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                      _Operand a, _Operand b, float *c, Py_ssize_t ldc, float *c2,
-                     const float *gate, bint b_sqrelu, bint accumulate,
+                     const float *gate, bint b_sqrelu, bint a_sqrelu, bint accumulate,
                      int n_threads) noexcept nogil:
     """Plans c (M, N) (+)= op(a) . op(b) (M, N, K >= 1) in g and returns the team size: at most
     n_threads, and no more threads than work items. The caller then allocates g.buffer_size
@@ -389,14 +399,15 @@ cdef int _gemm_setup(_Gemm *g, const rg_isa_t *isa, Py_ssize_t M, Py_ssize_t N, 
     many for the running sums, and runs _gemm_run.
 
     c2 (relu(c)^2 beside c) and gate (c = 2 relu(gate) * product) share c's leading
-    dimension and come only without accumulate; b_sqrelu uses relu(op(b))^2 for op(b).
+    dimension and come only without accumulate; b_sqrelu uses relu(op(b))^2 for op(b),
+    a_sqrelu relu(op(a))^2 for op(a).
     """
     cdef Py_ssize_t item_tiles
     g.isa = isa
     g.M, g.N, g.K = M, N, K
     g.a, g.b = a, b
     g.c, g.c2, g.ldc = c, c2, ldc
-    g.gate, g.b_sqrelu = gate, b_sqrelu
+    g.gate, g.b_sqrelu, g.a_sqrelu = gate, b_sqrelu, a_sqrelu
     g.accumulate = accumulate
     g.m_tiles = (M + isa.mr - 1) // isa.mr
     g.n_tiles = (N + isa.nr - 1) // isa.nr
@@ -513,8 +524,9 @@ cdef inline float *_align64(void *p) noexcept nogil:
 
 cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand b,
                Py_ssize_t K, bint accumulate, int n_threads,
-               const float[:, ::1] gate=None, bint b_sqrelu=False, bint bf16=False):
-    """c (+)= op(a) . op(b) (see _gemm_setup for c2, gate and b_sqrelu), the GIL released
+               const float[:, ::1] gate=None, bint b_sqrelu=False, bint bf16=False,
+               bint a_sqrelu=False):
+    """c (+)= op(a) . op(b) (see _gemm_setup for c2, gate, b_sqrelu and a_sqrelu), the GIL released
     once its buffers are allocated (MemoryError, saying how much, when they cannot be);
     bf16: on bf16-rounded operands (the bf16 path in use)."""
     cdef Py_ssize_t M = c.shape[0], N = c.shape[1]
@@ -528,7 +540,7 @@ cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand
         return
     cdef _Gemm g
     n_threads = _gemm_setup(&g, _isa_bf16 if bf16 else _isa, M, N, K, a, b, &c[0, 0], N,
-                            c2p, gatep, b_sqrelu,
+                            c2p, gatep, b_sqrelu, a_sqrelu,
                             accumulate, n_threads)
     cdef void *base = malloc(<size_t>g.buffer_size * sizeof(float) + 64)
     if base == NULL:
@@ -548,13 +560,16 @@ cdef _run_gemm(str func, float[:, ::1] c, float[:, ::1] c2, _Operand a, _Operand
     free(base)
 
 
-def matmul_forward(out, x, w, n_threads, accumulate=False, precision="fp32"):
+def matmul_forward(out, x, w, n_threads, accumulate=False, precision="fp32", x_sqrelu=False):
     """Linear layer without bias: out = x . w^T.
     out : (N, OC)  float32  written (accumulated when accumulate=True)
     x   : (N, IC)  float32  read
     w   : (OC, IC) float32  read
     precision : "fp32", or "bf16": the operands rounded to bf16 (nearest even), the products
                 summed in fp32 (see available_bf16_isas)
+    x_sqrelu  : out = relu(x)^2 . w^T instead, x squared as it is packed (before rounding in
+                bf16): a linear layer on a squared ReLU's output, from its input alone. Bit
+                for bit squared_relu_forward(act, x) then matmul_forward(out, act, w).
     """
     N, IC, OC = _linear_dims("x", x, w)
     check_output("out", out, F32, (N, OC), f"x is {x.shape}, w is {w.shape}")
@@ -562,7 +577,7 @@ def matmul_forward(out, x, w, n_threads, accumulate=False, precision="fp32"):
     nt = check_n_threads(n_threads)
     bf16 = _bf16("matmul_forward", precision)
     _run_gemm("matmul_forward", out, None, _operand(x, False), _operand(w, True), IC,
-              bool(accumulate), nt, None, False, bf16)
+              bool(accumulate), nt, None, False, bf16, bool(x_sqrelu))
 
 
 def matmul_backward(dx, dw, dout, x, w, n_threads, precision="fp32"):

@@ -22,6 +22,9 @@
 /* e^x for x <= 0 (scores minus their row max), shared with xent: randygpt_exp_nonpos and,
  * for attention_body.h's vector copies, the same steps on whole vectors. */
 #include "fastexp.h"
+#if defined(__GNUC__)
+#include "transpose4.h"
+#endif
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define ATTN_HAVE_AVX2 1
@@ -72,14 +75,6 @@ static inline float attn_scale(ptrdiff_t HS)
     return (float)(1.0 / sqrt((double)HS));
 }
 
-/* Two-source shuffle of 4-float vectors, for the 4 x 4 transposes below. */
-#if defined(__clang__)
-#define ATTN_SHUFFLE4(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
-#elif defined(__GNUC__)
-#define ATTN_SHUFFLE4(a, b, i0, i1, i2, i3) \
-    __builtin_shuffle(a, b, (__attribute__((vector_size(16))) int){i0, i1, i2, i3})
-#endif
-
 /* dst (HS, Tp) = the same rows transposed, columns T..Tp-1 zero: 4 x 4 blocks moved
  * through 16-byte vectors (a quarter of the scalar loads and stores), edges one by one. */
 static inline void attn_pack_transposed(float *restrict dst, const float *restrict src,
@@ -89,28 +84,10 @@ static inline void attn_pack_transposed(float *restrict dst, const float *restri
         memset(dst + d * Tp + T, 0, (size_t)(Tp - T) * sizeof(float));
     ptrdiff_t t = 0;
 #if defined(__GNUC__)
-    typedef float v4 __attribute__((vector_size(16)));
     for (; t + 4 <= T; t += 4) {
         ptrdiff_t d = 0;
-        for (; d + 4 <= HS; d += 4) {
-            v4 x0, x1, x2, x3;
-            memcpy(&x0, src + (t + 0) * ld + d, 16);
-            memcpy(&x1, src + (t + 1) * ld + d, 16);
-            memcpy(&x2, src + (t + 2) * ld + d, 16);
-            memcpy(&x3, src + (t + 3) * ld + d, 16);
-            const v4 a0 = ATTN_SHUFFLE4(x0, x1, 0, 4, 1, 5);
-            const v4 a1 = ATTN_SHUFFLE4(x2, x3, 0, 4, 1, 5);
-            const v4 a2 = ATTN_SHUFFLE4(x0, x1, 2, 6, 3, 7);
-            const v4 a3 = ATTN_SHUFFLE4(x2, x3, 2, 6, 3, 7);
-            const v4 c0 = ATTN_SHUFFLE4(a0, a1, 0, 1, 4, 5);
-            const v4 c1 = ATTN_SHUFFLE4(a0, a1, 2, 3, 6, 7);
-            const v4 c2 = ATTN_SHUFFLE4(a2, a3, 0, 1, 4, 5);
-            const v4 c3 = ATTN_SHUFFLE4(a2, a3, 2, 3, 6, 7);
-            memcpy(dst + (d + 0) * Tp + t, &c0, 16);
-            memcpy(dst + (d + 1) * Tp + t, &c1, 16);
-            memcpy(dst + (d + 2) * Tp + t, &c2, 16);
-            memcpy(dst + (d + 3) * Tp + t, &c3, 16);
-        }
+        for (; d + 4 <= HS; d += 4)
+            rg_transpose4(dst + d * Tp + t, Tp, src + t * ld + d, ld);
         for (; d < HS; ++d)
             for (ptrdiff_t r = t; r < t + 4; ++r)
                 dst[d * Tp + r] = src[r * ld + d];

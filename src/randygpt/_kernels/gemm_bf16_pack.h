@@ -122,14 +122,8 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_b_impl(
                 }
             }
         } else {
-            for (Py_ssize_t p = 0; p < all; p++)
-                for (int l = 0; l < RGV_NR; l++) {
-                    const float *x = b + 2 * p * rs + (j0 + l) * cs;
-                    strip[p * RGV_NR + l] =
-                        l < lines ? rg_bf16_pair(rg_bf16_load(x[0], sq),
-                                                 2 * p + 1 < kc ? rg_bf16_load(x[rs], sq) : 0.0f)
-                                  : 0;
-                }
+            /* any other strides: the portable packer */
+            rgb_native_pack_b_impl(dst + j0 * kc, b + j0 * cs, rs, cs, kc, lines, sq);
         }
     }
 }
@@ -198,14 +192,8 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_a_impl(
                     _mm512_mask_storeu_epi32(strip + (p0 + q) * RGV_MR, row_words, w[q]);
             }
         } else {
-            for (Py_ssize_t p = 0; p < all; p++)
-                for (int l = 0; l < RGV_MR; l++) {
-                    const float *x = src + l * rs + 2 * p * cs;
-                    strip[p * RGV_MR + l] =
-                        l < lines ? rg_bf16_pair(rg_bf16_load(x[0], sq),
-                                                 2 * p + 1 < kc ? rg_bf16_load(x[cs], sq) : 0.0f)
-                                  : 0;
-                }
+            /* any other strides (no entry point makes them): the portable packer */
+            rgb_native_pack_a_impl(dst + i0 * kc, src, rs, cs, lines, kc, sq);
         }
     }
 }

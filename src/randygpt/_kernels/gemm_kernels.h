@@ -54,13 +54,8 @@ typedef struct {
  * continues one FMA chain across blocks anyway) and a 16-32 KiB B strip sits in L1. */
 #define RG_KC 256
 
-/* Two-source shuffle of 4-float vectors, for the packers' 4 x 4 transposes. */
-#if defined(__clang__)
-#define RG_SHUFFLE4(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
-#else
-#define RG_SHUFFLE4(a, b, i0, i1, i2, i3) \
-    __builtin_shuffle(a, b, (__attribute__((vector_size(16))) int){i0, i1, i2, i3})
-#endif
+/* The packers' 4 x 4 transposes. */
+#include "transpose4.h"
 
 /* RANDYGPT_GEMM_GENERIC builds the non-x86 layout on x86 too, to compile-check it there. */
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(RANDYGPT_GEMM_GENERIC)

@@ -207,29 +207,12 @@ static inline __attribute__((always_inline)) RG_TARGET void RG_NAME(transpose_ro
     float *restrict dst, int ld, const float *restrict src, Py_ssize_t rs, int rows,
     Py_ssize_t kc)
 {
-    typedef float v4 __attribute__((vector_size(16)));
     Py_ssize_t k = 0;
     for (; k + 4 <= kc; k += 4) {
         int r = 0;
 #pragma GCC unroll 8
         for (; r + 4 <= rows; r += 4) {
-            v4 x0, x1, x2, x3;
-            __builtin_memcpy(&x0, src + (r + 0) * rs + k, 16);
-            __builtin_memcpy(&x1, src + (r + 1) * rs + k, 16);
-            __builtin_memcpy(&x2, src + (r + 2) * rs + k, 16);
-            __builtin_memcpy(&x3, src + (r + 3) * rs + k, 16);
-            const v4 t0 = RG_SHUFFLE4(x0, x1, 0, 4, 1, 5);
-            const v4 t1 = RG_SHUFFLE4(x2, x3, 0, 4, 1, 5);
-            const v4 t2 = RG_SHUFFLE4(x0, x1, 2, 6, 3, 7);
-            const v4 t3 = RG_SHUFFLE4(x2, x3, 2, 6, 3, 7);
-            const v4 c0 = RG_SHUFFLE4(t0, t1, 0, 1, 4, 5);
-            const v4 c1 = RG_SHUFFLE4(t0, t1, 2, 3, 6, 7);
-            const v4 c2 = RG_SHUFFLE4(t2, t3, 0, 1, 4, 5);
-            const v4 c3 = RG_SHUFFLE4(t2, t3, 2, 3, 6, 7);
-            __builtin_memcpy(dst + (k + 0) * ld + r, &c0, 16);
-            __builtin_memcpy(dst + (k + 1) * ld + r, &c1, 16);
-            __builtin_memcpy(dst + (k + 2) * ld + r, &c2, 16);
-            __builtin_memcpy(dst + (k + 3) * ld + r, &c3, 16);
+            rg_transpose4(dst + k * ld + r, ld, src + r * rs + k, rs);
         }
         for (; r < rows; r++)
             for (int q = 0; q < 4; q++)

@@ -36,6 +36,23 @@
 #include <immintrin.h>
 #endif
 
+/* A packer's two rg_pack_fn entry points, name (the operand as it is) and sq_name
+ * (relu(operand)^2, squared before it is rounded), from its impl(dst, src, rs, cs, rows,
+ * cols, sq), for every bf16 path. */
+#define RG_BF16_PACK_ENTRIES(target, name, sq_name, impl)                               \
+    static target void name(float *restrict dst, const float *restrict src,             \
+                            Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,              \
+                            Py_ssize_t cols)                                            \
+    {                                                                                   \
+        impl(dst, src, rs, cs, rows, cols, 0);                                          \
+    }                                                                                   \
+    static target void sq_name(float *restrict dst, const float *restrict src,          \
+                               Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,           \
+                               Py_ssize_t cols)                                         \
+    {                                                                                   \
+        impl(dst, src, rs, cs, rows, cols, 1);                                          \
+    }
+
 /* x rounded to bf16, as fp32 bits (the bf16 in the high half, the low half zero). */
 static inline __attribute__((always_inline)) uint32_t rg_bf16_bits(float x)
 {

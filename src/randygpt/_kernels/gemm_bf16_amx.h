@@ -171,18 +171,7 @@ static inline __attribute__((always_inline)) RGA_TARGET void rga_pack_a_impl(
     }
 }
 
-static RGA_TARGET void rga_pack_a(float *restrict dst, const float *restrict a, Py_ssize_t rs,
-                                  Py_ssize_t cs, Py_ssize_t mc, Py_ssize_t kc)
-{
-    rga_pack_a_impl(dst, a, rs, cs, mc, kc, 0);
-}
-
-static RGA_TARGET void rga_pack_a_sqrelu(float *restrict dst, const float *restrict a,
-                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t mc,
-                                         Py_ssize_t kc)
-{
-    rga_pack_a_impl(dst, a, rs, cs, mc, kc, 1);
-}
+RG_BF16_PACK_ENTRIES(RGA_TARGET, rga_pack_a, rga_pack_a_sqrelu, rga_pack_a_impl)
 
 /* The pairs p0 .. all - 1 of a strip added to the stored sums (32 rows of 32 floats) with
  * vdpbf16ps, nv of the two 16-column halves. */

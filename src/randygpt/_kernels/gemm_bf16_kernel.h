@@ -108,19 +108,8 @@ static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(pack_a_imp
                              (int)(mc - i0 < RGB_MR ? mc - i0 : RGB_MR), kc, sq);
 }
 
-static RGB_TARGET void RGB_NAME(pack_a)(
-    float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t mc, Py_ssize_t kc)
-{
-    RGB_NAME(pack_a_impl)(dst, a, rs, cs, mc, kc, 0);
-}
-
-static RGB_TARGET void RGB_NAME(pack_a_sqrelu)(
-    float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t mc, Py_ssize_t kc)
-{
-    RGB_NAME(pack_a_impl)(dst, a, rs, cs, mc, kc, 1);
-}
+RG_BF16_PACK_ENTRIES(RGB_TARGET, RGB_NAME(pack_a), RGB_NAME(pack_a_sqrelu),
+                     RGB_NAME(pack_a_impl))
 
 /* A kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/NR) strips,
  * strip s at dst + s * NR * kc; sq: relu(op(B))^2, squared before it is rounded. */
@@ -133,19 +122,8 @@ static inline __attribute__((always_inline)) RGB_TARGET void RGB_NAME(pack_b_imp
                              (int)(nc - j0 < RGB_NR ? nc - j0 : RGB_NR), kc, sq);
 }
 
-static RGB_TARGET void RGB_NAME(pack_b)(
-    float *restrict dst, const float *restrict b, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t kc, Py_ssize_t nc)
-{
-    RGB_NAME(pack_b_impl)(dst, b, rs, cs, kc, nc, 0);
-}
-
-static RGB_TARGET void RGB_NAME(pack_b_sqrelu)(
-    float *restrict dst, const float *restrict b, Py_ssize_t rs, Py_ssize_t cs,
-    Py_ssize_t kc, Py_ssize_t nc)
-{
-    RGB_NAME(pack_b_impl)(dst, b, rs, cs, kc, nc, 1);
-}
+RG_BF16_PACK_ENTRIES(RGB_TARGET, RGB_NAME(pack_b), RGB_NAME(pack_b_sqrelu),
+                     RGB_NAME(pack_b_impl))
 
 /* One MR x NR tile (nv of its NV vectors per row): acc = init (or 0), then for every pair
  * acc += odd product, acc += even product; then the write-back (dst, add_dst, c2, gate: see

@@ -75,6 +75,23 @@ static inline __attribute__((always_inline)) RGV_TARGET __m512 rgv_operand(const
     return sq ? (__m512)rg_avx512_sqrelu((rg_avx512_vec)v) : v;
 }
 
+/* w[q] = the pair words of pairs p0 + q (q < 16, p0 = k / 2) of 16 lines whose k runs are
+ * contiguous (line l at x + l * ld, lines past `lines` zeros): each line's 32 values
+ * convert in order (the bf16 of a k run is its pair words), and one transpose makes the
+ * block pair-major, lane l holding line l. */
+static inline __attribute__((always_inline)) RGV_TARGET void rgv_lines_to_pairs(
+    __m512i w[16], const float *restrict x, Py_ssize_t ld, Py_ssize_t lines, Py_ssize_t k,
+    Py_ssize_t kc, const int sq)
+{
+    for (int l = 0; l < 16; l++) {
+        const float *xl = x + l * ld + k;
+        w[l] = l < lines ? (__m512i)_mm512_cvtne2ps_pbh(rgv_operand(xl + 16, kc - k - 16, sq),
+                                                        rgv_operand(xl, kc - k, sq))
+                         : _mm512_setzero_si512();
+    }
+    rgv_transpose16(w);
+}
+
 /* A kc x nc block of op(B) (element (k, j) at b[k*rs + j*cs]) into ceil(nc/32) strips,
  * strip s at dst + s * 32 * kc floats, pair-major as the native path lays them out (the
  * words equal rgb_native_pack_b's), with vcvtne2ps2bf16 doing the rounding. */
@@ -102,21 +119,13 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_b_impl(
             }
         } else if (rs == 1) {
             /* op(B) = W^T (the forward): each column's k run is contiguous; 16 pairs of
-             * 16 columns convert line-major, and one transpose makes them pair-major */
+             * each half of the strip's columns at a time */
             for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
                 const int np = (int)(all - p0 < 16 ? all - p0 : 16);
                 for (int h = 0; h < 2; h++) {
                     __m512i w[16];
-                    for (int l = 0; l < 16; l++) {
-                        const Py_ssize_t line = 16 * h + l, k = 2 * p0;
-                        const float *x = b + (j0 + line) * cs + k;
-                        w[l] = line < lines
-                                   ? (__m512i)_mm512_cvtne2ps_pbh(
-                                         rgv_operand(x + 16, kc - k - 16, sq),
-                                         rgv_operand(x, kc - k, sq))
-                                   : _mm512_setzero_si512();
-                    }
-                    rgv_transpose16(w);
+                    rgv_lines_to_pairs(w, b + (j0 + 16 * h) * cs, cs, lines - 16 * h, 2 * p0,
+                                       kc, sq);
                     for (int q = 0; q < np; q++)
                         _mm512_store_si512(strip + (p0 + q) * RGV_NR + 16 * h, w[q]);
                 }
@@ -128,18 +137,7 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_b_impl(
     }
 }
 
-static RGV_TARGET void rgv_pack_b(float *restrict dst, const float *restrict b, Py_ssize_t rs,
-                                  Py_ssize_t cs, Py_ssize_t kc, Py_ssize_t nc)
-{
-    rgv_pack_b_impl(dst, b, rs, cs, kc, nc, 0);
-}
-
-static RGV_TARGET void rgv_pack_b_sqrelu(float *restrict dst, const float *restrict b,
-                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t kc,
-                                         Py_ssize_t nc)
-{
-    rgv_pack_b_impl(dst, b, rs, cs, kc, nc, 1);
-}
+RG_BF16_PACK_ENTRIES(RGV_TARGET, rgv_pack_b, rgv_pack_b_sqrelu, rgv_pack_b_impl)
 
 /* An mc x kc block of op(A) (element (i, k) at a[i*rs + k*cs]) into ceil(mc/12) strips of
  * the native layout (gemm_bf16_kernel.h: for each pair, the 12 rows' words), strip s at
@@ -174,20 +172,11 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_a_impl(
         const float *src = a + i0 * rs;
         const int lines = (int)(mc - i0 < RGV_MR ? mc - i0 : RGV_MR);
         if (cs == 1) {
-            /* rows of X or dY: 16 pairs of each row convert in order (the bf16 of a k run
-             * is its pair words), and one transpose makes them pair-major */
+            /* rows of X or dY: 16 pairs of the strip's rows at a time */
             for (Py_ssize_t p0 = 0; p0 < all; p0 += 16) {
-                const Py_ssize_t k = 2 * p0;
                 const int np = (int)(all - p0 < 16 ? all - p0 : 16);
                 __m512i w[16];
-                for (int l = 0; l < 16; l++) {
-                    const float *x = src + l * rs + k;
-                    w[l] = l < lines ? (__m512i)_mm512_cvtne2ps_pbh(
-                                           rgv_operand(x + 16, kc - k - 16, sq),
-                                           rgv_operand(x, kc - k, sq))
-                                     : _mm512_setzero_si512();
-                }
-                rgv_transpose16(w);
+                rgv_lines_to_pairs(w, src, rs, lines, 2 * p0, kc, sq);
                 for (int q = 0; q < np; q++)
                     _mm512_mask_storeu_epi32(strip + (p0 + q) * RGV_MR, row_words, w[q]);
             }
@@ -198,17 +187,6 @@ static inline __attribute__((always_inline)) RGV_TARGET void rgv_pack_a_impl(
     }
 }
 
-static RGV_TARGET void rgv_pack_a(float *restrict dst, const float *restrict a, Py_ssize_t rs,
-                                  Py_ssize_t cs, Py_ssize_t mc, Py_ssize_t kc)
-{
-    rgv_pack_a_impl(dst, a, rs, cs, mc, kc, 0);
-}
-
-static RGV_TARGET void rgv_pack_a_sqrelu(float *restrict dst, const float *restrict a,
-                                         Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t mc,
-                                         Py_ssize_t kc)
-{
-    rgv_pack_a_impl(dst, a, rs, cs, mc, kc, 1);
-}
+RG_BF16_PACK_ENTRIES(RGV_TARGET, rgv_pack_a, rgv_pack_a_sqrelu, rgv_pack_a_impl)
 
 #endif /* RANDYGPT_GEMM_BF16_PACK_H */

@@ -13,13 +13,14 @@ and lm_head's), the norms' rstd (and mean), and in fp32 qkv and fc1's pre-activa
 redoes those too, below). Backward recomputes, with the same deterministic code (so
 bit-identical to what forward used), the norm outputs (one elementwise pass each), relu(fc1)^2
 inside fc2's GEMMs (squared as it is packed, in forward too, where it is never stored; with the
-squared-ReLU backward in the input gradient's write-back) and, inside attention_backward, each layer's attention probabilities and
-output (the scores and softmax again, about 3 ms per layer at the default size, 2% of a step,
-checked bit for bit by the attention tests): the probabilities were (L, B, NH, T, T) floats
-(24 MiB at B=32, T=64) and the outputs (L, N, C) (12 MiB).
+squared-ReLU backward in the input gradient's write-back) and, inside attention_backward, each
+layer's attention probabilities and output (the scores and softmax again, about 3 ms per layer
+at the default size, 2% of a step, checked bit for bit by the attention tests): the
+probabilities were (L, B, NH, T, T) floats (24 MiB at B=32, T=64) and the outputs (L, N, C)
+(12 MiB).
 Scratch buffers whose lifetimes do not overlap share memory: one work region holds dqkv and
-atty during attention, and in backward fc1's pre-activation gradient (dpre, N x H); the branch gradient and then the norm-output gradient live in
-proj's buffer, datty in ln's. At B=32, T=64 the fp32 arena is 125 MiB (189 MiB with every
+atty during attention, and in backward fc1's pre-activation gradient (dpre, N x H); the branch
+gradient and then the norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the fp32 arena is 125 MiB (189 MiB with every
 activation saved and separate scratch), and a training step peaks at about 240 MiB RSS with the
 parameters, gradients and AdamW moments (305 MiB before).
 In bf16 (ActivationArena's recompute plan, the default there) qkv and fc1's pre-activation are

@@ -229,25 +229,25 @@ static RG_TARGET void RG_NAME(pack_a)(
     float *restrict dst, const float *restrict a, Py_ssize_t rs, Py_ssize_t cs,
     Py_ssize_t mc, Py_ssize_t kc)
 {
-    const Py_ssize_t full_mc = mc / RG_MR * RG_MR;
+    Py_ssize_t i0 = 0;
     if (rs == 1 && cs != 1) {
         /* op(A) columns are contiguous (a transposed operand, dY^T in weight grads): MR
          * floats per k and strip, every strip's for one k before the next k, so the
          * source is read in order (strip by strip, a 2048 x 1024 op(A) against one
          * 32-column strip took 1.07-1.20 ms instead of 0.79 on a Zen 5 EPYC; the
          * step's weight grads, 144 rows per chunk, the same). The last, partial
-         * strip below. */
+         * strip goes to the loop below. */
+        const Py_ssize_t full_mc = mc / RG_MR * RG_MR;
         for (Py_ssize_t k = 0; k < kc; k++)
-            for (Py_ssize_t i0 = 0; i0 < full_mc; i0 += RG_MR)
-                __builtin_memcpy(dst + i0 * kc + k * RG_MR, a + i0 + k * cs,
+            for (Py_ssize_t s0 = 0; s0 < full_mc; s0 += RG_MR)
+                __builtin_memcpy(dst + s0 * kc + k * RG_MR, a + s0 + k * cs,
                                  RG_MR * sizeof(float));
+        i0 = full_mc;
     }
-    for (Py_ssize_t i0 = 0; i0 < mc; i0 += RG_MR) {
+    for (; i0 < mc; i0 += RG_MR) {
         float *restrict d = dst + i0 * kc;
         const Py_ssize_t mr = mc - i0 < RG_MR ? mc - i0 : RG_MR;
-        if (mr == RG_MR && rs == 1 && cs != 1) {
-            /* packed above */
-        } else if (mr == RG_MR && cs == 1) {
+        if (mr == RG_MR && cs == 1) {
             /* Rows contiguous along k (X in the forward, dY in the input grad). */
             RG_NAME(transpose_rows)(d, RG_MR, a + i0 * rs, rs, RG_MR, kc);
         } else {

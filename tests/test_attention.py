@@ -11,9 +11,12 @@ from randygpt._kernels._ref_attention import attention_backward_ref, attention_f
 
 # (B, T, C, NH): odd sizes, T = 1, B = 1, NH = 1, head sizes that are not a multiple of
 # the vector width (HS = 4, 10, 36, 13) or take each block width (HS = 24), T past one
-# block of 32 keys (T = 33, 70).
+# block of 32 keys (T = 33, 70); and head sizes the AVX-512 copy takes (multiples of 16:
+# one and two vectors, odd and even counts of 32-column blocks, T past 64 keys and not a
+# multiple of its 8-row blocks).
 SHAPES = [(2, 5, 12, 3), (1, 1, 4, 1), (3, 1, 12, 3), (1, 7, 10, 1), (2, 33, 72, 2),
-          (1, 17, 39, 3), (2, 9, 48, 2), (1, 70, 16, 2)]
+          (1, 17, 39, 3), (2, 9, 48, 2), (1, 70, 16, 2),
+          (2, 13, 32, 2), (1, 70, 96, 2), (2, 67, 48, 1), (1, 1, 16, 1)]
 REAL = (32, 64, 256, 8)
 
 
@@ -270,6 +273,41 @@ def test_recomputed_probabilities_equal_the_forwards_to_the_bit(rng, isa, T):
             p_backward = np.ascontiguousarray(dqkv[:, :i0 + 1, 2 * C + h * HS])
             assert_bitwise_equal(p_backward, p_forward, name=f"P row {i0}, head {h}")
             assert np.all(p_forward > 0)
+
+
+@pytest.mark.skipif("avx512" not in attention.available_isas(),
+                    reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 9, 15, 16, 17, 31, 33, 64, 65, 100])
+@pytest.mark.parametrize("HS,NH", [(16, 1), (32, 2), (48, 1), (64, 2), (96, 1), (24, 2)])
+@pytest.mark.parametrize("saved", [True, False])
+def test_avx512_gives_the_avx2_bits(rng, T, HS, NH, saved):
+    # The two copies block the same chains of FMAs differently, so every output, written or
+    # accumulated, must agree bit for bit (HS = 24 checks the AVX2 fallback of the avx512
+    # path).
+    B, C = 2, HS * NH
+    qkv = make_qkv(rng, B, T, C, scale=3.0)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    start = rng.standard_normal(qkv.shape).astype(np.float32)
+    before = attention.get_isa()
+    results = {}
+    try:
+        for name, n_threads in (("avx2", 1), ("avx512", 2)):
+            attention.set_isa(name)
+            out = np.full((B, T, C), np.nan, np.float32)
+            att = np.full((B, NH, T, T), np.nan, np.float32) if saved else None
+            attention.attention_forward(out, att, qkv, NH, n_threads)
+            added = start.copy()
+            out2 = np.full_like(out, np.nan)
+            attention.attention_backward(added, dout, qkv, att, NH, n_threads, out=out2)
+            written = np.full_like(qkv, np.nan)
+            attention.attention_backward(written, dout, qkv, att, NH, n_threads,
+                                         accumulate=False)
+            results[name] = [out, out2, added, written] + ([att] if saved else [])
+    finally:
+        attention.set_isa(before)
+    for what, a, b in zip(["out", "out from backward", "dqkv added", "dqkv written", "att"],
+                          results["avx2"], results["avx512"]):
+        assert_bitwise_equal(b, a, name=what)
 
 
 def test_empty_batch_is_a_no_op():

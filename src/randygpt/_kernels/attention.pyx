@@ -18,7 +18,8 @@ scores need no horizontal sums), plus dS in the backward, and P when the caller 
 not store it (att=None: the backward then recomputes P with the forward's own code, bit
 for bit). P makes the scratch grow with T^2 per thread.
 The loops live in attention_impl.h and attention_body.h, compiled for AVX2 + FMA and
-for the baseline ISA; the fastest one this CPU runs is chosen at import
+for the baseline ISA, and attention_avx512.h (AVX-512, the AVX2 copy's bits); the fastest
+one this CPU runs is chosen at import
 (available_isas / set_isa let tests run each).
 """
 from cython.parallel cimport parallel, prange
@@ -41,8 +42,8 @@ cdef extern from "attention_impl.h" nogil:
                                  const float* att, float* scratch, Py_ssize_t task,
                                  Py_ssize_t n_tasks, Py_ssize_t T, Py_ssize_t C,
                                  Py_ssize_t NH, int accumulate) noexcept
-    int attention_cpu_has_avx2() noexcept
-    int attention_select_isa(int avx2) noexcept
+    int attention_cpu_level() noexcept
+    int attention_select_isa(int level) noexcept
     int attention_get_isa() noexcept
 
 # attention_impl.h includes this file once per instruction set, and fastexp.h (the exp
@@ -51,37 +52,43 @@ cdef extern from "attention_impl.h" nogil:
 cdef extern from "attention_body.h":
     pass
 
+cdef extern from "attention_avx512.h":
+    pass
+
 cdef extern from "fastexp.h":
     pass
 
 __all__ = ["attention_forward", "attention_backward", "scratch_bytes", "available_isas", "get_isa",
            "set_isa"]
 
-# Names of the vector paths: the AVX2 + FMA copy and the baseline copy (SSE2 on
-# x86-64; generic 4-float vectors elsewhere, where "avx2" is never available).
-_ISAS = ("avx2", "sse2")
+# Names of the vector paths, best first, at the level attention_select_isa numbers them:
+# the AVX-512 copy (its products blocked for 32 registers, the AVX2 copy's bits; head sizes
+# that are no multiple of 16 run the AVX2 copy), the AVX2 + FMA copy and the baseline copy
+# (SSE2 on x86-64; generic 4-float vectors elsewhere, where only "sse2" is available).
+_ISAS = ("avx512", "avx2", "sse2")
 
 
 def available_isas():
     """Names of the attention paths this CPU runs, fastest first (e.g. ["avx2", "sse2"])."""
-    return list(_ISAS) if attention_cpu_has_avx2() else ["sse2"]
+    return list(_ISAS[len(_ISAS) - 1 - attention_cpu_level():])
 
 
 def get_isa():
     """Name of the attention path in use."""
-    return "avx2" if attention_get_isa() else "sse2"
+    return _ISAS[len(_ISAS) - 1 - attention_get_isa()]
 
 
 def set_isa(name):
     """Use the attention path `name` (one of available_isas()) from now on.
 
     Process-wide and not thread-safe: call it only while no attention kernel runs. The
-    paths round differently (FMA), so one training run keeps one path.
+    sse2 path rounds differently from the others (no FMA), so one training run keeps one
+    path; avx512 and avx2 give the same bits.
     """
     choices = available_isas()
     if not isinstance(name, str) or name not in choices:
         raise ValueError(f"set_isa: isa must be one of {choices} on this CPU, got {name!r}")
-    attention_select_isa(name == "avx2")
+    attention_select_isa(len(_ISAS) - 1 - _ISAS.index(name))
 
 
 set_isa(available_isas()[0])

@@ -57,7 +57,7 @@ static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
     const ptrdiff_t Tp = attn_tpad(T);
     if (!attn_scratch_fits(T, HS))
         return SIZE_MAX;
-    return (size_t)(HS * Tp + T * HS + 2 * Tp + T * Tp);
+    return (size_t)(HS * Tp + T * HS + 4 * Tp + T * Tp);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
@@ -66,7 +66,7 @@ static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
     if (!attn_scratch_fits(T, HS))
         return SIZE_MAX;
     return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS +  /* the gradient proper */
-                    HS * Tp + T * HS + 2 * Tp + T * Tp);        /* recomputing P and out */
+                    HS * Tp + T * HS + 4 * Tp + T * Tp);        /* recomputing P and out */
 }
 
 /* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
@@ -172,35 +172,39 @@ static inline void attn_prefetch(const void *p, size_t bytes)
 #undef ATTN_FN
 #undef ATTN_TARGET
 #undef ATTN_VW
+#include "attention_avx512.h"
 #endif
 
-/* 1: the AVX2 + FMA copy, 0: the baseline copy. Set once at import, before any task. */
-static int attn_isa_avx2 = 0;
+/* 2: the AVX-512 copy (the AVX2 one where HS is no multiple of 16), 1: the AVX2 + FMA
+ * copy, 0: the baseline copy. Set once at import, before any task. */
+static int attn_isa = 0;
 
-/* Whether this CPU runs the AVX2 + FMA copy. */
-static inline int attention_cpu_has_avx2(void)
+/* The best copy this CPU runs: 2, 1 or 0 as above. */
+static inline int attention_cpu_level(void)
 {
 #if ATTN_HAVE_AVX2
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
 #else
     return 0;
 #endif
 }
 
-/* Chooses the copy (1 = AVX2 + FMA, 0 = baseline); returns 0 on success, -1 if this
- * CPU cannot run the one asked for. */
-static inline int attention_select_isa(int avx2)
+/* Chooses the copy (2, 1 or 0 as above); returns 0 on success, -1 if this CPU cannot run
+ * the one asked for. */
+static inline int attention_select_isa(int level)
 {
-    if (avx2 && !attention_cpu_has_avx2())
+    if (level < 0 || level > attention_cpu_level())
         return -1;
-    attn_isa_avx2 = avx2 ? 1 : 0;
+    attn_isa = level;
     return 0;
 }
 
 static inline int attention_get_isa(void)
 {
-    return attn_isa_avx2;
+    return attn_isa;
 }
 
 /* Forward for pair task = b * NH + h of n_tasks = B * NH (tasks run in order on a
@@ -213,7 +217,11 @@ static inline void attention_forward_task(float *out, float *att, const float *q
                                           ptrdiff_t T, ptrdiff_t C, ptrdiff_t NH)
 {
 #if ATTN_HAVE_AVX2
-    if (attn_isa_avx2) {
+    if (attn_isa == 2 && (C / NH) % 16 == 0) {
+        attn_avx512_forward_task(out, att, qkv, scratch, task, n_tasks, T, C, NH);
+        return;
+    }
+    if (attn_isa) {
         attn_avx2_forward_task(out, att, qkv, scratch, task, n_tasks, T, C, NH);
         return;
     }
@@ -235,7 +243,12 @@ static inline void attention_backward_task(float *dqkv, float *out, const float 
                                            ptrdiff_t C, ptrdiff_t NH, int accumulate)
 {
 #if ATTN_HAVE_AVX2
-    if (attn_isa_avx2) {
+    if (attn_isa == 2 && (C / NH) % 16 == 0) {
+        attn_avx512_backward_task(dqkv, out, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
+                                  accumulate);
+        return;
+    }
+    if (attn_isa) {
         attn_avx2_backward_task(dqkv, out, dout, qkv, att, scratch, task, n_tasks, T, C, NH,
                                 accumulate);
         return;

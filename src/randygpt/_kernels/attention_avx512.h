@@ -1,0 +1,368 @@
+/* The AVX-512 copy of attention's per-(batch, head) tasks, for head sizes that are a
+ * multiple of 16 (included by attention_impl.h after the AVX2 copy, whose packers and
+ * softmax rows it calls).
+ *
+ * It gives the AVX2 copy's bits: every product element is the same chain of FMAs in the
+ * same order (a score s_ij over d = 0, 1, ..; an output or dq row over keys r = 0, 1, ..;
+ * a dk or dv row over queries i = j, j + 1, ..), whatever the vector width, so only the
+ * blocking changes. The softmax rows, whose double sums group lanes by the vector width,
+ * are the AVX2 copy's own functions. What the 32 registers buy is the blocking: scores
+ * for 4 query rows x 64 keys at once (16 accumulators, each key vector loaded once for 4
+ * rows) and weighted row sums for 8 rows (or 8 key columns) x 32 head columns, against
+ * 2 rows in the AVX2 copy, so each load and loop step feeds 2-4 times as many FMAs.
+ */
+#ifndef RANDYGPT_ATTENTION_AVX512_H
+#define RANDYGPT_ATTENTION_AVX512_H
+
+#include <immintrin.h>
+
+#define ATTN512_TARGET __attribute__((target("avx512f,avx2,fma")))
+#define ATTN512_INLINE ATTN512_TARGET static inline __attribute__((always_inline))
+
+/* s + k * lds gets, for query rows k < R (at x + k * ldx), the scores against the 16 * J
+ * keys of Xt's columns [0, 16 J): s_k[j] = sum_d x_k[d] * Xt[d * ldt + j], d in order. */
+ATTN512_INLINE void attn512_scores_block(float *restrict s, ptrdiff_t lds,
+                                         const float *restrict x, ptrdiff_t ldx,
+                                         const float *restrict Xt, ptrdiff_t ldt, ptrdiff_t HS,
+                                         const int R, const int J)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k)
+#pragma GCC unroll 4
+        for (int v = 0; v < J; ++v)
+            acc[k][v] = _mm512_setzero_ps();
+    for (ptrdiff_t d = 0; d < HS; ++d, Xt += ldt) {
+        __m512 kv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < J; ++v)
+            kv[v] = _mm512_loadu_ps(Xt + 16 * v);
+#pragma GCC unroll 4
+        for (int k = 0; k < R; ++k) {
+            const __m512 u = _mm512_set1_ps(x[k * ldx + d]);
+#pragma GCC unroll 4
+            for (int v = 0; v < J; ++v)
+                acc[k][v] = _mm512_fmadd_ps(u, kv[v], acc[k][v]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k)
+#pragma GCC unroll 4
+        for (int v = 0; v < J; ++v)
+            _mm512_storeu_ps(s + k * lds + 16 * v, acc[k][v]);
+}
+
+/* attn512_scores_block for keys [0, n) rounded up to whole vectors (Xt padded to them). */
+ATTN512_INLINE void attn512_scores(float *restrict s, ptrdiff_t lds, const float *restrict x,
+                                   ptrdiff_t ldx, const float *restrict Xt, ptrdiff_t ldt,
+                                   ptrdiff_t n, ptrdiff_t HS, const int R)
+{
+    for (ptrdiff_t j = 0; j < n; j += 64) {
+        const ptrdiff_t left = (n - j + 15) / 16;
+        switch (left >= 4 ? 4 : left) {
+        case 4: attn512_scores_block(s + j, lds, x, ldx, Xt + j, ldt, HS, R, 4); break;
+        case 3: attn512_scores_block(s + j, lds, x, ldx, Xt + j, ldt, HS, R, 3); break;
+        case 2: attn512_scores_block(s + j, lds, x, ldx, Xt + j, ldt, HS, R, 2); break;
+        default: attn512_scores_block(s + j, lds, x, ldx, Xt + j, ldt, HS, R, 1); break;
+        }
+    }
+}
+
+/* Scores for rows i .. i + R - 1 (R <= 4) against keys [0, i + R): R chosen by a switch
+ * so that every block size is a constant. */
+ATTN512_INLINE void attn512_scores_rows(float *restrict s, ptrdiff_t lds,
+                                        const float *restrict x, ptrdiff_t ldx,
+                                        const float *restrict Xt, ptrdiff_t ldt, ptrdiff_t n,
+                                        ptrdiff_t HS, ptrdiff_t R)
+{
+    switch (R) {
+    case 4: attn512_scores(s, lds, x, ldx, Xt, ldt, n, HS, 4); break;
+    case 3: attn512_scores(s, lds, x, ldx, Xt, ldt, n, HS, 3); break;
+    case 2: attn512_scores(s, lds, x, ldx, Xt, ldt, n, HS, 2); break;
+    default: attn512_scores(s, lds, x, ldx, Xt, ldt, n, HS, 1); break;
+    }
+}
+
+/* A finished row block's write-back: y = acc * f, or y += acc * f in one rounding (the
+ * AVX2 copy's add_scaled on the same sums, which the compiler contracts to an FMA). */
+ATTN512_INLINE void attn512_put(float *y, __m512 acc, float f, int accumulate)
+{
+    const __m512 fv = _mm512_set1_ps(f);
+    _mm512_storeu_ps(y, accumulate ? _mm512_fmadd_ps(acc, fv, _mm512_loadu_ps(y))
+                                   : _mm512_mul_ps(acc, fv));
+}
+
+/* Causal weighted row sums for the R rows i .. i + R - 1 on 16 * DV head columns: row
+ * i + k (at y + k * ldy) gets f * sum_{r=0}^{i+k} w_k[r] X[r * HS + d] (w_k at
+ * w + k * ldw), summed in r order: first the keys every row has, then the triangle. */
+ATTN512_INLINE void attn512_rows_block(float *restrict y, ptrdiff_t ldy,
+                                       const float *restrict w, ptrdiff_t ldw,
+                                       const float *restrict X, ptrdiff_t HS, ptrdiff_t i,
+                                       float f, int accumulate, const int R, const int DV)
+{
+    __m512 acc[8][2];
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k)
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            acc[k][v] = _mm512_setzero_ps();
+    for (ptrdiff_t r = 0; r <= i; ++r) {
+        const float *xr = X + r * HS;
+        __m512 xv[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            xv[v] = _mm512_loadu_ps(xr + 16 * v);
+#pragma GCC unroll 8
+        for (int k = 0; k < R; ++k) {
+            const __m512 u = _mm512_set1_ps(w[k * ldw + r]);
+#pragma GCC unroll 2
+            for (int v = 0; v < DV; ++v)
+                acc[k][v] = _mm512_fmadd_ps(u, xv[v], acc[k][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 1; t < R; ++t) {
+        const float *xr = X + (i + t) * HS;
+        __m512 xv[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            xv[v] = _mm512_loadu_ps(xr + 16 * v);
+#pragma GCC unroll 8
+        for (int k = t; k < R; ++k) {
+            const __m512 u = _mm512_set1_ps(w[k * ldw + i + t]);
+#pragma GCC unroll 2
+            for (int v = 0; v < DV; ++v)
+                acc[k][v] = _mm512_fmadd_ps(u, xv[v], acc[k][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k)
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            attn512_put(y + k * ldy + 16 * v, acc[k][v], f, accumulate);
+}
+
+/* Causal weighted column sums for the R key columns j .. j + R - 1 on 16 * DV head
+ * columns: row j + c of g (at g + c * ldg) gets f * sum_{i=j+c}^{T-1} w[i * ldw + c] X[i *
+ * HS + d] (w already offset to column j), summed in i order: the triangle, then the rows
+ * every column has. */
+ATTN512_INLINE void attn512_cols_block(float *restrict g, ptrdiff_t ldg,
+                                       const float *restrict w, ptrdiff_t ldw,
+                                       const float *restrict X, ptrdiff_t HS, ptrdiff_t j,
+                                       ptrdiff_t T, float f, int accumulate, const int R,
+                                       const int DV)
+{
+    __m512 acc[8][2];
+#pragma GCC unroll 8
+    for (int c = 0; c < R; ++c)
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            acc[c][v] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t + 1 < R; ++t) {
+        const float *xr = X + (j + t) * HS;
+        __m512 xv[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            xv[v] = _mm512_loadu_ps(xr + 16 * v);
+#pragma GCC unroll 8
+        for (int c = 0; c <= t; ++c) {
+            const __m512 u = _mm512_set1_ps(w[(j + t) * ldw + c]);
+#pragma GCC unroll 2
+            for (int v = 0; v < DV; ++v)
+                acc[c][v] = _mm512_fmadd_ps(u, xv[v], acc[c][v]);
+        }
+    }
+    for (ptrdiff_t i = j + R - 1; i < T; ++i) {
+        const float *xr = X + i * HS;
+        __m512 xv[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            xv[v] = _mm512_loadu_ps(xr + 16 * v);
+#pragma GCC unroll 8
+        for (int c = 0; c < R; ++c) {
+            const __m512 u = _mm512_set1_ps(w[i * ldw + c]);
+#pragma GCC unroll 2
+            for (int v = 0; v < DV; ++v)
+                acc[c][v] = _mm512_fmadd_ps(u, xv[v], acc[c][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < R; ++c)
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            attn512_put(g + c * ldg + 16 * v, acc[c][v], f, accumulate);
+}
+
+/* Both block kinds over all T rows (rows = 1) or key columns (rows = 0), in blocks of 8
+ * then 4, 2, 1, and over the head's columns 32 at a time (then 16). */
+#define ATTN512_BLOCK(R, DV)                                                                \
+    do {                                                                                    \
+        if (rows)                                                                           \
+            attn512_rows_block(y + i * ldy + d, ldy, w + i * ldw, ldw, X + d, HS, i, f,     \
+                               accumulate, R, DV);                                          \
+        else                                                                                \
+            attn512_cols_block(y + i * ldy + d, ldy, w + i, ldw, X + d, HS, i, T, f,        \
+                               accumulate, R, DV);                                          \
+    } while (0)
+
+ATTN512_TARGET static void attn512_sums(float *restrict y, ptrdiff_t ldy,
+                                        const float *restrict w, ptrdiff_t ldw,
+                                        const float *restrict X, ptrdiff_t T, ptrdiff_t HS,
+                                        float f, int accumulate, int rows)
+{
+    for (ptrdiff_t d = 0; d < HS; d += 32) {
+        const int wide = HS - d >= 32;
+        ptrdiff_t i = 0;
+        for (; i + 8 <= T; i += 8) {
+            if (wide)
+                ATTN512_BLOCK(8, 2);
+            else
+                ATTN512_BLOCK(8, 1);
+        }
+        for (; i < T;) {
+            const ptrdiff_t R = T - i >= 4 ? 4 : T - i >= 2 ? 2 : 1;
+            if (R == 4) {
+                if (wide) ATTN512_BLOCK(4, 2); else ATTN512_BLOCK(4, 1);
+            } else if (R == 2) {
+                if (wide) ATTN512_BLOCK(2, 2); else ATTN512_BLOCK(2, 1);
+            } else {
+                if (wide) ATTN512_BLOCK(1, 2); else ATTN512_BLOCK(1, 1);
+            }
+            i += R;
+        }
+    }
+}
+#undef ATTN512_BLOCK
+
+/* The AVX2 copy's probs on these blocks: rows four at a time, scores for keys up to the
+ * last row of the four, then each row's softmax (the AVX2 function). */
+ATTN512_TARGET static void attn512_probs(float *restrict P, ptrdiff_t ldp,
+                                         const float *restrict q, ptrdiff_t ldq,
+                                         const float *restrict kt, float *restrict s,
+                                         ptrdiff_t T, ptrdiff_t HS, ptrdiff_t Tp, float scale,
+                                         const float *pf, ptrdiff_t C)
+{
+    for (ptrdiff_t i = 0; i < T; i += 4) {
+        const ptrdiff_t R = T - i >= 4 ? 4 : T - i;
+        if (pf) {
+            for (ptrdiff_t r = i; r < i + R; ++r) {
+                attn_prefetch(pf + r * ldq, (size_t)HS * sizeof(float));
+                attn_prefetch(pf + r * ldq + C, (size_t)HS * sizeof(float));
+                attn_prefetch(pf + r * ldq + 2 * C, (size_t)HS * sizeof(float));
+            }
+        }
+        attn512_scores_rows(s, Tp, q + i * ldq, ldq, kt, Tp, i + R, HS, R);
+        for (ptrdiff_t k = 0; k < R; ++k)
+            attn_avx2_softmax_row(P + (i + k) * ldp, s + k * Tp, i + k + 1, T, scale);
+    }
+}
+
+/* Forward for pair task = b * NH + h, HS a multiple of 16; see attention_forward_task. */
+ATTN512_TARGET static void attn_avx512_forward_task(float *restrict out, float *restrict att,
+                                                    const float *restrict qkv,
+                                                    float *restrict scratch, ptrdiff_t task,
+                                                    ptrdiff_t n_tasks, ptrdiff_t T, ptrdiff_t C,
+                                                    ptrdiff_t NH)
+{
+    const ptrdiff_t b = task / NH, h = task % NH;
+    const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
+    const float scale = attn_scale(HS);
+    const float *base = qkv + b * T * ld + h * HS;
+    float *kt = scratch;         /* (HS, Tp): k transposed, zero padded */
+    float *vp = kt + HS * Tp;    /* (T, HS) */
+    float *s = vp + T * HS;      /* (4, Tp): scores of four rows */
+    float *ps = s + 4 * Tp;      /* (T, Tp): P, when att is NULL */
+    const int prefetch = task + 1 < n_tasks;
+    const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
+    attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
+    attn_avx2_pack(vp, base + 2 * C, ld, T, HS);
+    float *A = att ? att + task * T * T : ps;
+    const ptrdiff_t lda = att ? T : Tp;
+    attn512_probs(A, lda, base, ld, kt, s, T, HS, Tp, scale,
+                  prefetch ? qkv + bn * T * ld + hn * HS : NULL, C);
+    if (prefetch) {
+        const float *pf_y = out + bn * T * C + hn * HS;
+        for (ptrdiff_t r = 0; r < T; ++r)
+            attn_prefetch(pf_y + r * C, (size_t)HS * sizeof(float));
+    }
+    attn512_sums(out + b * T * C + h * HS, C, A, lda, vp, T, HS, 1.0f, 0, 1);
+}
+
+/* Backward for pair task = b * NH + h, HS a multiple of 16; see attention_backward_task. */
+ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float *restrict out,
+                                                     const float *restrict dout,
+                                                     const float *restrict qkv,
+                                                     const float *restrict att,
+                                                     float *restrict scratch, ptrdiff_t task,
+                                                     ptrdiff_t n_tasks, ptrdiff_t T,
+                                                     ptrdiff_t C, ptrdiff_t NH, int accumulate)
+{
+    const ptrdiff_t b = task / NH, h = task % NH;
+    const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
+    const float scale = attn_scale(HS);
+    const float *base = qkv + b * T * ld + h * HS;
+    const float *dy = dout + b * T * C + h * HS;
+    float *gbase = dqkv + b * T * ld + h * HS;
+    float *vt = scratch;        /* (HS, Tp): v transposed, zero padded */
+    float *qp = vt + HS * Tp;   /* (T, HS) */
+    float *kp = qp + T * HS;    /* (T, HS) */
+    float *dyp = kp + T * HS;   /* (T, HS) */
+    float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
+    float *kt = ds + T * Tp;    /* (HS, Tp): k transposed, when P is recomputed */
+    float *vp = kt + HS * Tp;   /* (T, HS): v, when out is written */
+    float *s = vp + T * HS;     /* (4, Tp): scores, when P is recomputed */
+    float *ps = s + 4 * Tp;     /* (T, Tp): P, when att is NULL */
+    const int prefetch = task + 1 < n_tasks;
+    const ptrdiff_t next_task = prefetch ? task + 1 : task;
+    const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
+    const float *next = qkv + bn * T * ld + hn * HS;
+    const float *next_dy = dout + bn * T * C + hn * HS;
+    const float *next_g = dqkv + bn * T * ld + hn * HS;
+    const size_t row_bytes = (size_t)HS * sizeof(float);
+    attn_pack_transposed(vt, base + 2 * C, ld, T, HS, Tp);
+    attn_avx2_pack(qp, base, ld, T, HS);
+    attn_avx2_pack(kp, base + C, ld, T, HS);
+    attn_avx2_pack(dyp, dy, C, T, HS);
+    const float *A = att ? att + task * T * T : ps;
+    const ptrdiff_t lda = att ? T : Tp;
+    if (!att) {
+        attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
+        attn512_probs(ps, Tp, qp, HS, kt, s, T, HS, Tp, scale, NULL, C);
+    }
+    if (out) {
+        attn_avx2_pack(vp, base + 2 * C, ld, T, HS);
+        attn512_sums(out + b * T * C + h * HS, C, A, lda, vp, T, HS, 1.0f, 0, 1);
+    }
+    /* dP_ij = dy_i . v_j, four rows at a time, then each row's dS */
+    for (ptrdiff_t i = 0; i < T; i += 4) {
+        const ptrdiff_t R = T - i >= 4 ? 4 : T - i;
+        if (prefetch) {
+            for (ptrdiff_t r = i; r < i + R; ++r) {
+                attn_prefetch(next + r * ld, row_bytes);
+                attn_prefetch(next + r * ld + C, row_bytes);
+                attn_prefetch(next + r * ld + 2 * C, row_bytes);
+                attn_prefetch(next_dy + r * C, row_bytes);
+                if (att)
+                    attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
+            }
+        }
+        attn512_scores_rows(ds + i * Tp, Tp, dyp + i * HS, HS, vt, Tp, i + R, HS, R);
+        for (ptrdiff_t k = 0; k < R; ++k)
+            attn_softmax_grad_row(ds + (i + k) * Tp, A + (i + k) * lda, i + k + 1);
+    }
+    /* dq_i = scale * sum_{j <= i} dS_ij k_j */
+    attn512_sums(gbase, ld, ds, Tp, kp, T, HS, scale, accumulate, 1);
+    if (prefetch) {
+        for (ptrdiff_t r = 0; r < T; ++r) {
+            attn_prefetch(next_g + r * ld, row_bytes);
+            attn_prefetch(next_g + r * ld + C, row_bytes);
+            attn_prefetch(next_g + r * ld + 2 * C, row_bytes);
+        }
+    }
+    /* dk_j = scale * sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij dy_i */
+    attn512_sums(gbase + C, ld, ds, Tp, qp, T, HS, scale, accumulate, 0);
+    attn512_sums(gbase + 2 * C, ld, A, lda, dyp, T, HS, 1.0f, accumulate, 0);
+}
+
+#endif /* RANDYGPT_ATTENTION_AVX512_H */

@@ -19,6 +19,17 @@
 #define ATTN512_TARGET __attribute__((target("avx512f,avx2,fma")))
 #define ATTN512_INLINE ATTN512_TARGET static inline __attribute__((always_inline))
 
+/* The body's vector helpers on 16 lanes (attn_w16_exp_nonpos, _max, _mask_tail, _hmax,
+ * _load, _store): lane by lane the same operations as the AVX2 copy's 8. Only those are
+ * used; the rest of this copy is never called. */
+#define ATTN_FN(name) attn_w16_##name
+#define ATTN_TARGET ATTN512_TARGET
+#define ATTN_VW 16
+#include "attention_body.h"
+#undef ATTN_FN
+#undef ATTN_TARGET
+#undef ATTN_VW
+
 /* s + k * lds gets, for query rows k < R (at x + k * ldx), the scores against the 16 * J
  * keys of Xt's columns [0, 16 J): s_k[j] = sum_d x_k[d] * Xt[d * ldt + j], d in order. */
 ATTN512_INLINE void attn512_scores_block(float *restrict s, ptrdiff_t lds,
@@ -235,6 +246,122 @@ ATTN512_TARGET static void attn512_sums(float *restrict y, ptrdiff_t ldy,
 }
 #undef ATTN512_BLOCK
 
+/* The AVX2 copy's softmax_row on 16 lanes, for the R rows i .. i + R - 1 of a block (row
+ * i + k has n = i + k + 1 keys; its scores at s + k * lds, clobbered; its P row at p + k *
+ * ldp), with that function's bits: the scaling, the max (a max is the same in any
+ * grouping) and the exponentials are lane-wise; the normalizer is summed in double over
+ * the AVX2 copy's two accumulators of 4 lanes, which are here the low and high halves of
+ * one 8-lane accumulator fed one 8-float half at a time in order (the lanes past the row
+ * add exact zeros); and p = e * (1 / sum) to n, zeros to T. The rows go through each
+ * phase together, so that their chains (max, sum, division) overlap. */
+ATTN512_INLINE void attn512_softmax_rows(float *restrict p, ptrdiff_t ldp, float *restrict s,
+                                         ptrdiff_t lds, ptrdiff_t i, ptrdiff_t T, float scale,
+                                         const int R)
+{
+    typedef attn_w16_vec V;
+    const V zero = {0};
+    float mx[4];
+    __m512d acc[4];
+    float inv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+        const ptrdiff_t n = i + k + 1, nf = (n + 15) / 16 * 16;
+        float *sk = s + k * lds;
+        V m = zero - INFINITY;
+        for (ptrdiff_t j = 0; j < nf; j += 16) {
+            V x = attn_w16_load(sk + j) * scale;
+            if (j + 16 > n)
+                x = attn_w16_mask_tail(x, n - j);
+            attn_w16_store(sk + j, x);
+            m = attn_w16_max(m, x);
+        }
+        mx[k] = attn_w16_hmax(m);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+        const ptrdiff_t nf = (i + k + 16) / 16 * 16;
+        float *sk = s + k * lds;
+        __m512d a = _mm512_setzero_pd();
+        for (ptrdiff_t j = 0; j < nf; j += 16) {
+            const V e = attn_w16_exp_nonpos(attn_w16_load(sk + j) - mx[k]);
+            attn_w16_store(sk + j, e);
+            const __m512 ev = (__m512)e;
+            a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm512_castps512_ps256(ev)));
+            a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_castpd_ps(
+                                     _mm512_extractf64x4_pd(_mm512_castps_pd(ev), 1))));
+        }
+        acc[k] = a;
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+        const __m256d half = _mm256_add_pd(_mm512_castpd512_pd256(acc[k]),
+                                           _mm512_extractf64x4_pd(acc[k], 1));
+        double sum = half[0];
+        sum += half[1];
+        sum += half[2];
+        sum += half[3];
+        inv[k] = (float)(1.0 / sum);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+        const ptrdiff_t nf = (i + k + 16) / 16 * 16;
+        const float *sk = s + k * lds;
+        float *pk = p + k * ldp;
+        const __m512 iv = _mm512_set1_ps(inv[k]);
+        for (ptrdiff_t j = 0; j < T; j += 16) {
+            const __m512 v = j < nf ? _mm512_mul_ps(_mm512_loadu_ps(sk + j), iv)
+                                    : _mm512_setzero_ps();
+            if (j + 16 <= T)
+                _mm512_storeu_ps(pk + j, v);
+            else
+                _mm512_mask_storeu_ps(pk + j, (__mmask16)((1u << (T - j)) - 1u), v);
+        }
+    }
+}
+
+/* attn_softmax_grad_row with its bits, for the R rows i .. i + R - 1 (row i + k: n =
+ * i + k + 1 entries, dP at ds + k * ldd, P at p + k * ldp): D = sum_j P_j dP_j in double
+ * over 4 lanes (lane l takes j = l mod 4, in order; the products are exact in double, so
+ * an FMA rounds as an add), the lanes added in its order; then dS_j = P_j (dP_j - D) on 16
+ * lanes, to n only. The rows' dot products run side by side. */
+ATTN512_INLINE void attn512_softmax_grad_rows(float *restrict ds, ptrdiff_t ldd,
+                                              const float *restrict p, ptrdiff_t ldp,
+                                              ptrdiff_t i, const int R)
+{
+    __m256d acc[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k)
+        acc[k] = _mm256_setzero_pd();
+    for (ptrdiff_t j = 0; j < i + R; j += 4) {
+#pragma GCC unroll 4
+        for (int k = 0; k < R; ++k) {
+            const ptrdiff_t n = i + k + 1;
+            if (j >= n)
+                continue;
+            const __mmask16 keep = (__mmask16)(n - j >= 4 ? 0xF : (1u << (n - j)) - 1u);
+            const __m256d a = _mm256_cvtps_pd(
+                _mm512_castps512_ps128(_mm512_maskz_loadu_ps(keep, p + k * ldp + j)));
+            const __m256d b = _mm256_cvtps_pd(
+                _mm512_castps512_ps128(_mm512_maskz_loadu_ps(keep, ds + k * ldd + j)));
+            acc[k] = _mm256_fmadd_pd(a, b, acc[k]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+        const ptrdiff_t n = i + k + 1;
+        const __m512 dv = _mm512_set1_ps((float)((acc[k][0] + acc[k][2]) +
+                                                 (acc[k][1] + acc[k][3])));
+        float *dk = ds + k * ldd;
+        const float *pk = p + k * ldp;
+        for (ptrdiff_t j = 0; j < n; j += 16) {
+            const __mmask16 keep = (__mmask16)(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1u);
+            const __m512 x = _mm512_maskz_loadu_ps(keep, dk + j);
+            const __m512 y = _mm512_maskz_loadu_ps(keep, pk + j);
+            _mm512_mask_storeu_ps(dk + j, keep, _mm512_mul_ps(y, _mm512_sub_ps(x, dv)));
+        }
+    }
+}
+
 /* The AVX2 copy's probs on these blocks: rows four at a time, scores for keys up to the
  * last row of the four, then each row's softmax (the AVX2 function). */
 ATTN512_TARGET static void attn512_probs(float *restrict P, ptrdiff_t ldp,
@@ -253,8 +380,11 @@ ATTN512_TARGET static void attn512_probs(float *restrict P, ptrdiff_t ldp,
             }
         }
         attn512_scores_rows(s, Tp, q + i * ldq, ldq, kt, Tp, i + R, HS, R);
-        for (ptrdiff_t k = 0; k < R; ++k)
-            attn_avx2_softmax_row(P + (i + k) * ldp, s + k * Tp, i + k + 1, T, scale);
+        if (R == 4)
+            attn512_softmax_rows(P + i * ldp, ldp, s, Tp, i, T, scale, 4);
+        else
+            for (ptrdiff_t k = 0; k < R; ++k)
+                attn512_softmax_rows(P + (i + k) * ldp, ldp, s + k * Tp, Tp, i + k, T, scale, 1);
     }
 }
 
@@ -348,8 +478,12 @@ ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float
             }
         }
         attn512_scores_rows(ds + i * Tp, Tp, dyp + i * HS, HS, vt, Tp, i + R, HS, R);
-        for (ptrdiff_t k = 0; k < R; ++k)
-            attn_softmax_grad_row(ds + (i + k) * Tp, A + (i + k) * lda, i + k + 1);
+        if (R == 4)
+            attn512_softmax_grad_rows(ds + i * Tp, Tp, A + i * lda, lda, i, 4);
+        else
+            for (ptrdiff_t k = 0; k < R; ++k)
+                attn512_softmax_grad_rows(ds + (i + k) * Tp, Tp, A + (i + k) * lda, lda, i + k,
+                                          1);
     }
     /* dq_i = scale * sum_{j <= i} dS_ij k_j */
     attn512_sums(gbase, ld, ds, Tp, kp, T, HS, scale, accumulate, 1);

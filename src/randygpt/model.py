@@ -20,9 +20,10 @@ attention tests): the probabilities were (L, B, NH, T, T) floats (24 MiB at B=32
 outputs (L, N, C) (12 MiB).
 Scratch buffers whose lifetimes do not overlap share memory: one work region holds dqkv and
 atty during attention, and in backward fc1's pre-activation gradient (dpre, N x H); the branch
-gradient and then the norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64 the fp32 arena is 125 MiB (189 MiB with every
-activation saved and separate scratch), and a training step peaks at about 240 MiB RSS with the
-parameters, gradients and AdamW moments (305 MiB before).
+gradient and then the norm-output gradient live in proj's buffer, datty in ln's. At B=32, T=64
+the fp32 arena is 125 MiB (189 MiB with every activation saved and separate scratch), and a
+training step peaks at about 240 MiB RSS with the parameters, gradients and AdamW moments (305
+MiB before).
 In bf16 (ActivationArena's recompute plan, the default there) qkv and fc1's pre-activation are
 not saved per layer: one layer's live in one buffer, redo (with datty beside qkv in backward),
 and backward redoes each layer's qkv and fc1 forward GEMM from the recomputed norm output and

@@ -125,6 +125,16 @@ ATTN512_INLINE void attn512_step(__m512 acc[8][2], const float *restrict xr,
     }
 }
 
+/* The accumulators of R rows x DV vectors, zeroed. */
+ATTN512_INLINE void attn512_zero(__m512 acc[8][2], const int R, const int DV)
+{
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k)
+#pragma GCC unroll 2
+        for (int v = 0; v < DV; ++v)
+            acc[k][v] = _mm512_setzero_ps();
+}
+
 /* R finished sums written back: row k of y (at y + k * ldy) from acc[k], by attn512_put. */
 ATTN512_INLINE void attn512_put_rows(float *y, ptrdiff_t ldy, __m512 acc[8][2], float f,
                                      int accumulate, const int R, const int DV)
@@ -145,11 +155,7 @@ ATTN512_INLINE void attn512_rows_block(float *restrict y, ptrdiff_t ldy,
                                        float f, int accumulate, const int R, const int DV)
 {
     __m512 acc[8][2];
-#pragma GCC unroll 8
-    for (int k = 0; k < R; ++k)
-#pragma GCC unroll 2
-        for (int v = 0; v < DV; ++v)
-            acc[k][v] = _mm512_setzero_ps();
+    attn512_zero(acc, R, DV);
     for (ptrdiff_t r = 0; r <= i; ++r)
         attn512_step(acc, X + r * HS, w + r, ldw, 0, R, DV);
 #pragma GCC unroll 8
@@ -169,11 +175,7 @@ ATTN512_INLINE void attn512_cols_block(float *restrict g, ptrdiff_t ldg,
                                        const int DV)
 {
     __m512 acc[8][2];
-#pragma GCC unroll 8
-    for (int c = 0; c < R; ++c)
-#pragma GCC unroll 2
-        for (int v = 0; v < DV; ++v)
-            acc[c][v] = _mm512_setzero_ps();
+    attn512_zero(acc, R, DV);
 #pragma GCC unroll 8
     for (int t = 0; t + 1 < R; ++t)
         attn512_step(acc, X + (j + t) * HS, w + (j + t) * ldw, 1, 0, t + 1, DV);
@@ -340,7 +342,7 @@ ATTN512_INLINE void attn512_softmax_grad_rows(float *restrict ds, ptrdiff_t ldd,
 }
 
 /* The AVX2 copy's probs on these blocks: rows four at a time, scores for keys up to the
- * last row of the four, then each row's softmax (the AVX2 function). */
+ * last row of the four, then the four rows' softmax together. */
 ATTN512_TARGET static void attn512_probs(float *restrict P, ptrdiff_t ldp,
                                          const float *restrict q, ptrdiff_t ldq,
                                          const float *restrict kt, float *restrict s,
@@ -376,24 +378,22 @@ ATTN512_TARGET static void attn_avx512_forward_task(float *restrict out, float *
     const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
     const float scale = attn_scale(HS);
     const float *base = qkv + b * T * ld + h * HS;
-    float *kt = scratch;         /* (HS, Tp): k transposed, zero padded */
-    float *vp = kt + HS * Tp;    /* (T, HS) */
-    float *s = vp + T * HS;      /* (4, Tp): scores of four rows */
-    float *ps = s + 4 * Tp;      /* (T, Tp): P, when att is NULL */
+    attn_fwd_scratch sc;
+    attn_fwd_layout(&sc, scratch, T, HS);
     const int prefetch = task + 1 < n_tasks;
     const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
-    attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
-    attn_avx2_pack(vp, base + 2 * C, ld, T, HS);
-    float *A = att ? att + task * T * T : ps;
+    attn_pack_transposed(sc.kt, base + C, ld, T, HS, Tp);
+    attn_avx2_pack(sc.vp, base + 2 * C, ld, T, HS);
+    float *A = att ? att + task * T * T : sc.ps;
     const ptrdiff_t lda = att ? T : Tp;
-    attn512_probs(A, lda, base, ld, kt, s, T, HS, Tp, scale,
+    attn512_probs(A, lda, base, ld, sc.kt, sc.s, T, HS, Tp, scale,
                   prefetch ? qkv + bn * T * ld + hn * HS : NULL, C);
     if (prefetch) {
         const float *pf_y = out + bn * T * C + hn * HS;
         for (ptrdiff_t r = 0; r < T; ++r)
             attn_prefetch(pf_y + r * C, (size_t)HS * sizeof(float));
     }
-    attn512_sums(out + b * T * C + h * HS, C, A, lda, vp, T, HS, 1.0f, 0, 1);
+    attn512_sums(out + b * T * C + h * HS, C, A, lda, sc.vp, T, HS, 1.0f, 0, 1);
 }
 
 /* Backward for pair task = b * NH + h, HS a multiple of 16; see attention_backward_task. */
@@ -411,15 +411,8 @@ ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float
     const float *base = qkv + b * T * ld + h * HS;
     const float *dy = dout + b * T * C + h * HS;
     float *gbase = dqkv + b * T * ld + h * HS;
-    float *vt = scratch;        /* (HS, Tp): v transposed, zero padded */
-    float *qp = vt + HS * Tp;   /* (T, HS) */
-    float *kp = qp + T * HS;    /* (T, HS) */
-    float *dyp = kp + T * HS;   /* (T, HS) */
-    float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
-    float *kt = ds + T * Tp;    /* (HS, Tp): k transposed, when P is recomputed */
-    float *vp = kt + HS * Tp;   /* (T, HS): v, when out is written */
-    float *s = vp + T * HS;     /* (4, Tp): scores, when P is recomputed */
-    float *ps = s + 4 * Tp;     /* (T, Tp): P, when att is NULL */
+    attn_bwd_scratch sc;
+    attn_bwd_layout(&sc, scratch, T, HS);
     const int prefetch = task + 1 < n_tasks;
     const ptrdiff_t next_task = prefetch ? task + 1 : task;
     const ptrdiff_t bn = next_task / NH, hn = next_task % NH;
@@ -427,19 +420,19 @@ ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float
     const float *next_dy = dout + bn * T * C + hn * HS;
     const float *next_g = dqkv + bn * T * ld + hn * HS;
     const size_t row_bytes = (size_t)HS * sizeof(float);
-    attn_pack_transposed(vt, base + 2 * C, ld, T, HS, Tp);
-    attn_avx2_pack(qp, base, ld, T, HS);
-    attn_avx2_pack(kp, base + C, ld, T, HS);
-    attn_avx2_pack(dyp, dy, C, T, HS);
-    const float *A = att ? att + task * T * T : ps;
+    attn_pack_transposed(sc.vt, base + 2 * C, ld, T, HS, Tp);
+    attn_avx2_pack(sc.qp, base, ld, T, HS);
+    attn_avx2_pack(sc.kp, base + C, ld, T, HS);
+    attn_avx2_pack(sc.dyp, dy, C, T, HS);
+    const float *A = att ? att + task * T * T : sc.ps;
     const ptrdiff_t lda = att ? T : Tp;
     if (!att) {
-        attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
-        attn512_probs(ps, Tp, qp, HS, kt, s, T, HS, Tp, scale, NULL, C);
+        attn_pack_transposed(sc.kt, base + C, ld, T, HS, Tp);
+        attn512_probs(sc.ps, Tp, sc.qp, HS, sc.kt, sc.s, T, HS, Tp, scale, NULL, C);
     }
     if (out) {
-        attn_avx2_pack(vp, base + 2 * C, ld, T, HS);
-        attn512_sums(out + b * T * C + h * HS, C, A, lda, vp, T, HS, 1.0f, 0, 1);
+        attn_avx2_pack(sc.vp, base + 2 * C, ld, T, HS);
+        attn512_sums(out + b * T * C + h * HS, C, A, lda, sc.vp, T, HS, 1.0f, 0, 1);
     }
     /* dP_ij = dy_i . v_j, four rows at a time, then each row's dS */
     for (ptrdiff_t i = 0; i < T; i += 4) {
@@ -454,16 +447,16 @@ ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float
                     attn_prefetch(att + (next_task * T + r) * T, (size_t)T * sizeof(float));
             }
         }
-        attn512_scores_rows(ds + i * Tp, Tp, dyp + i * HS, HS, vt, Tp, i + R, HS, R);
+        attn512_scores_rows(sc.ds + i * Tp, Tp, sc.dyp + i * HS, HS, sc.vt, Tp, i + R, HS, R);
         if (R == 4)
-            attn512_softmax_grad_rows(ds + i * Tp, Tp, A + i * lda, lda, i, 4);
+            attn512_softmax_grad_rows(sc.ds + i * Tp, Tp, A + i * lda, lda, i, 4);
         else
             for (ptrdiff_t k = 0; k < R; ++k)
-                attn512_softmax_grad_rows(ds + (i + k) * Tp, Tp, A + (i + k) * lda, lda, i + k,
-                                          1);
+                attn512_softmax_grad_rows(sc.ds + (i + k) * Tp, Tp, A + (i + k) * lda, lda,
+                                          i + k, 1);
     }
     /* dq_i = scale * sum_{j <= i} dS_ij k_j */
-    attn512_sums(gbase, ld, ds, Tp, kp, T, HS, scale, accumulate, 1);
+    attn512_sums(gbase, ld, sc.ds, Tp, sc.kp, T, HS, scale, accumulate, 1);
     if (prefetch) {
         for (ptrdiff_t r = 0; r < T; ++r) {
             attn_prefetch(next_g + r * ld, row_bytes);
@@ -472,8 +465,8 @@ ATTN512_TARGET static void attn_avx512_backward_task(float *restrict dqkv, float
         }
     }
     /* dk_j = scale * sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij dy_i */
-    attn512_sums(gbase + C, ld, ds, Tp, qp, T, HS, scale, accumulate, 0);
-    attn512_sums(gbase + 2 * C, ld, A, lda, dyp, T, HS, 1.0f, accumulate, 0);
+    attn512_sums(gbase + C, ld, sc.ds, Tp, sc.qp, T, HS, scale, accumulate, 0);
+    attn512_sums(gbase + 2 * C, ld, A, lda, sc.dyp, T, HS, 1.0f, accumulate, 0);
 }
 
 #endif /* RANDYGPT_ATTENTION_AVX512_H */

@@ -521,21 +521,18 @@ ATTN_TARGET static void ATTN_FN(forward_task)(float *restrict out, float *restri
     const ptrdiff_t HS = C / NH, ld = 3 * C, Tp = attn_tpad(T);
     const float scale = attn_scale(HS);
     const float *base = qkv + b * T * ld + h * HS; /* q of this pair's row 0 */
-    float *kt = scratch;         /* (HS, Tp): k transposed, zero padded */
-    float *vp = kt + HS * Tp;    /* (T, HS) */
-    float *s0 = vp + T * HS;     /* (Tp,): scores of row i */
-    float *s1 = s0 + Tp;         /* (Tp,): scores of row i + 1 */
-    float *ps = s1 + Tp;         /* (T, Tp): P, when att is NULL */
+    attn_fwd_scratch sc;
+    attn_fwd_layout(&sc, scratch, T, HS);
     /* The next task's rows (the last task skips the hints). */
     const int prefetch = task + 1 < n_tasks;
     const ptrdiff_t bn = (task + 1) / NH, hn = (task + 1) % NH;
-    attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
-    ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
-    float *A = att ? att + task * T * T : ps;
+    attn_pack_transposed(sc.kt, base + C, ld, T, HS, Tp);
+    ATTN_FN(pack)(sc.vp, base + 2 * C, ld, T, HS);
+    float *A = att ? att + task * T * T : sc.ps;
     const ptrdiff_t lda = att ? T : Tp;
-    ATTN_FN(probs)(A, lda, base, ld, kt, s0, s1, T, HS, Tp, scale,
+    ATTN_FN(probs)(A, lda, base, ld, sc.kt, sc.s, sc.s + Tp, T, HS, Tp, scale,
                    prefetch ? qkv + bn * T * ld + hn * HS : NULL, C);
-    ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, vp, T, HS,
+    ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, sc.vp, T, HS,
                      prefetch ? out + bn * T * C + hn * HS : NULL);
 }
 
@@ -555,18 +552,8 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, float *rest
     const float *base = qkv + b * T * ld + h * HS;
     const float *dy = dout + b * T * C + h * HS;
     float *gbase = dqkv + b * T * ld + h * HS;
-    float *vt = scratch;        /* (HS, Tp): v transposed, zero padded */
-    float *qp = vt + HS * Tp;   /* (T, HS) */
-    float *kp = qp + T * HS;    /* (T, HS) */
-    float *dyp = kp + T * HS;   /* (T, HS) */
-    float *ds = dyp + T * HS;   /* (T, Tp): dP, then dS; row i valid for j <= i */
-    float *g0 = ds + T * Tp;    /* (HS,): one finished gradient row */
-    float *g1 = g0 + HS;        /* (HS,): the next one */
-    float *kt = g1 + HS;        /* (HS, Tp): k transposed, when P is recomputed */
-    float *vp = kt + HS * Tp;   /* (T, HS): v, when out is written */
-    float *s0 = vp + T * HS;    /* (Tp,) x 2: scores, when P is recomputed */
-    float *s1 = s0 + Tp;
-    float *ps = s1 + Tp;        /* (T, Tp): P, when att is NULL */
+    attn_bwd_scratch sc;
+    attn_bwd_layout(&sc, scratch, T, HS);
     /* The next task's rows (the last task points at its own, and skips the hints). */
     const int prefetch = task + 1 < n_tasks;
     const ptrdiff_t next_task = prefetch ? task + 1 : task;
@@ -574,21 +561,22 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, float *rest
     const float *next = qkv + bn * T * ld + hn * HS;
     const float *next_dy = dout + bn * T * C + hn * HS;
     const float *next_g = dqkv + bn * T * ld + hn * HS;
-    attn_pack_transposed(vt, base + 2 * C, ld, T, HS, Tp);
-    ATTN_FN(pack)(qp, base, ld, T, HS);
-    ATTN_FN(pack)(kp, base + C, ld, T, HS);
-    ATTN_FN(pack)(dyp, dy, C, T, HS);
-    const float *A = att ? att + task * T * T : ps;
+    attn_pack_transposed(sc.vt, base + 2 * C, ld, T, HS, Tp);
+    ATTN_FN(pack)(sc.qp, base, ld, T, HS);
+    ATTN_FN(pack)(sc.kp, base + C, ld, T, HS);
+    ATTN_FN(pack)(sc.dyp, dy, C, T, HS);
+    const float *A = att ? att + task * T * T : sc.ps;
     const ptrdiff_t lda = att ? T : Tp;
     if (!att) {
         /* The forward's P again: the same function on the same q and k values. */
-        attn_pack_transposed(kt, base + C, ld, T, HS, Tp);
-        ATTN_FN(probs)(ps, Tp, qp, HS, kt, s0, s1, T, HS, Tp, scale, NULL, C);
+        attn_pack_transposed(sc.kt, base + C, ld, T, HS, Tp);
+        ATTN_FN(probs)(sc.ps, Tp, sc.qp, HS, sc.kt, sc.s, sc.s + Tp, T, HS, Tp, scale, NULL,
+                       C);
     }
     if (out) {
         /* The forward's output again (the caller needs it for wo's weight gradient). */
-        ATTN_FN(pack)(vp, base + 2 * C, ld, T, HS);
-        ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, vp, T, HS, NULL);
+        ATTN_FN(pack)(sc.vp, base + 2 * C, ld, T, HS);
+        ATTN_FN(outputs)(out + b * T * C + h * HS, C, A, lda, sc.vp, T, HS, NULL);
     }
     const size_t row_bytes = (size_t)HS * sizeof(float);
     /* Rows of dS first, then dq from them (as in the forward, so that consecutive
@@ -606,30 +594,30 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, float *rest
             }
         }
         const float *p0 = A + i * lda;
-        float *d0 = ds + i * Tp;
+        float *d0 = sc.ds + i * Tp;
         /* y_i = sum_j P_ij v_j  =>  dP_ij = dy_i . v_j; then dS from the softmax */
         if (rows == 2) {
-            ATTN_FN(row_scores2)(d0, d0 + Tp, dyp + i * HS, dyp + (i + 1) * HS, vt, Tp, i + 2,
-                                 HS);
+            ATTN_FN(row_scores2)(d0, d0 + Tp, sc.dyp + i * HS, sc.dyp + (i + 1) * HS, sc.vt,
+                                 Tp, i + 2, HS);
             attn_softmax_grad_row(d0, p0, i + 1);
             attn_softmax_grad_row(d0 + Tp, p0 + lda, i + 2);
         } else {
-            ATTN_FN(row_scores)(d0, dyp + i * HS, vt, Tp, i + 1, HS);
+            ATTN_FN(row_scores)(d0, sc.dyp + i * HS, sc.vt, Tp, i + 1, HS);
             attn_softmax_grad_row(d0, p0, i + 1);
         }
     }
     for (ptrdiff_t i = 0; i < T; i += 2) {
         /* S_ij = scale * q_i . k_j  =>  dq_i = scale * sum_{j <= i} dS_ij k_j */
-        const float *d0 = ds + i * Tp;
+        const float *d0 = sc.ds + i * Tp;
         float *dq = gbase + i * ld;
         if (i + 1 < T) {
-            ATTN_FN(rows_acc2)(g0, g1, d0, d0 + Tp, 1, kp, 0, i + 1, HS, 1);
-            ATTN_FN(rows_acc)(g1, d0 + Tp, 1, kp, i + 1, i + 2, HS, 0);
-            ATTN_FN(add_scaled)(dq + ld, g1, scale, HS, accumulate);
+            ATTN_FN(rows_acc2)(sc.g0, sc.g1, d0, d0 + Tp, 1, sc.kp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(sc.g1, d0 + Tp, 1, sc.kp, i + 1, i + 2, HS, 0);
+            ATTN_FN(add_scaled)(dq + ld, sc.g1, scale, HS, accumulate);
         } else {
-            ATTN_FN(rows_acc)(g0, d0, 1, kp, 0, i + 1, HS, 1);
+            ATTN_FN(rows_acc)(sc.g0, d0, 1, sc.kp, 0, i + 1, HS, 1);
         }
-        ATTN_FN(add_scaled)(dq, g0, scale, HS, accumulate);
+        ATTN_FN(add_scaled)(dq, sc.g0, scale, HS, accumulate);
     }
     for (ptrdiff_t j = 0; j < T; j += 2) {
         const ptrdiff_t cols = j + 1 < T ? 2 : 1;
@@ -643,18 +631,18 @@ ATTN_TARGET static void ATTN_FN(backward_task)(float *restrict dqkv, float *rest
         /* dk_j = scale * sum_{i >= j} dS_ij q_i, and dv_j = sum_{i >= j} P_ij dy_i;
          * column j + 1 starts one row later. */
         for (int which = 0; which < 2; ++which) {
-            const float *w = which == 0 ? ds + j : A + j;
+            const float *w = which == 0 ? sc.ds + j : A + j;
             const ptrdiff_t ws = which == 0 ? Tp : lda;
-            const float *X = which == 0 ? qp : dyp;
+            const float *X = which == 0 ? sc.qp : sc.dyp;
             const float factor = which == 0 ? scale : 1.0f;
             float *g = gbase + j * ld + (which == 0 ? C : 2 * C);
-            ATTN_FN(rows_acc)(g0, w, ws, X, j, j + 1, HS, 1);
+            ATTN_FN(rows_acc)(sc.g0, w, ws, X, j, j + 1, HS, 1);
             if (cols == 2) {
-                ATTN_FN(zero)(g1, HS);
-                ATTN_FN(rows_acc2)(g0, g1, w, w + 1, ws, X, j + 1, T, HS, 0);
-                ATTN_FN(add_scaled)(g + ld, g1, factor, HS, accumulate);
+                ATTN_FN(zero)(sc.g1, HS);
+                ATTN_FN(rows_acc2)(sc.g0, sc.g1, w, w + 1, ws, X, j + 1, T, HS, 0);
+                ATTN_FN(add_scaled)(g + ld, sc.g1, factor, HS, accumulate);
             }
-            ATTN_FN(add_scaled)(g, g0, factor, HS, accumulate);
+            ATTN_FN(add_scaled)(g, sc.g0, factor, HS, accumulate);
         }
     }
 }

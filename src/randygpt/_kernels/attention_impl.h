@@ -51,22 +51,83 @@ static inline int attn_scratch_fits(ptrdiff_t T, ptrdiff_t HS)
     return 8.0 * (double)(T + 32) * (double)(T + 32 + HS) < 0x1p60;
 }
 
+/* A task's per-thread scratch, laid out once for every copy of the bodies. Row strides are
+ * HS for packed rows and Tp for transposed ones, scores, dS and P. */
+typedef struct {
+    float *kt;  /* (HS, Tp): k transposed, zero padded */
+    float *vp;  /* (T, HS): the pair's v rows */
+    float *s;   /* (4, Tp): scores of up to four query rows */
+    float *ps;  /* (T, Tp): P, when the caller does not store it */
+} attn_fwd_scratch;
+
+typedef struct {
+    float *vt;  /* (HS, Tp): v transposed, zero padded */
+    float *qp;  /* (T, HS): the pair's q, k and dy rows */
+    float *kp;
+    float *dyp;
+    float *ds;  /* (T, Tp): dP, then dS; row i valid for j <= i */
+    float *g0;  /* (HS,) x 2: finished gradient rows (the AVX2 and baseline copies) */
+    float *g1;
+    float *kt;  /* (HS, Tp), when P is recomputed */
+    float *vp;  /* (T, HS), when the output is written */
+    float *s;   /* (4, Tp): scores, when P is recomputed */
+    float *ps;  /* (T, Tp): P, when the caller does not store it */
+} attn_bwd_scratch;
+
+/* Points sc's fields into the scratch at base and returns its size in floats; with sc NULL,
+ * only the size (base unused). */
+#define ATTN_PLACE(field, n)               \
+    do {                                   \
+        if (sc)                            \
+            sc->field = base + at;         \
+        at += (n);                         \
+    } while (0)
+
+static inline size_t attn_fwd_layout(attn_fwd_scratch *sc, float *base, ptrdiff_t T,
+                                     ptrdiff_t HS)
+{
+    const ptrdiff_t Tp = attn_tpad(T);
+    ptrdiff_t at = 0;
+    ATTN_PLACE(kt, HS * Tp);
+    ATTN_PLACE(vp, T * HS);
+    ATTN_PLACE(s, 4 * Tp);
+    ATTN_PLACE(ps, T * Tp);
+    return (size_t)at;
+}
+
+static inline size_t attn_bwd_layout(attn_bwd_scratch *sc, float *base, ptrdiff_t T,
+                                     ptrdiff_t HS)
+{
+    const ptrdiff_t Tp = attn_tpad(T);
+    ptrdiff_t at = 0;
+    ATTN_PLACE(vt, HS * Tp);
+    ATTN_PLACE(qp, T * HS);
+    ATTN_PLACE(kp, T * HS);
+    ATTN_PLACE(dyp, T * HS);
+    ATTN_PLACE(ds, T * Tp);
+    ATTN_PLACE(g0, HS);
+    ATTN_PLACE(g1, HS);
+    ATTN_PLACE(kt, HS * Tp);
+    ATTN_PLACE(vp, T * HS);
+    ATTN_PLACE(s, 4 * Tp);
+    ATTN_PLACE(ps, T * Tp);
+    return (size_t)at;
+}
+#undef ATTN_PLACE
+
 /* Floats of per-thread scratch each task needs. */
 static inline size_t attention_forward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
-    const ptrdiff_t Tp = attn_tpad(T);
     if (!attn_scratch_fits(T, HS))
         return SIZE_MAX;
-    return (size_t)(HS * Tp + T * HS + 4 * Tp + T * Tp);
+    return attn_fwd_layout(NULL, NULL, T, HS);
 }
 
 static inline size_t attention_backward_scratch(ptrdiff_t T, ptrdiff_t HS)
 {
-    const ptrdiff_t Tp = attn_tpad(T);
     if (!attn_scratch_fits(T, HS))
         return SIZE_MAX;
-    return (size_t)(HS * Tp + 3 * T * HS + T * Tp + 2 * HS +  /* the gradient proper */
-                    HS * Tp + T * HS + 4 * Tp + T * Tp);        /* recomputing P and out */
+    return attn_bwd_layout(NULL, NULL, T, HS);
 }
 
 /* The float32 value of 1/sqrt(HS), the same number the NumPy reference uses. */
